@@ -1,0 +1,102 @@
+/* gst-diffuse — safetensors files: validated mmap reader, writer, shards.
+ *
+ * Format: 8-byte little-endian header length N, N bytes of JSON
+ * {"name": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...,
+ *  "__metadata__": {"k": "v"}}, then the data buffer.  Offsets are relative
+ * to the data buffer, must cover it exactly (no holes after sorting, no
+ * overlap, no trailing bytes).  Every defect is a DIFFUSE_ERROR_CORRUPT
+ * naming the file and the tensor. */
+#pragma once
+
+#include <diffuse/tensor.h>
+
+G_BEGIN_DECLS
+
+/* Dtypes a file may hold.  Only F32/F16/BF16 become tensors; the others
+ * are accepted in the header (and reported as unsupported on access). */
+typedef enum {
+  DIFFUSE_ST_F64, DIFFUSE_ST_F32, DIFFUSE_ST_F16, DIFFUSE_ST_BF16,
+  DIFFUSE_ST_I64, DIFFUSE_ST_I32, DIFFUSE_ST_I16, DIFFUSE_ST_I8, DIFFUSE_ST_U8, DIFFUSE_ST_BOOL,
+  DIFFUSE_ST_F8_E4M3, DIFFUSE_ST_F8_E5M2, DIFFUSE_ST_U16, DIFFUSE_ST_U32, DIFFUSE_ST_U64,
+} DiffuseStDType;
+
+typedef struct _DiffuseSafetensors DiffuseSafetensors;
+
+typedef struct {
+  const char *name;
+  DiffuseStDType dtype;
+  int ndim;
+  int64_t shape[8];
+  const void *data;      /* inside the mapping */
+  size_t nbytes;
+} DiffuseStEntry;
+
+/* Opens and fully validates a file.  The mapping lives as long as the
+ * handle or any tensor made from it. */
+DiffuseSafetensors *diffuse_safetensors_open (const char *path, GError **error);
+/* Same validation on a memory buffer (copied); used by the fuzz target. */
+DiffuseSafetensors *diffuse_safetensors_open_bytes (const void *data, size_t len, const char *label, GError **error);
+DiffuseSafetensors *diffuse_safetensors_ref (DiffuseSafetensors *st);
+void diffuse_safetensors_unref (DiffuseSafetensors *st);
+
+const char *diffuse_safetensors_path (DiffuseSafetensors *st);
+guint diffuse_safetensors_n_tensors (DiffuseSafetensors *st);
+/* Entries sorted by name. */
+const DiffuseStEntry *diffuse_safetensors_entry (DiffuseSafetensors *st, guint i);
+const DiffuseStEntry *diffuse_safetensors_find (DiffuseSafetensors *st, const char *name);
+/* The "__metadata__" map (string -> string), or NULL. */
+GHashTable *diffuse_safetensors_metadata (DiffuseSafetensors *st);
+const char *diffuse_st_dtype_name (DiffuseStDType dt);   /* "F32" ... */
+
+/* A tensor for an entry.  When the file's dtype equals `dtype` and the
+ * device is the CPU, the tensor borrows the mapped bytes (no copy);
+ * otherwise it is converted into a new tensor on `dev`. */
+DiffuseTensor *diffuse_safetensors_tensor (DiffuseSafetensors *st, const char *name, DiffuseDType dtype,
+                                           DiffuseDevice *dev, GError **error);
+
+/* ---- writer ----------------------------------------------------------- */
+
+typedef struct _DiffuseStWriter DiffuseStWriter;
+
+DiffuseStWriter *diffuse_st_writer_new (void);
+void diffuse_st_writer_free (DiffuseStWriter *w);
+/* The tensor is referenced until the writer is freed; it is stored in its own dtype. */
+void diffuse_st_writer_add (DiffuseStWriter *w, const char *name, DiffuseTensor *t);
+void diffuse_st_writer_add_metadata (DiffuseStWriter *w, const char *key, const char *value);
+/* Writes one file (atomically: temp file + rename).  Metadata always holds
+ * {"format": "pt"}. */
+gboolean diffuse_st_writer_write (DiffuseStWriter *w, const char *path, GError **error);
+/* Writes <dir>/<prefix>[.<variant>].safetensors when everything fits in
+ * max_shard_size bytes (0 = no limit); otherwise diffusers' shard naming
+ * <prefix>-00001-of-0000N[.<variant>].safetensors plus the index
+ * <prefix>.safetensors.index[.<variant>].json.  Tensors are kept in insertion
+ * order and never split across shards. */
+gboolean diffuse_st_writer_write_sharded (DiffuseStWriter *w, const char *dir, const char *prefix,
+                                          const char *variant, guint64 max_shard_size, GError **error);
+
+/* ---- a set of tensors from one or more files (one component) ---------- */
+
+typedef struct _DiffuseWeights DiffuseWeights;
+
+/* Opens files (one, or the shards listed by an index json) and maps every
+ * tensor name to its file.  A name present in two files is an error. */
+DiffuseWeights *diffuse_weights_open (const char *const *paths, GError **error);
+/* From a *.safetensors.index*.json: opens the shard files it lists, from the
+ * same folder, checking each listed tensor is in the shard named. */
+DiffuseWeights *diffuse_weights_open_index (const char *index_json_path, GError **error);
+DiffuseWeights *diffuse_weights_ref (DiffuseWeights *w);
+void diffuse_weights_unref (DiffuseWeights *w);
+
+gboolean diffuse_weights_has (DiffuseWeights *w, const char *name);
+/* NULL-terminated, sorted; free with g_free (strings belong to w). */
+const char **diffuse_weights_names (DiffuseWeights *w, guint *n);
+const DiffuseStEntry *diffuse_weights_entry (DiffuseWeights *w, const char *name);
+/* Tensor by name, in `dtype` on `dev` (borrowed when possible).  A missing
+ * name is DIFFUSE_ERROR_NOT_FOUND naming the tensor and the files. */
+DiffuseTensor *diffuse_weights_get (DiffuseWeights *w, const char *name, DiffuseDType dtype,
+                                    DiffuseDevice *dev, GError **error);
+/* Sum of tensor bytes in the files. */
+guint64 diffuse_weights_file_bytes (DiffuseWeights *w);
+const char *diffuse_weights_describe (DiffuseWeights *w);   /* file list for messages */
+
+G_END_DECLS

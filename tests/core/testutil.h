@@ -1,0 +1,17 @@
+/* Helpers shared by the core tests. */
+#pragma once
+#include <diffuse/diffuse.h>
+
+/* $DIFFUSE_FIXTURES/rel (static buffer per call site is not used: g_free it). */
+char *tu_fixture (const char *rel);
+/* Skips the current GTest (g_test_skip) and returns FALSE when the fixture is absent. */
+gboolean tu_have_fixture (const char *rel);
+/* Opens a safetensors fixture (aborts the test on failure). */
+DiffuseSafetensors *tu_open (const char *rel);
+/* An f32 CPU copy of a named tensor of the file (aborts when missing). */
+DiffuseTensor *tu_get (DiffuseSafetensors *st, const char *name);
+/* Asserts max|got - want| <= atol + rtol * max|want|; prints the figures. */
+void tu_assert_close (DiffuseTensor *got, DiffuseTensor *want, double atol, double rtol, const char *what);
+/* A temporary directory removed (recursively) by tu_rm_rf. */
+char *tu_mkdtemp (void);
+void tu_rm_rf (const char *path);
