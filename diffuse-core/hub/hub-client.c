@@ -62,6 +62,7 @@ typedef struct {
   DiffuseHubProgress prog;
   gint64 last_report_us;
   gboolean cancelled;       /* the progress callback returned FALSE */
+  gboolean overall_known;   /* overall_total came from the listing */
 } Op;
 
 /* ------------------------------------------------------------------ */
@@ -737,12 +738,18 @@ list_files (Op *op, const char *rev, Listing *out, GError **error)
   char *erev = g_uri_escape_string (rev, NULL, FALSE);
   char *url = g_strdup_printf ("%s/api/models/%s/revision/%s?blobs=true", c->endpoint, op->repo_id, erev);
   g_free (erev);
+  /* fail fast when a complete cached listing (refs + trees/<commit>.json) can
+   * take over, else retry with backoff before falling back to what the
+   * snapshot folder holds */
   char *cached_commit = hub_is_commit_hash (rev) ? NULL : hub_read_ref (storage, rev);
+  GPtrArray *cached_tree = cached_commit ? hub_read_tree_cache (storage, cached_commit, NULL) : NULL;
+  gboolean retry = cached_tree == NULL;
+  if (cached_tree)
+    g_ptr_array_unref (cached_tree);
   HubResponse resp;
   GInputStream *body = NULL;
   GError *net = NULL;
-  /* fail fast when a cached listing can take over, else retry with backoff */
-  if (request (op, "GET", url, cached_commit == NULL, TRUE, NULL, &resp, &body, NULL, &net)) {
+  if (request (op, "GET", url, retry, TRUE, NULL, &resp, &body, NULL, &net)) {
     if (resp.status == 200) {
       GBytes *bytes = read_all (op, body, url, &net);
       if (bytes) {
@@ -761,7 +768,8 @@ list_files (Op *op, const char *rev, Listing *out, GError **error)
     ok = list_from_cache (op, storage, rev, out);
     if (ok)
       g_debug ("listing %s: %s; using the cache", op->repo_id, net->message);
-    else if (net->code == DIFFUSE_ERROR_NETWORK || net->code == DIFFUSE_ERROR_SERVER)
+    else if (net->code == DIFFUSE_ERROR_NETWORK || net->code == DIFFUSE_ERROR_SERVER ||
+             net->code == DIFFUSE_ERROR_UNSUPPORTED)
       set_not_cached_error (op, error, net, "the file list");
     else
       g_propagate_error (error, g_steal_pointer (&net));
@@ -1035,6 +1043,8 @@ download_blob (Op *op, const char *path, const FileMeta *meta, const char *incom
   op->prog.file_done = have;
   op->prog.file_total = expected >= 0 ? (guint64) expected : 0;
   op->prog.overall_done += have;
+  if (!op->overall_known && expected >= 0)
+    op->prog.overall_total += (guint64) expected;
   if (!op_report (op, TRUE)) {
     op_check_cancel (op, &err);
     goto done;
@@ -1079,6 +1089,8 @@ download_blob (Op *op, const char *path, const FileMeta *meta, const char *incom
         if (cl >= 0 && !hub_response_header (&resp, "content-encoding")) {
           expected = cl;
           op->prog.file_total = (guint64) cl;
+          if (!op->overall_known)
+            op->prog.overall_total += (guint64) cl;
         }
       }
     } else if (resp.status != 206) {
@@ -1200,7 +1212,7 @@ done:
     remove_partial = TRUE;
   }
   if (!ok) {
-    if (remove_partial)
+    if (remove_partial || have == 0) /* keep only bytes worth resuming */
       g_unlink (incomplete);
     g_propagate_error (error, err);
   }
@@ -1287,7 +1299,8 @@ download_file (Op *op, const char *rev, const char *path, GError **error)
       g_free (storage);
       return fallback;
     }
-    if (net->code == DIFFUSE_ERROR_NETWORK || net->code == DIFFUSE_ERROR_SERVER)
+    if (net->code == DIFFUSE_ERROR_NETWORK || net->code == DIFFUSE_ERROR_SERVER ||
+             net->code == DIFFUSE_ERROR_UNSUPPORTED)
       set_cache_miss_error (op, storage, rev, path, net, error);
     else
       g_propagate_error (error, g_steal_pointer (&net));
@@ -1486,6 +1499,7 @@ snapshot (DiffuseHubClient *c, const char *repo_id, const char *revision, Diffus
 
   /* what is missing, and how many bytes */
   GPtrArray *missing = g_ptr_array_new_with_free_func (g_free);
+  op.overall_known = TRUE;
   for (guint i = 0; i < want->len; i++) {
     char *p = hub_pointer_path (storage, l.commit, want->pdata[i]);
     if (!g_file_test (p, G_FILE_TEST_IS_REGULAR)) {
@@ -1493,9 +1507,13 @@ snapshot (DiffuseHubClient *c, const char *repo_id, const char *revision, Diffus
       guint64 *sz = l.sizes ? g_hash_table_lookup (l.sizes, want->pdata[i]) : NULL;
       if (sz)
         op.prog.overall_total += *sz;
+      else
+        op.overall_known = FALSE;
     }
     g_free (p);
   }
+  if (!op.overall_known) /* sizes come with each file instead */
+    op.prog.overall_total = 0;
   if (missing->len && c->offline) {
     GString *names = g_string_new (NULL);
     for (guint i = 0; i < missing->len && i < 5; i++)

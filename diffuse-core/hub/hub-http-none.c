@@ -1,6 +1,6 @@
 /* gst-diffuse — the hub layer built without libsoup: the cache still works
  * (offline use of a cache filled by huggingface_hub or an earlier build), any
- * network access fails with DIFFUSE_ERROR_NETWORK. */
+ * network access fails with DIFFUSE_ERROR_UNSUPPORTED (not retried). */
 #include "hub-private.h"
 
 struct _HubHttp {
@@ -30,7 +30,7 @@ hub_http_send (HubHttp *http, const char *method, const char *url,
                const char *const *headers, HubResponse *resp, GInputStream **body,
                GCancellable *cancellable, GError **error)
 {
-  g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NETWORK,
+  g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
                "%s %s: gst-diffuse was built without libsoup (hub feature disabled); "
                "only cached files can be used", method, url);
   return FALSE;

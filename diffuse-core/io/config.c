@@ -257,7 +257,12 @@ diffuse_config_from_string (const char *json, const char *label, GError **error)
     return NULL;
   }
   JsonNode *root = json_parser_get_root (parser);
-  if (!root || !JSON_NODE_HOLDS_OBJECT (root)) {
+  if (!root) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "%s: invalid JSON: empty document", label);
+    g_object_unref (parser);
+    return NULL;
+  }
+  if (!JSON_NODE_HOLDS_OBJECT (root)) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG, "%s: the top level is not a JSON object", label);
     g_object_unref (parser);
     return NULL;

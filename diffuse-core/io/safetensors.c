@@ -641,7 +641,7 @@ st_parse (DiffuseSafetensors *st, GError **error)
         break;
       }
       if (nb != r->end - r->begin) {
-        ok = corrupt (error, label, "tensor \"%s\": shape × %s size is %" G_GUINT64_FORMAT
+        ok = corrupt (error, label, "tensor \"%s\": shape * %s size is %" G_GUINT64_FORMAT
                       " bytes but data_offsets [%" G_GUINT64_FORMAT ", %" G_GUINT64_FORMAT "] span %" G_GUINT64_FORMAT,
                       name, diffuse_st_dtype_name (r->e.dtype), nb, r->begin, r->end, r->end - r->begin);
         break;
@@ -928,6 +928,16 @@ _diffuse_st_entry_tensor (DiffuseSafetensors *st, const DiffuseStEntry *e, Diffu
                  DIFFUSE_MAX_DIMS);
     return NULL;
   }
+  /* an empty tensor may have huge other dims ([0, 2^40, 2^40] is valid in
+   * a file): keep the product of the non-zero dims within int64 so that
+   * strides cannot overflow */
+  gint64 prod = 1;
+  for (int d = 0; d < e->ndim; d++)
+    if (e->shape[d] && __builtin_mul_overflow (prod, e->shape[d], &prod)) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "%s: tensor \"%s\": shape too large", st->path,
+                   e->name);
+      return NULL;
+    }
   if (!dev)
     dev = diffuse_device_cpu ();
   DiffuseDevice *cpu = diffuse_device_cpu ();

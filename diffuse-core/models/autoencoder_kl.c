@@ -607,6 +607,25 @@ run (const DiffuseVae *v, DiffuseTensor *x, gboolean decode, const DiffuseVaePar
   return out;
 }
 
+/* Tiling geometry that run_tiled can work with, in both directions. */
+static gboolean
+check_params (const DiffuseVae *v, const DiffuseVaeParams *p, const char *what, GError **error)
+{
+  if (!p->tiling)
+    return TRUE;
+  int tile_sample = p->tile_sample_min_size > 0 ? p->tile_sample_min_size : v->sample_size;
+  int tile_latent = tile_latent_size (v, p);
+  double f = p->tile_overlap_factor;
+  gboolean ok = f >= 0.0 && f < 1.0 && tile_sample > 0 && tile_latent > 0;
+  ok = ok && (int) (tile_sample * (1.0 - f)) > 0 && (int) (tile_latent * (1.0 - f)) > 0;
+  ok = ok && tile_sample - (int) (tile_sample * f) > 0 && tile_latent - (int) (tile_latent * f) > 0;
+  if (!ok)
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "AutoencoderKL %s: tiling with tile sizes %d (sample) / %d (latent) and overlap factor %g "
+                 "leaves no stride", what, tile_sample, tile_latent, f);
+  return ok;
+}
+
 static gboolean
 check_input (const DiffuseVae *v, DiffuseTensor *x, int channels, const char *what, GError **error)
 {
@@ -638,7 +657,7 @@ diffuse_vae_encode (DiffuseVae *v, DiffuseTensor *image, const DiffuseVaeParams 
     diffuse_vae_default_params (&defaults);
     params = &defaults;
   }
-  if (!check_input (v, image, v->in_ch, "encode", error))
+  if (!check_input (v, image, v->in_ch, "encode", error) || !check_params (v, params, "encode", error))
     return FALSE;
   DiffuseTensor *x = diffuse_cast (image, v->dtype);
   DiffuseTensor *moments = x ? run (v, x, FALSE, params) : NULL;
@@ -692,7 +711,7 @@ diffuse_vae_decode (DiffuseVae *v, DiffuseTensor *latents, const DiffuseVaeParam
     diffuse_vae_default_params (&defaults);
     params = &defaults;
   }
-  if (!check_input (v, latents, v->latent_ch, "decode", error))
+  if (!check_input (v, latents, v->latent_ch, "decode", error) || !check_params (v, params, "decode", error))
     return NULL;
   DiffuseTensor *z = diffuse_cast (latents, v->dtype);
   DiffuseTensor *out = z ? run (v, z, TRUE, params) : NULL;

@@ -282,8 +282,8 @@ diffuse_blk_group_norm_load (DiffuseBlkGroupNorm *m, DiffuseBlkLoader *l, const 
   m->eps = eps;
   if (groups <= 0 || channels % groups != 0) {
     diffuse_blk_loader_fail (l, g_error_new (DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG,
-                                             "%s.*: %d channels cannot be split into %d groups", prefix, channels,
-                                             groups));
+                                             "%s: %s: %d channels cannot be split into %d groups", l->component,
+                                             prefix, channels, groups));
     return FALSE;
   }
   m->weight = diffuse_blk_get_s (l, prefix, "weight", channels);

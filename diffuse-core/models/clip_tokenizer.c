@@ -236,7 +236,7 @@ byte_to_unichar (int b)
 /* Merge table: (left id, right id) -> (rank, merged id), open addressing.   */
 
 typedef struct {
-  guint64 key;      /* (left << 32) | right, both < 2^31; 0 never used as key 0/0 is stored with used flag */
+  guint64 key;      /* (left << 32) | right */
   int32_t rank;
   int32_t new_id;
   gboolean used;
@@ -302,7 +302,8 @@ merge_table_get (const MergeTable *t, int32_t a, int32_t b)
 
 typedef struct {
   char *content;
-  size_t len;
+  char *match;      /* what is searched for: the content, normalized for a normalized token */
+  size_t match_len;
   int32_t id;
   gboolean normalized, lstrip, rstrip, special;
 } AddedTok;
@@ -411,52 +412,201 @@ load_json_object (const char *path, gboolean required, JsonParser **parser_out, 
   return TRUE;
 }
 
+/* vocab.json is one flat JSON object {"token": id, ...} of ~50k entries; a
+ * small strict parser for exactly that shape is 5-10x faster than building a
+ * json-glib tree.  Anything else (nested values, non-integer ids, bad escapes,
+ * trailing garbage) is DIFFUSE_ERROR_CORRUPT with the byte offset. */
+typedef struct {
+  const char *p, *start, *end;
+  const char *path;
+  GError **error;
+} VocabParser;
+
+static gboolean
+vp_fail (VocabParser *vp, const char *what)
+{
+  g_set_error (vp->error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "'%s' is not a valid vocabulary: %s at byte %ld",
+               vp->path, what, (long) (vp->p - vp->start));
+  return FALSE;
+}
+
+static void
+vp_ws (VocabParser *vp)
+{
+  while (vp->p < vp->end && (*vp->p == ' ' || *vp->p == '\t' || *vp->p == '\n' || *vp->p == '\r'))
+    vp->p++;
+}
+
+static int
+hex4 (const char *p)
+{
+  int v = 0;
+  for (int i = 0; i < 4; i++) {
+    int d = g_ascii_xdigit_value (p[i]);
+    if (d < 0)
+      return -1;
+    v = v * 16 + d;
+  }
+  return v;
+}
+
+/* A JSON string into buf (without the quotes). */
+static gboolean
+vp_string (VocabParser *vp, GString *buf)
+{
+  g_string_truncate (buf, 0);
+  if (vp->p >= vp->end || *vp->p != '"')
+    return vp_fail (vp, "expected a string");
+  vp->p++;
+  for (;;) {
+    const char *run = vp->p;
+    while (vp->p < vp->end && *vp->p != '"' && *vp->p != '\\' && (guchar) *vp->p >= 0x20)
+      vp->p++;
+    g_string_append_len (buf, run, vp->p - run);
+    if (vp->p >= vp->end)
+      return vp_fail (vp, "unterminated string");
+    if (*vp->p == '"') {
+      vp->p++;
+      break;
+    }
+    if ((guchar) *vp->p < 0x20)
+      return vp_fail (vp, "control character in a string");
+    /* escape */
+    if (vp->end - vp->p < 2)
+      return vp_fail (vp, "unterminated escape");
+    char e = vp->p[1];
+    vp->p += 2;
+    switch (e) {
+      case '"': g_string_append_c (buf, '"'); break;
+      case '\\': g_string_append_c (buf, '\\'); break;
+      case '/': g_string_append_c (buf, '/'); break;
+      case 'b': g_string_append_c (buf, '\b'); break;
+      case 'f': g_string_append_c (buf, '\f'); break;
+      case 'n': g_string_append_c (buf, '\n'); break;
+      case 'r': g_string_append_c (buf, '\r'); break;
+      case 't': g_string_append_c (buf, '\t'); break;
+      case 'u': {
+        int u = vp->end - vp->p >= 4 ? hex4 (vp->p) : -1;
+        if (u < 0)
+          return vp_fail (vp, "bad \\u escape");
+        vp->p += 4;
+        gunichar c = u;
+        if (u >= 0xd800 && u <= 0xdbff) {
+          int lo = (vp->end - vp->p >= 6 && vp->p[0] == '\\' && vp->p[1] == 'u') ? hex4 (vp->p + 2) : -1;
+          if (lo < 0xdc00 || lo > 0xdfff)
+            return vp_fail (vp, "unpaired surrogate");
+          vp->p += 6;
+          c = 0x10000 + ((u - 0xd800) << 10) + (lo - 0xdc00);
+        } else if (u >= 0xdc00 && u <= 0xdfff) {
+          return vp_fail (vp, "unpaired surrogate");
+        }
+        if (c == 0)
+          return vp_fail (vp, "a token with a NUL character");
+        g_string_append_unichar (buf, c);
+        break;
+      }
+      default:
+        vp->p -= 2;
+        return vp_fail (vp, "bad escape");
+    }
+  }
+  if (!g_utf8_validate_len (buf->str, buf->len, NULL))
+    return vp_fail (vp, "a string that is not UTF-8");
+  return TRUE;
+}
+
 static gboolean
 load_vocab (DiffuseClipTokenizer *tok, const char *path, GError **error)
 {
-  JsonParser *parser;
-  JsonObject *obj;
-  JsonObjectIter it;
-  const char *name;
-  JsonNode *node;
+  char *data;
+  gsize len;
   int max_id = -1;
 
-  if (!load_json_object (path, TRUE, &parser, &obj, error))
+  if (!read_file (path, TRUE, &data, &len, error))
     return FALSE;
-  guint n = json_object_get_size (obj);
-  if (n == 0) {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "'%s': the vocabulary is empty", path);
-    g_object_unref (parser);
-    return FALSE;
-  }
+  VocabParser vp = { data, data, data + len, path, error };
+  GString *key = g_string_sized_new (64);
+  gboolean ok = FALSE;
+  /* a UTF-8 byte order mark is tolerated */
+  if (len >= 3 && memcmp (data, "\xef\xbb\xbf", 3) == 0)
+    vp.p += 3;
   tok->vocab = g_hash_table_new (g_str_hash, g_str_equal);
-  json_object_iter_init (&it, obj);
-  while (json_object_iter_next (&it, &name, &node)) {
-    gint64 id;
-    if (!JSON_NODE_HOLDS_VALUE (node) || json_node_get_value_type (node) != G_TYPE_INT64 ||
-        (id = json_node_get_int (node)) < 0 || id >= G_MAXINT32 - 1) {
-      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT,
-                   "'%s': the entry for token '%s' is not a non-negative integer id", path, name);
-      g_object_unref (parser);
-      return FALSE;
-    }
-    char *key = g_string_chunk_insert (tok->strings, name);
-    g_hash_table_insert (tok->vocab, key, GINT_TO_POINTER ((int) id + 1));
-    if (id > max_id)
-      max_id = (int) id;
+
+  vp_ws (&vp);
+  if (vp.p >= vp.end || *vp.p != '{') {
+    vp_fail (&vp, "expected '{'");
+    goto out;
   }
-  g_object_unref (parser);
+  vp.p++;
+  vp_ws (&vp);
+  if (vp.p < vp.end && *vp.p == '}') {
+    vp.p++;
+  } else {
+    for (;;) {
+      vp_ws (&vp);
+      if (!vp_string (&vp, key))
+        goto out;
+      vp_ws (&vp);
+      if (vp.p >= vp.end || *vp.p != ':') {
+        vp_fail (&vp, "expected ':'");
+        goto out;
+      }
+      vp.p++;
+      vp_ws (&vp);
+      const char *num = vp.p;
+      gint64 id = 0;
+      while (vp.p < vp.end && g_ascii_isdigit (*vp.p) && id < G_MAXINT32)
+        id = id * 10 + (*vp.p++ - '0');
+      if (vp.p == num || (vp.p - num > 1 && *num == '0') || id >= G_MAXINT32 - 1 ||
+          (vp.p < vp.end && (g_ascii_isdigit (*vp.p) || *vp.p == '.' || *vp.p == 'e' || *vp.p == 'E'))) {
+        vp.p = num;
+        g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT,
+                     "'%s': the entry for token '%s' is not a non-negative integer id (byte %ld)", path, key->str,
+                     (long) (num - data));
+        goto out;
+      }
+      char *k = g_string_chunk_insert_len (tok->strings, key->str, key->len);
+      g_hash_table_insert (tok->vocab, k, GINT_TO_POINTER ((int) id + 1));
+      if (id > max_id)
+        max_id = (int) id;
+      vp_ws (&vp);
+      if (vp.p < vp.end && *vp.p == ',') {
+        vp.p++;
+        continue;
+      }
+      if (vp.p < vp.end && *vp.p == '}') {
+        vp.p++;
+        break;
+      }
+      vp_fail (&vp, "expected ',' or '}'");
+      goto out;
+    }
+  }
+  vp_ws (&vp);
+  if (vp.p != vp.end) {
+    vp_fail (&vp, "trailing data after the object");
+    goto out;
+  }
+  if (g_hash_table_size (tok->vocab) == 0) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "'%s': the vocabulary is empty", path);
+    goto out;
+  }
   tok->vocab_size = g_hash_table_size (tok->vocab);
 
-  /* id -> token (the last token of an id wins, as `tokenizers`' vocab_r) */
+  /* id -> token (for a duplicated id, one of its tokens, as `tokenizers`' vocab_r) */
   tok->n_ids = max_id + 1;
   tok->id_to_token = g_new0 (const char *, tok->n_ids);
   GHashTableIter hit;
-  gpointer k, v;
+  gpointer hk, hv;
   g_hash_table_iter_init (&hit, tok->vocab);
-  while (g_hash_table_iter_next (&hit, &k, &v))
-    tok->id_to_token[GPOINTER_TO_INT (v) - 1] = k;
-  return TRUE;
+  while (g_hash_table_iter_next (&hit, &hk, &hv))
+    tok->id_to_token[GPOINTER_TO_INT (hv) - 1] = hk;
+  ok = TRUE;
+
+out:
+  g_string_free (key, TRUE);
+  g_free (data);
+  return ok;
 }
 
 static gboolean
@@ -526,6 +676,8 @@ load_merges (DiffuseClipTokenizer *tok, const char *path, GError **error)
   g_free (data);
   return ok;
 }
+
+static char *normalize (const char *s, size_t n);
 
 /* One special/added token as transformers sees it while building its list. */
 typedef struct {
@@ -722,6 +874,11 @@ load_special_tokens (DiffuseClipTokenizer *tok, const char *folder, GError **err
         goto out;
       }
       v = json_node_get_double (mml);
+      /* json-glib turns an integer literal beyond int64 (transformers'
+       * 1000000000000000019884624838656 for "unset") into -1 or INT64_MIN:
+       * a negative integer is taken as that sentinel */
+      if (json_node_get_value_type (mml) == G_TYPE_INT64 && json_node_get_int (mml) < 0)
+        v = G_MAXDOUBLE;
       if (v < 2) {
         g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG, "'%s': \"model_max_length\" %g is below 2", cfg_path,
                      v);
@@ -842,7 +999,6 @@ load_special_tokens (DiffuseClipTokenizer *tok, const char *folder, GError **err
       }
       slot = tok->n_added++;
       tok->added[slot].content = g_strdup (s->content);
-      tok->added[slot].len = strlen (s->content);
       tok->added[slot].id = id;
     }
     if (s->single_word) {
@@ -857,6 +1013,10 @@ load_special_tokens (DiffuseClipTokenizer *tok, const char *folder, GError **err
     tok->added[slot].special = s->special || s->named;
   }
   for (int i = 0; i < tok->n_added; i++) {
+    /* `tokenizers` matches a normalized token by its normalized content */
+    AddedTok *a = &tok->added[i];
+    a->match = a->normalized ? normalize (a->content, strlen (a->content)) : g_strdup (a->content);
+    a->match_len = strlen (a->match);
     if (tok->added[i].normalized)
       tok->any_norm_added = TRUE;
     else
@@ -959,8 +1119,10 @@ diffuse_clip_tokenizer_unref (DiffuseClipTokenizer *tok)
     g_hash_table_destroy (tok->vocab);
   g_free (tok->id_to_token);
   g_free (tok->merges.slots);
-  for (int i = 0; i < tok->n_added; i++)
+  for (int i = 0; i < tok->n_added; i++) {
     g_free (tok->added[i].content);
+    g_free (tok->added[i].match);
+  }
   g_free (tok->added);
   g_hash_table_destroy (tok->cache);
   g_mutex_clear (&tok->cache_lock);
@@ -1278,11 +1440,11 @@ split_added (DiffuseClipTokenizer *tok, const char *s, size_t n, gboolean normal
     size_t best_len = 0;
     for (int k = 0; k < tok->n_added; k++) {
       AddedTok *a = &tok->added[k];
-      if (a->normalized != normalized || a->len <= best_len || a->len > n - i)
+      if (a->normalized != normalized || a->match_len <= best_len || a->match_len > n - i || a->match_len == 0)
         continue;
-      if (memcmp (s + i, a->content, a->len) == 0) {
+      if (memcmp (s + i, a->match, a->match_len) == 0) {
         best = k;
-        best_len = a->len;
+        best_len = a->match_len;
       }
     }
     if (best < 0) {
@@ -1396,13 +1558,13 @@ diffuse_clip_tokenizer_encode (DiffuseClipTokenizer *tok, const char *text, gboo
 
 /* ---- decoding ----------------------------------------------------------- */
 
-static gboolean
-is_special_id (DiffuseClipTokenizer *tok, int32_t id)
+static const AddedTok *
+added_by_id (DiffuseClipTokenizer *tok, int32_t id)
 {
   for (int k = 0; k < tok->n_added; k++)
-    if (tok->added[k].id == id && tok->added[k].special)
-      return TRUE;
-  return FALSE;
+    if (tok->added[k].id == id)
+      return &tok->added[k];
+  return NULL;
 }
 
 char *
@@ -1420,9 +1582,12 @@ diffuse_clip_tokenizer_decode (DiffuseClipTokenizer *tok, const int32_t *ids, in
     int32_t id = ids[k];
     if (id < 0 || id >= tok->n_ids || !tok->id_to_token[id])
       continue;
-    if (skip_special_tokens && is_special_id (tok, id))
+    /* an added token reads as its (normalized, when flagged so) content, as
+     * the `tokenizers` added vocabulary gives it back */
+    const AddedTok *a = added_by_id (tok, id);
+    if (skip_special_tokens && a && a->special)
       continue;
-    const char *t = tok->id_to_token[id];
+    const char *t = a ? a->match : tok->id_to_token[id];
     gsize mark = bytes->len;
     gboolean all = TRUE;
     for (const char *p = t; *p; p = g_utf8_next_char (p)) {

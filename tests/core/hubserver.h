@@ -64,7 +64,7 @@ void hub_server_add_fault (HubServer *server, const char *method, const char *ma
                            HubFaultKind kind, int param, int param2, int count);
 void hub_server_clear_faults (HubServer *server);
 
-/* Requests so far: "METHOD hub|cdn PATH auth|noauth", in order. */
+/* Requests so far, in order: "METHOD hub|cdn PATH[?QUERY] auth|noauth[ range=RANGE]". */
 GPtrArray *hub_server_log (HubServer *server);
 guint hub_server_request_count (HubServer *server);
 void hub_server_clear_log (HubServer *server);

@@ -6,8 +6,14 @@
  * holds "<case>.<input>" and "<case>.out" (expected, F32).  Each case is one
  * GTest path /ops/<op>/<case>; a case passes when
  *   max |got - want| <= tol * max (1, max |want|)
- * over the finite expected values, non-finite ones matching exactly (cast:
- * every element bit for bit, any NaN matching any NaN).
+ * over the finite expected values (element-wise ops: |got - want| <= tol *
+ * max (1, |want|) for every element), non-finite ones matching exactly (cast:
+ * every element bit for bit, any NaN matching any NaN; the scalar converters
+ * and diffuse_convert_row are checked on the same data).  Tolerances come from
+ * the fixture (see the script): 1e-5 for float32, 1e-3 / 8e-3 for f16 / bf16
+ * inputs, a few float32 ulps of the argument for the timestep embedding.
+ * g_criticals do not abort: each fails the current case, and the program runs
+ * every case (--keep-going) so one report lists every failing op.
  *
  * Then tests of the conventions of tensor.h: NULL propagation, the
  * thread-local error, programmer errors (g_critical + NULL), views sharing
@@ -1095,7 +1101,15 @@ test_strings (void)
 int
 main (int argc, char **argv)
 {
-  g_test_init (&argc, &argv, NULL);
+  /* run every case even after a failure (as -k): the report lists all failing ops */
+  char **args = g_new0 (char *, argc + 2);
+  args[0] = argv[0];
+  args[1] = (char *) "--keep-going";
+  for (int i = 1; i < argc; i++)
+    args[i + 1] = argv[i];
+  int nargs = argc + 1;
+  char **argp = args;
+  g_test_init (&nargs, &argp, NULL);
   /* criticals/warnings are not fatal here: log_handler fails the test instead */
   g_log_set_always_fatal (G_LOG_FATAL_MASK);
   g_log_set_fatal_mask ("diffuse", G_LOG_FATAL_MASK);
@@ -1135,5 +1149,6 @@ main (int argc, char **argv)
   int ret = g_test_run ();
   g_clear_pointer (&st, diffuse_safetensors_unref);
   g_clear_pointer (&last_critical, g_free);
+  g_free (args);
   return ret;
 }

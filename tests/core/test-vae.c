@@ -218,6 +218,17 @@ test_errors (void)
   g_assert_null (dec);
   g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
   g_clear_error (&err);
+
+  /* tiling that cannot advance */
+  DiffuseVaeParams p;
+  diffuse_vae_default_params (&p);
+  p.tiling = TRUE;
+  p.tile_overlap_factor = 1.0f;
+  DiffuseTensor *mean = NULL, *logvar = NULL;
+  g_assert_false (diffuse_vae_encode (c.vae, image, &p, &mean, &logvar, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_assert_null (mean);
+  g_clear_error (&err);
   diffuse_tensor_unref (image);
 
   /* a block type we do not implement */
@@ -260,6 +271,41 @@ test_errors (void)
   case_close (&c);
 }
 
+/* Writes a copy of vae/base's weights into a temp dir, without `drop` and
+ * with an extra tensor `extra` (either may be NULL); returns the file path. */
+static char *
+write_variant (const char *drop, const char *extra, char **dir)
+{
+  DiffuseSafetensors *st = tu_open ("vae/base/diffusion_pytorch_model.safetensors");
+  DiffuseStWriter *w = diffuse_st_writer_new ();
+  guint n = diffuse_safetensors_n_tensors (st);
+  DiffuseTensor **keep = g_new0 (DiffuseTensor *, n);
+  for (guint i = 0; i < n; i++) {
+    const DiffuseStEntry *e = diffuse_safetensors_entry (st, i);
+    if (drop && g_str_equal (e->name, drop))
+      continue;
+    keep[i] = tu_get (st, e->name);
+    diffuse_st_writer_add (w, e->name, keep[i]);
+  }
+  DiffuseTensor *x = NULL;
+  if (extra) {
+    x = diffuse_tensor_zeros (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 1, (const int64_t[]) { 3 });
+    diffuse_st_writer_add (w, extra, x);
+  }
+  *dir = tu_mkdtemp ();
+  char *path = g_build_filename (*dir, "diffusion_pytorch_model.safetensors", NULL);
+  GError *err = NULL;
+  g_assert_true (diffuse_st_writer_write (w, path, &err));
+  g_assert_no_error (err);
+  diffuse_st_writer_free (w);
+  for (guint i = 0; i < n; i++)
+    diffuse_tensor_clear (&keep[i]);
+  g_free (keep);
+  diffuse_tensor_clear (&x);
+  diffuse_safetensors_unref (st);
+  return path;
+}
+
 /* A file lacking one tensor: NOT_FOUND naming the key and the component. */
 static void
 test_missing_tensor (void)
@@ -268,28 +314,9 @@ test_missing_tensor (void)
   if (!case_open (&c, "base"))
     return;
   const char *drop = "decoder.up_blocks.0.resnets.0.conv1.weight";
-  DiffuseSafetensors *st = tu_open ("vae/base/diffusion_pytorch_model.safetensors");
-  DiffuseStWriter *w = diffuse_st_writer_new ();
-  guint n = diffuse_safetensors_n_tensors (st);
-  DiffuseTensor **keep = g_new0 (DiffuseTensor *, n);
-  for (guint i = 0; i < n; i++) {
-    const DiffuseStEntry *e = diffuse_safetensors_entry (st, i);
-    if (g_str_equal (e->name, drop))
-      continue;
-    keep[i] = tu_get (st, e->name);
-    diffuse_st_writer_add (w, e->name, keep[i]);
-  }
-  char *dir = tu_mkdtemp ();
-  char *path = g_build_filename (dir, "diffusion_pytorch_model.safetensors", NULL);
+  char *dir = NULL;
+  char *path = write_variant (drop, NULL, &dir);
   GError *err = NULL;
-  g_assert_true (diffuse_st_writer_write (w, path, &err));
-  g_assert_no_error (err);
-  diffuse_st_writer_free (w);
-  for (guint i = 0; i < n; i++)
-    diffuse_tensor_clear (&keep[i]);
-  g_free (keep);
-  diffuse_safetensors_unref (st);
-
   const char *paths[] = { path, NULL };
   DiffuseWeights *ws = diffuse_weights_open (paths, &err);
   g_assert_no_error (err);
@@ -299,6 +326,38 @@ test_missing_tensor (void)
   g_assert_nonnull (strstr (err->message, drop));
   g_assert_nonnull (strstr (err->message, "AutoencoderKL"));
   g_clear_error (&err);
+  diffuse_weights_unref (ws);
+  tu_rm_rf (dir);
+  g_free (path);
+  g_free (dir);
+  case_close (&c);
+}
+
+/* An unexpected tensor: a warning (as diffusers logs), and the model works. */
+static void
+test_unexpected_tensor (void)
+{
+  Case c;
+  if (!case_open (&c, "base"))
+    return;
+  char *dir = NULL;
+  char *path = write_variant (NULL, "encoder.some_unused.weight", &dir);
+  GError *err = NULL;
+  const char *paths[] = { path, NULL };
+  DiffuseWeights *ws = diffuse_weights_open (paths, &err);
+  g_assert_no_error (err);
+  g_test_expect_message ("diffuse", G_LOG_LEVEL_WARNING, "*encoder.some_unused.weight*");
+  DiffuseVae *v = diffuse_vae_new (c.config, ws, diffuse_device_cpu (), DIFFUSE_DTYPE_F32, &err);
+  g_test_assert_expected_messages ();
+  g_assert_no_error (err);
+  g_assert_nonnull (v);
+  DiffuseTensor *latents = tu_get (c.io, "latents");
+  DiffuseTensor *dec = diffuse_vae_decode (v, latents, NULL, &err);
+  g_assert_no_error (err);
+  check (&c, "decoded", dec, " (extra key)");
+  diffuse_tensor_unref (dec);
+  diffuse_tensor_unref (latents);
+  diffuse_vae_unref (v);
   diffuse_weights_unref (ws);
   tu_rm_rf (dir);
   g_free (path);
@@ -352,6 +411,7 @@ main (int argc, char **argv)
   g_test_add_func ("/vae/tiled", test_tiled);
   g_test_add_func ("/vae/errors", test_errors);
   g_test_add_func ("/vae/missing-tensor", test_missing_tensor);
+  g_test_add_func ("/vae/unexpected-tensor", test_unexpected_tensor);
   g_test_add_func ("/vae/posterior-ops", test_posterior_ops);
   return g_test_run ();
 }

@@ -14,7 +14,9 @@ Writes
                             every element, so huge entries do not loosen small ones)
        "exact": true       (cast: bit-exact compare, any NaN matches any NaN)
        "torch_f32_err": e  (informative: torch's own float32 result vs the reference,
-                            on the same scale as tol)}
+                            on the same scale as tol)
+       "torch_native_err": e (f16/bf16 inputs: torch computing in that dtype vs the
+                            reference; the script asserts it fits tol)}
 
 An input "<case>.<name>" is stored contiguous in its own dtype (F32, F16 or BF16);
 the test builds the same strided view the reference used by applying the listed
@@ -28,8 +30,12 @@ that torch's own float32 path meets each case's tolerance, so the tolerance leav
 room for a different summation order but not for a wrong formula.  Exceptions:
   - timestep_embedding follows diffusers' get_timestep_embedding in float32 (the
     oracle is diffusers, whose argument t*freq is a float32 product); its
-    tolerance is a few float32 ulps of the largest argument.
+    tolerance is two to four float32 ulps of the largest argument
+    (2 * max|t * scale| * 2^-23: 2.4e-4 for t up to 999).
   - cast: expected values are torch's own .to(dtype), compared bit for bit.
+  - pad2d, upsample_nearest, concat, chunk, permute, embedding: exact (tol 0).
+  - sdpa_fully_masked_row: torch's SDPA gives 0 (not NaN) for a query whose keys
+    are all masked; softmax_all_masked_row: torch.softmax gives NaN there.
 
 Tolerance policy (relative to max(1, max|expected|)):
   float32 output 1e-5; float16 inputs 1e-3 (1 ulp of f16 is 2^-10 relative, the
@@ -363,6 +369,9 @@ x[1, 5] = 90.0
 x[2] = torch.tensor([1e4, -1e4, 0.0, 50.0, 1e4, -3.0, 1e4 - 1.0, 20.0, 1e4 - 30.0, -1e30])
 sm("softmax_large", x)
 sm("softmax_long_row", randn(2, 1000, scale=4.0))
+x = randn(3, 6)
+x[1] = -math.inf                     # a row with no finite entry: torch.softmax gives NaN
+sm("softmax_all_masked_row", x)
 sm("softmax_one_col", randn(3, 1))
 sm("softmax_permuted", randn(6, 4, 3), views=[["permute", [2, 0, 1]]])
 sm("softmax_narrowed", randn(3, 12), views=[["narrow", 1, 2, 7]])
@@ -378,7 +387,7 @@ def f_sdpa(q, k, v, causal, scale, mask=None):
 
 
 def sdpa(name, b, h, lq, lk, d, dv=None, causal=False, scale=0.0, mask_shape=None, dtype=torch.float32,
-         layout_blhd=False, mask_neg_inf=False):
+         layout_blhd=False, mask_neg_inf=False, mask_full_row=None):
     if layout_blhd:
         # [B, L, H, D] storage as produced by a linear projection, viewed as [B, H, L, D]
         qi = (randn(b, lq, h, d, dtype=dtype), [["permute", [0, 2, 1, 3]]])
@@ -394,6 +403,8 @@ def sdpa(name, b, h, lq, lk, d, dv=None, causal=False, scale=0.0, mask_shape=Non
             flat = m.view(-1, mask_shape[-1])
             for i in range(flat.shape[0]):
                 flat[i, (i % (mask_shape[-1] - 1)) + 1::3] = -math.inf
+        if mask_full_row is not None:
+            m[..., mask_full_row, :] = -math.inf
         inp["mask"] = m.to(dtype)
     add_case(name, "sdpa", inp, {"causal": causal, "scale": scale}, f_sdpa)
 
@@ -410,6 +421,8 @@ sdpa("sdpa_mask_2d", 1, 2, 6, 9, 8, mask_shape=[6, 9])
 sdpa("sdpa_mask_4d", 2, 3, 5, 7, 8, mask_shape=[2, 3, 5, 7])
 sdpa("sdpa_mask_pad_inf", 2, 2, 4, 10, 8, mask_shape=[2, 1, 1, 10], mask_neg_inf=True)
 sdpa("sdpa_mask_bcast_heads", 2, 3, 4, 6, 8, mask_shape=[1, 3, 4, 6])
+# a query row whose keys are all masked: torch >= 2.5 SDPA (CPU math/flash) outputs 0 there, not NaN
+sdpa("sdpa_fully_masked_row", 1, 2, 4, 5, 8, mask_shape=[4, 5], mask_full_row=1)
 sdpa("sdpa_blhd_layout", 2, 4, 9, 9, 40, layout_blhd=True)
 sdpa("sdpa_blhd_cross", 2, 2, 8, 5, 24, layout_blhd=True)
 sdpa("sdpa_f16", 1, 2, 8, 11, 40, dtype=torch.float16)

@@ -7,7 +7,8 @@ Writes under tests/fixtures/safetensors/:
                          f32/f16/bf16 tensors (random and special values: +-0,
                          subnormals, +-inf, nan, rounding ties), a 0-d scalar, an
                          empty [0, 3] tensor, a 4-d tensor.
-  py_misc.safetensors    F64/I64/U8/BOOL tensors and several metadata keys.
+  py_misc.safetensors    F64/I64/U8/BOOL tensors and several metadata keys (the
+                         metadata order varies between runs: Rust HashMap).
   py_basic.json          for every tensor of both files: dtype, shape, the raw
                          element bits, and the bits torch gives for
                          .float() / .half() / .bfloat16() of it (the oracle for
@@ -27,6 +28,11 @@ Writes under tests/fixtures/safetensors/:
                          writes for it.
 
 Run from anywhere:  python3 tests/reference/make_safetensors_fixtures.py
+Then regenerate our writer's files and their Python check (ours/ depends on
+py_unet/):
+  DIFFUSE_FIXTURES=tests/fixtures DIFFUSE_ST_WRITE_OURS=tests/fixtures/safetensors/ours \
+      <build>/tests/core/test-safetensors -p /safetensors/ours/write
+  python3 tests/reference/check_st_roundtrip.py
 """
 import json
 import os

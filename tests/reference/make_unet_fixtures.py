@@ -16,8 +16,8 @@ what diffusers computes from them (forward in float32):
   n_params                [1] diffusers' parameter count
 
 To keep the fixtures small (< 1.5 MB in all) the weights are stored in three
-dtypes: "sd15" in float16, "sd2" in bfloat16, "lcm" in float32.  The model
-that makes the reference runs in float32 with exactly the stored values (the
+dtypes: "sd15" in float16, "sd2" and "mid2d" in bfloat16, "lcm" in float32.  The
+model that makes the reference runs in float32 with exactly the stored values (the
 parameters are rounded to the storage dtype first), so the C side loads the
 file with dtype F32 and must reproduce the output to float32 accuracy.
 
@@ -37,6 +37,10 @@ The cases between them differ in every option the C model reads:
         list, transformer_layers_per_block list, mid_block_type null, act_fn gelu,
         norm_eps 1e-6, conv_in_kernel 1, conv_out_kernel 5, downsample_padding 0,
         center_input_sample, 9x11 latents, batch 1, CrossAttnUpBlock2D at the top
+  mid2d: mid_block_type UNetMidBlock2D (resnet only) with mid_block_scale_factor 0.5,
+        layers_per_block list, transformer_layers_per_block per-layer lists with
+        reverse_transformer_layers_per_block, DownBlock2D first / UpBlock2D last,
+        act_fn "swish", batch 3 with three timesteps
 
 Run: python3 tests/reference/make_unet_fixtures.py [outdir]
 """
@@ -102,6 +106,16 @@ CASES = [
                      conv_in_kernel=1, conv_out_kernel=5, downsample_padding=0,
                      center_input_sample=True),
          batch=1, hw=(9, 11), seq=6, timestep=[261.0], cond=True),
+    dict(name="mid2d", seed=4, dtype=torch.bfloat16,
+         config=dict(sample_size=8, in_channels=4, out_channels=4,
+                     block_out_channels=[8, 16],
+                     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                     up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+                     layers_per_block=[1, 2], attention_head_dim=[2, 4], cross_attention_dim=8,
+                     norm_num_groups=4, transformer_layers_per_block=[[1], [1, 2]],
+                     reverse_transformer_layers_per_block=[[2, 1, 1], [1, 1]],
+                     mid_block_type="UNetMidBlock2D", mid_block_scale_factor=0.5, act_fn="swish"),
+         batch=3, hw=(6, 6), seq=4, timestep=[10.0, 400.0, 900.0]),
 ]
 
 

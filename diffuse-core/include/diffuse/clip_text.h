@@ -55,7 +55,9 @@ typedef struct {
    * n <= num_layers. */
   int clip_skip;
   /* Keep every hidden state (embeddings, then each layer's output, without
-   * the final layer norm) in out->hidden_states, as output_hidden_states=True. */
+   * the final layer norm) in out->hidden_states, as output_hidden_states=True.
+   * SDXL's encode_prompt uses hidden_states[-(clip_skip + 2)] from here
+   * (no final layer norm), not prompt_embeds. */
   gboolean output_hidden_states;
 } DiffuseClipTextParams;
 

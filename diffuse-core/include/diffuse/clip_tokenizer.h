@@ -26,8 +26,11 @@
  *
  * ftfy is not used: transformers 5 never calls it (the 4.x slow tokenizer did,
  * when installed).  Unicode classes come from GLib (g_unichar_type), NFC from
- * g_utf8_normalize; characters GLib's Unicode version does not know yet may
- * be split differently than by `tokenizers`.
+ * g_utf8_normalize, lower-casing from g_unichar_tolower plus the few mappings
+ * GLib lacks; letters/numbers newer than GLib's Unicode tables come from a
+ * small built-in table.  Checked against `tokenizers` for every code point
+ * (classes, lowercase, single-character NFC); compositions of characters
+ * newer than GLib's tables could still differ.
  *
  * Input text that is not valid UTF-8 is not an error: each maximal invalid
  * subsequence is replaced by U+FFFD, as Python's bytes.decode("utf-8",

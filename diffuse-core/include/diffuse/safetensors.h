@@ -49,8 +49,12 @@ GHashTable *diffuse_safetensors_metadata (DiffuseSafetensors *st);
 const char *diffuse_st_dtype_name (DiffuseStDType dt);   /* "F32" ... */
 
 /* A tensor for an entry.  When the file's dtype equals `dtype` and the
- * device is the CPU, the tensor borrows the mapped bytes (no copy);
- * otherwise it is converted into a new tensor on `dev`. */
+ * device is the CPU (dev NULL means the CPU), the tensor borrows the mapped
+ * bytes (no copy; read-only memory: never write into it); otherwise it is
+ * converted into a new tensor on `dev` (F32/F16/BF16 between each other,
+ * F64 through f32 as torch does; data not aligned to the element size is
+ * copied).  Integer/bool/F8 entries give DIFFUSE_ERROR_UNSUPPORTED, a
+ * missing name DIFFUSE_ERROR_NOT_FOUND. */
 DiffuseTensor *diffuse_safetensors_tensor (DiffuseSafetensors *st, const char *name, DiffuseDType dtype,
                                            DiffuseDevice *dev, GError **error);
 
@@ -60,17 +64,29 @@ typedef struct _DiffuseStWriter DiffuseStWriter;
 
 DiffuseStWriter *diffuse_st_writer_new (void);
 void diffuse_st_writer_free (DiffuseStWriter *w);
-/* The tensor is referenced until the writer is freed; it is stored in its own dtype. */
+/* The tensor is referenced until the writer is freed; it is stored in its own dtype
+ * (any strides, any device).  Adding a name again replaces the tensor and keeps
+ * the first position, as a Python dict does. */
 void diffuse_st_writer_add (DiffuseStWriter *w, const char *name, DiffuseTensor *t);
+/* "format" is reserved (always "pt"). */
 void diffuse_st_writer_add_metadata (DiffuseStWriter *w, const char *key, const char *value);
-/* Writes one file (atomically: temp file + rename).  Metadata always holds
- * {"format": "pt"}. */
+/* Writes one file (atomically: temp file in the same folder, fsync, rename;
+ * nothing is left behind on failure; ENOSPC is DIFFUSE_ERROR_DISK_FULL).
+ * Metadata always holds {"format": "pt"}.  With only that metadata the bytes
+ * are those of safetensors.torch.save_file for the same tensors. */
 gboolean diffuse_st_writer_write (DiffuseStWriter *w, const char *path, GError **error);
 /* Writes <dir>/<prefix>[.<variant>].safetensors when everything fits in
  * max_shard_size bytes (0 = no limit); otherwise diffusers' shard naming
- * <prefix>-00001-of-0000N[.<variant>].safetensors plus the index
- * <prefix>.safetensors.index[.<variant>].json.  Tensors are kept in insertion
- * order and never split across shards. */
+ * <prefix>[.<variant>]-00001-of-0000N.safetensors (the variant comes before
+ * the shard suffix: diffusion_pytorch_model.fp16-00001-of-00003.safetensors)
+ * plus the index <prefix>.safetensors.index[.<variant>].json.  Tensors are
+ * assigned in insertion order by huggingface_hub's rule (a tensor larger
+ * than the limit gets a shard of its own) and never split; fed a model's
+ * state_dict order, the files are byte-identical to diffusers'
+ * save_pretrained(max_shard_size=..., variant=...).  Files of an earlier save
+ * with the same prefix/variant that the new one supersedes (other shard
+ * sets, the single file or the index) are removed; on failure the shards
+ * this call wrote are removed. */
 gboolean diffuse_st_writer_write_sharded (DiffuseStWriter *w, const char *dir, const char *prefix,
                                           const char *variant, guint64 max_shard_size, GError **error);
 
@@ -82,7 +98,10 @@ typedef struct _DiffuseWeights DiffuseWeights;
  * tensor name to its file.  A name present in two files is an error. */
 DiffuseWeights *diffuse_weights_open (const char *const *paths, GError **error);
 /* From a *.safetensors.index*.json: opens the shard files it lists, from the
- * same folder, checking each listed tensor is in the shard named. */
+ * same folder, each once, checking each listed tensor is in the shard named
+ * (else DIFFUSE_ERROR_CORRUPT); a missing shard is DIFFUSE_ERROR_NOT_FOUND
+ * naming the index and the shard.  Tensors of the shards that the index does
+ * not list are included too (diffusers loads whole shard files). */
 DiffuseWeights *diffuse_weights_open_index (const char *index_json_path, GError **error);
 DiffuseWeights *diffuse_weights_ref (DiffuseWeights *w);
 void diffuse_weights_unref (DiffuseWeights *w);

@@ -1,0 +1,84 @@
+"""Train the tiny AutoencoderKL (64x64 RGB -> 16x16x4 latents) on the synthetic images.
+
+Loss: L1 + MSE reconstruction + small KL. Checkpoints to <out>/vae (diffusers format, fp32).
+"""
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+
+def make_vae():
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="/tmp/tinysd/data")
+    ap.add_argument("--out", default="/tmp/tinysd/vae")
+    ap.add_argument("--minutes", type=float, default=20)
+    ap.add_argument("--bs", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--kl", type=float, default=1e-6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-steps", type=int, default=10**9)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(a.seed)
+    rng = np.random.default_rng(a.seed)
+    x_all = torch.from_numpy(np.load(os.path.join(a.data, "images.npy"))).permute(0, 3, 1, 2)
+    n = x_all.shape[0]
+    vae = make_vae()
+    print("vae params", sum(p.numel() for p in vae.parameters()), flush=True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
+    t0 = time.time()
+    budget = a.minutes * 60
+    step = 0
+    ema = None
+    while step < a.max_steps:
+        el = time.time() - t0
+        if el > budget:
+            break
+        # cosine decay of lr over the time budget
+        lr = a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, el / budget))))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.from_numpy(rng.integers(0, n, a.bs))
+        x = x_all[idx].float() / 127.5 - 1
+        post = vae.encode(x).latent_dist
+        z = post.sample()
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        mse = F.mse_loss(rec, x)
+        kl = post.kl().mean()
+        loss = l1 + mse + a.kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = mse.item() if ema is None else 0.98 * ema + 0.02 * mse.item()
+        if step % 25 == 0:
+            print(f"step {step} t={time.time()-t0:.0f}s lr={lr:.2e} l1={l1.item():.4f} mse_ema={ema:.5f} kl={kl.item():.1f}", flush=True)
+        if step % 300 == 0:
+            vae.save_pretrained(a.out)
+    vae.save_pretrained(a.out)
+    print(f"done {step} steps in {time.time()-t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

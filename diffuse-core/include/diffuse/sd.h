@@ -1,0 +1,84 @@
+/* gst-diffuse — the Stable Diffusion task pipelines: text-to-image and
+ * image-to-image, equal to diffusers' StableDiffusionPipeline and
+ * StableDiffusionImg2ImgPipeline for the same seed.
+ *
+ * A DiffuseSD is built from a DiffusePipelineModel (one loaded checkpoint;
+ * its models are shared through the component cache, so a text2img and an
+ * img2img DiffuseSD over one checkpoint hold one copy of the weights).  The
+ * models are immutable; each generate() call creates its own scheduler
+ * state, so one DiffuseSD may serve several threads one call at a time
+ * each (calls are serialised internally). */
+#pragma once
+
+#include <diffuse/pipeline.h>
+
+G_BEGIN_DECLS
+
+typedef struct _DiffuseSD DiffuseSD;
+
+typedef enum {
+  DIFFUSE_SD_TEXT2IMG,
+  DIFFUSE_SD_IMG2IMG,
+} DiffuseSDTask;
+
+/* One denoising step finished (step is 1-based).  Return FALSE to cancel:
+ * generate() then fails with DIFFUSE_ERROR_CANCELLED. */
+typedef gboolean (*DiffuseStepFunc) (int step, int total, gpointer user_data);
+
+/* An RGB image, values in [0, 1], height x width x 3, row-major (diffusers'
+ * output_type="np" for one image). */
+typedef struct {
+  int width, height;
+  float *pixels;
+} DiffuseImage;
+
+void diffuse_image_free (DiffuseImage *img);
+/* 8-bit RGB as diffusers' numpy_to_pil: round(x * 255) after clamping. */
+void diffuse_image_to_rgb8 (const DiffuseImage *img, guint8 *dst, int stride);
+/* An image from 8-bit RGB (for img2img input). */
+DiffuseImage *diffuse_image_from_rgb8 (const guint8 *src, int width, int height, int stride);
+
+typedef struct {
+  const char *prompt;
+  const char *negative_prompt;     /* NULL or "": the unconditional (empty prompt) embedding */
+  int width, height;               /* 0: unet sample_size * vae scale factor; multiples of 8 */
+  int num_inference_steps;         /* 50 */
+  float guidance_scale;            /* 7.5; <= 1 runs no unconditional pass */
+  guint64 seed;                    /* torch.Generator("cpu").manual_seed(seed) */
+  int num_images;                  /* num_images_per_prompt, 1 */
+  int clip_skip;                   /* 0 = none */
+  float guidance_rescale;          /* 0 */
+  float eta;                       /* DDIM eta, 0 */
+  const char *scheduler;           /* a compatible scheduler class name, NULL = the checkpoint's */
+  DiffuseConfig *scheduler_config; /* replaces the checkpoint's scheduler config (diffusers'
+                                    * from_config(config, use_karras_sigmas=True, ...)), NULL = keep */
+  DiffuseTensor *prompt_embeds;    /* optional, [n, 77, D]: replaces prompt */
+  DiffuseTensor *negative_prompt_embeds;
+  /* img2img */
+  const DiffuseImage *image;       /* the input, already at width x height */
+  float strength;                  /* 0.8 */
+  DiffuseStepFunc on_step;
+  gpointer user_data;
+  GCancellable *cancellable;
+} DiffuseSDParams;
+
+void diffuse_sd_default_params (DiffuseSDParams *p);
+
+DiffuseSD *diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error);
+DiffuseSD *diffuse_sd_ref (DiffuseSD *sd);
+void diffuse_sd_unref (DiffuseSD *sd);
+
+DiffusePipelineModel *diffuse_sd_get_model (DiffuseSD *sd);
+DiffuseSDTask diffuse_sd_get_task (DiffuseSD *sd);
+/* The default output size (unet sample_size * vae scale factor). */
+void diffuse_sd_default_size (DiffuseSD *sd, int *width, int *height);
+/* The scheduler class used when params->scheduler is NULL. */
+const char *diffuse_sd_scheduler_class (DiffuseSD *sd);
+/* NULL-terminated scheduler class names the checkpoint's scheduler may be swapped for. */
+const char *const *diffuse_sd_compatible_schedulers (DiffuseSD *sd);
+
+/* Generates params->num_images images into a new array of DiffuseImage*
+ * (free with g_ptr_array_unref). */
+GPtrArray *diffuse_sd_generate (DiffuseSD *sd, const DiffuseSDParams *params, GError **error);
+
+G_END_DECLS

@@ -1,0 +1,644 @@
+/* gst-diffuse — StableDiffusionPipeline and StableDiffusionImg2ImgPipeline.
+ *
+ * The steps follow diffusers' pipeline_stable_diffusion.py and
+ * pipeline_stable_diffusion_img2img.py (__call__, encode_prompt,
+ * prepare_latents, get_timesteps, rescale_noise_cfg,
+ * get_guidance_scale_embedding) so that one seed gives one picture. */
+#include <diffuse/sd.h>
+#include <diffuse/unet.h>
+#include <diffuse/vae.h>
+#include <diffuse/clip_text.h>
+#include <diffuse/clip_tokenizer.h>
+#include <diffuse/scheduler.h>
+#include <diffuse/rng.h>
+#include <diffuse/error.h>
+#include <math.h>
+#include <string.h>
+
+struct _DiffuseSD {
+  gint ref_count;
+  DiffuseSDTask task;
+  DiffusePipelineModel *pm;
+  DiffuseUNet *unet;              /* borrowed from the component (shared) */
+  DiffuseVae *vae;
+  DiffuseClipText *text_encoder;
+  DiffuseClipTokenizer *tokenizer;
+  DiffuseConfig *scheduler_config;
+  char *scheduler_class;
+  GMutex lock;                    /* one generate() at a time */
+};
+
+/* ---- images ------------------------------------------------------------- */
+
+void
+diffuse_image_free (DiffuseImage *img)
+{
+  if (!img)
+    return;
+  g_free (img->pixels);
+  g_free (img);
+}
+
+void
+diffuse_image_to_rgb8 (const DiffuseImage *img, guint8 *dst, int stride)
+{
+  for (int y = 0; y < img->height; y++) {
+    const float *s = img->pixels + (size_t) y * img->width * 3;
+    guint8 *d = dst + (size_t) y * stride;
+    for (int i = 0; i < img->width * 3; i++) {
+      /* numpy_to_pil: (images * 255).round().astype("uint8") on [0, 1] values */
+      float v = s[i] * 255.0f;
+      v = nearbyintf (v);
+      d[i] = (guint8) CLAMP (v, 0.0f, 255.0f);
+    }
+  }
+}
+
+DiffuseImage *
+diffuse_image_from_rgb8 (const guint8 *src, int width, int height, int stride)
+{
+  DiffuseImage *img = g_new0 (DiffuseImage, 1);
+  img->width = width;
+  img->height = height;
+  img->pixels = g_new (float, (size_t) width * height * 3);
+  for (int y = 0; y < height; y++)
+    for (int i = 0; i < width * 3; i++)
+      img->pixels[(size_t) y * width * 3 + i] = src[(size_t) y * stride + i] / 255.0f;
+  return img;
+}
+
+/* ---- construction ------------------------------------------------------- */
+
+void
+diffuse_sd_default_params (DiffuseSDParams *p)
+{
+  memset (p, 0, sizeof *p);
+  p->num_inference_steps = 50;
+  p->guidance_scale = 7.5f;
+  p->num_images = 1;
+  p->strength = 0.8f;
+}
+
+static gpointer
+build_unet (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  DiffuseUNetParams p;
+  diffuse_unet_default_params (&p);
+  p.dtype = diffuse_component_dtype (c);
+  p.device = diffuse_component_device (c);
+  p.component = diffuse_component_name (c);
+  return diffuse_unet_new (diffuse_component_config (c), diffuse_component_weights (c), &p, error);
+}
+
+static gpointer
+build_vae (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return diffuse_vae_new (diffuse_component_config (c), diffuse_component_weights (c), diffuse_component_device (c),
+                          diffuse_component_dtype (c), error);
+}
+
+static gpointer
+build_text (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return diffuse_clip_text_new (diffuse_component_config (c), diffuse_component_weights (c),
+                                diffuse_component_device (c), diffuse_component_dtype (c), error);
+}
+
+static gpointer
+build_tokenizer (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return diffuse_clip_tokenizer_load (diffuse_component_folder (c), error);
+}
+
+static gpointer
+component_object (DiffusePipelineModel *pm, const char *name, const char *want_class, DiffuseComponentBuildFunc build,
+                  GDestroyNotify destroy, GError **error)
+{
+  DiffuseComponent *c = diffuse_pipeline_model_get (pm, name);
+  if (!c) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "%s: the pipeline has no %s",
+                 diffuse_pipeline_model_folder (pm), name);
+    return NULL;
+  }
+  if (want_class && !g_str_has_prefix (diffuse_component_class (c), want_class)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "%s: component '%s' is a %s; expected a %s",
+                 diffuse_pipeline_model_folder (pm), name, diffuse_component_class (c), want_class);
+    return NULL;
+  }
+  return diffuse_component_get_object (c, "model", build, NULL, destroy, error);
+}
+
+DiffuseSD *
+diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error)
+{
+  DiffuseSD *sd = g_new0 (DiffuseSD, 1);
+  sd->ref_count = 1;
+  sd->task = task;
+  sd->pm = diffuse_pipeline_model_ref (pm);
+  g_mutex_init (&sd->lock);
+  sd->unet = component_object (pm, "unet", "UNet2DConditionModel", build_unet,
+                               (GDestroyNotify) diffuse_unet_unref, error);
+  if (sd->unet)
+    sd->vae = component_object (pm, "vae", "AutoencoderKL", build_vae, (GDestroyNotify) diffuse_vae_unref, error);
+  if (sd->vae)
+    sd->text_encoder = component_object (pm, "text_encoder", "CLIPTextModel", build_text,
+                                         (GDestroyNotify) diffuse_clip_text_unref, error);
+  if (sd->text_encoder)
+    sd->tokenizer = component_object (pm, "tokenizer", "CLIPTokenizer", build_tokenizer,
+                                      (GDestroyNotify) diffuse_clip_tokenizer_unref, error);
+  if (!sd->tokenizer) {
+    diffuse_sd_unref (sd);
+    return NULL;
+  }
+  DiffuseComponent *sched = diffuse_pipeline_model_get (pm, "scheduler");
+  if (!sched) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "%s: the pipeline has no scheduler",
+                 diffuse_pipeline_model_folder (pm));
+    diffuse_sd_unref (sd);
+    return NULL;
+  }
+  sd->scheduler_config = diffuse_config_ref (diffuse_component_config (sched));
+  /* model_index.json's class wins over the config's own _class_name (diffusers) */
+  sd->scheduler_class = g_strdup (diffuse_component_class (sched));
+  if (!diffuse_scheduler_class_supported (sd->scheduler_class)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "%s: scheduler %s is not implemented",
+                 diffuse_pipeline_model_folder (pm), sd->scheduler_class);
+    diffuse_sd_unref (sd);
+    return NULL;
+  }
+  if (diffuse_pipeline_model_get (pm, "safety_checker"))
+    g_message ("%s lists a safety checker; gst-diffuse does not run it yet, so no safety check is applied to the "
+               "generated images", diffuse_pipeline_model_folder (pm));
+  return sd;
+}
+
+DiffuseSD *
+diffuse_sd_ref (DiffuseSD *sd)
+{
+  g_atomic_int_inc (&sd->ref_count);
+  return sd;
+}
+
+void
+diffuse_sd_unref (DiffuseSD *sd)
+{
+  if (!sd || !g_atomic_int_dec_and_test (&sd->ref_count))
+    return;
+  g_clear_pointer (&sd->scheduler_config, diffuse_config_unref);
+  g_free (sd->scheduler_class);
+  diffuse_pipeline_model_unref (sd->pm);
+  g_mutex_clear (&sd->lock);
+  g_free (sd);
+}
+
+DiffusePipelineModel *diffuse_sd_get_model (DiffuseSD *sd) { return sd->pm; }
+DiffuseSDTask diffuse_sd_get_task (DiffuseSD *sd) { return sd->task; }
+const char *diffuse_sd_scheduler_class (DiffuseSD *sd) { return sd->scheduler_class; }
+
+const char *const *
+diffuse_sd_compatible_schedulers (DiffuseSD *sd)
+{
+  return diffuse_scheduler_compatibles (sd->scheduler_class);
+}
+
+void
+diffuse_sd_default_size (DiffuseSD *sd, int *width, int *height)
+{
+  int s = diffuse_unet_sample_size (sd->unet) * diffuse_vae_scale_factor (sd->vae);
+  if (width)
+    *width = s;
+  if (height)
+    *height = s;
+}
+
+/* ---- prompt encoding ------------------------------------------------------ */
+
+/* [1, L, D] embeddings of one prompt; clip_skip as diffusers' encode_prompt. */
+static DiffuseTensor *
+encode_one (DiffuseSD *sd, const char *text, int clip_skip, GError **error)
+{
+  int max = diffuse_clip_tokenizer_model_max_length (sd->tokenizer);
+  int32_t *ids = g_new0 (int32_t, max);
+  int n = diffuse_clip_tokenizer_encode (sd->tokenizer, text ? text : "", TRUE, ids, max, error);
+  if (n < 0) {
+    g_free (ids);
+    return NULL;
+  }
+  char *cut = diffuse_clip_tokenizer_truncated_text (sd->tokenizer, text ? text : "");
+  if (cut && *cut)
+    g_warning ("The following part of your input was truncated because CLIP can only handle sequences up to %d "
+               "tokens: %s", max, cut);
+  g_free (cut);
+  DiffuseClipTextParams p;
+  diffuse_clip_text_default_params (&p);
+  p.clip_skip = clip_skip;
+  DiffuseClipTextOutput out = { 0 };
+  gboolean ok = diffuse_clip_text_forward (sd->text_encoder, ids, 1, n, &p, &out, error);
+  g_free (ids);
+  if (!ok)
+    return NULL;
+  DiffuseTensor *e = diffuse_tensor_ref (out.prompt_embeds);
+  diffuse_clip_text_output_clear (&out);
+  return e;
+}
+
+/* Repeats [1, L, D] (or [k, L, D] with k == n) to [n, L, D]. */
+static DiffuseTensor *
+repeat_batch (DiffuseTensor *e, int n)
+{
+  if (e->shape[0] == n)
+    return diffuse_tensor_ref (e);
+  DiffuseTensor **v = g_new (DiffuseTensor *, n);
+  for (int i = 0; i < n; i++)
+    v[i] = e;
+  DiffuseTensor *r = diffuse_concat (v, n, 0);
+  g_free (v);
+  return r;
+}
+
+/* diffusers' get_guidance_scale_embedding (LCM): [n, dim]. */
+static DiffuseTensor *
+guidance_embedding (float w, int n, int dim)
+{
+  int64_t shape[2] = { n, dim };
+  DiffuseTensor *t = diffuse_tensor_zeros (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 2, shape);
+  float *p = diffuse_tensor_f32 (t);
+  int half = dim / 2;
+  float ww = w * 1000.0f;
+  float base = logf (10000.0f) / (float) (half - 1);
+  for (int i = 0; i < half; i++) {
+    float f = expf ((float) i * -base);
+    float a = ww * f;
+    for (int b = 0; b < n; b++) {
+      p[b * dim + i] = sinf (a);
+      p[b * dim + half + i] = cosf (a);
+    }
+  }
+  return t;
+}
+
+/* rescale_noise_cfg (Common Diffusion Noise Schedules, Sec. 3.4), per sample. */
+static void
+rescale_cfg (float *cfg, const float *text, int n, size_t per, float phi)
+{
+  for (int b = 0; b < n; b++) {
+    const float *t = text + b * per;
+    float *c = cfg + b * per;
+    double mt = 0, mc = 0;
+    for (size_t i = 0; i < per; i++) {
+      mt += t[i];
+      mc += c[i];
+    }
+    mt /= per;
+    mc /= per;
+    double vt = 0, vc = 0;
+    for (size_t i = 0; i < per; i++) {
+      vt += (t[i] - mt) * (t[i] - mt);
+      vc += (c[i] - mc) * (c[i] - mc);
+    }
+    float st = (float) sqrt (vt / (per - 1)), sc = (float) sqrt (vc / (per - 1));
+    float ratio = st / sc;
+    for (size_t i = 0; i < per; i++) {
+      float rescaled = c[i] * ratio;
+      c[i] = phi * rescaled + (1.0f - phi) * c[i];
+    }
+  }
+}
+
+/* ---- generation ----------------------------------------------------------- */
+
+static gboolean
+cancelled (const DiffuseSDParams *p, GError **error)
+{
+  if (p->cancellable && g_cancellable_is_cancelled (p->cancellable)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CANCELLED, "Generation was cancelled");
+    return TRUE;
+  }
+  return FALSE;
+}
+
+static DiffuseTensor *
+host_f32 (DiffuseTensor *t)
+{
+  DiffuseTensor *h = diffuse_to_device (t, diffuse_device_cpu ());
+  DiffuseTensor *f = diffuse_cast (h, DIFFUSE_DTYPE_F32);
+  diffuse_tensor_clear (&h);
+  DiffuseTensor *c = diffuse_contiguous (f);
+  diffuse_tensor_clear (&f);
+  return c;
+}
+
+static gboolean
+op_error (GError **error, const char *what)
+{
+  if (!diffuse_tensor_take_error (error))
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_FAILED, "%s failed", what);
+  return FALSE;
+}
+
+GPtrArray *
+diffuse_sd_generate (DiffuseSD *sd, const DiffuseSDParams *params, GError **error)
+{
+  DiffuseSDParams p = *params;
+  GPtrArray *images = NULL;
+  DiffuseScheduler *sched = NULL;
+  DiffuseRng *rng = NULL;
+  DiffuseTensor *embeds = NULL, *cond = NULL, *uncond = NULL, *latents = NULL, *tcond = NULL;
+  float *noise_buf = NULL;
+  DiffuseDevice *dev = diffuse_unet_device (sd->unet);
+
+  int def_w, def_h;
+  diffuse_sd_default_size (sd, &def_w, &def_h);
+  if (p.width <= 0)
+    p.width = sd->task == DIFFUSE_SD_IMG2IMG && p.image ? p.image->width : def_w;
+  if (p.height <= 0)
+    p.height = sd->task == DIFFUSE_SD_IMG2IMG && p.image ? p.image->height : def_h;
+  const int vsf = diffuse_vae_scale_factor (sd->vae);
+  if (p.width % 8 || p.height % 8 || p.width % vsf || p.height % vsf) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "width and height must be multiples of 8 (got %dx%d)", p.width, p.height);
+    return NULL;
+  }
+  if (p.num_inference_steps < 1 || p.num_images < 1 || p.num_images > 64) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "num_inference_steps must be >= 1 and num_images 1..64 (got %d, %d)", p.num_inference_steps,
+                 p.num_images);
+    return NULL;
+  }
+  if (sd->task == DIFFUSE_SD_IMG2IMG) {
+    if (!p.image) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "img2img needs an input image");
+      return NULL;
+    }
+    if (p.image->width != p.width || p.image->height != p.height) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                   "the input image is %dx%d, the output %dx%d: resize it first", p.image->width, p.image->height,
+                   p.width, p.height);
+      return NULL;
+    }
+    if (!(p.strength >= 0.0f && p.strength <= 1.0f)) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                   "The value of strength should be in [0.0, 1.0] but is %g", p.strength);
+      return NULL;
+    }
+  }
+  if (p.clip_skip < 0 || p.clip_skip >= diffuse_clip_text_num_layers (sd->text_encoder)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "clip_skip must be 0..%d (got %d)",
+                 diffuse_clip_text_num_layers (sd->text_encoder) - 1, p.clip_skip);
+    return NULL;
+  }
+
+  g_mutex_lock (&sd->lock);
+  const int n = p.num_images;
+  const gboolean lcm_cond = diffuse_unet_time_cond_proj_dim (sd->unet) > 0;
+  const gboolean cfg = p.guidance_scale > 1.0f && !lcm_cond;
+
+  /* 1. prompt embeddings (cond) and, with CFG, the negative ones first */
+  if (p.prompt_embeds)
+    cond = diffuse_tensor_ref (p.prompt_embeds);
+  else
+    cond = encode_one (sd, p.prompt, p.clip_skip, error);
+  if (!cond)
+    goto out;
+  {
+    DiffuseTensor *r = repeat_batch (cond, n);
+    diffuse_tensor_unref (cond);
+    cond = r;
+  }
+  if (cfg) {
+    if (p.negative_prompt_embeds)
+      uncond = diffuse_tensor_ref (p.negative_prompt_embeds);
+    else
+      uncond = encode_one (sd, p.negative_prompt ? p.negative_prompt : "", 0, error);
+    if (!uncond)
+      goto out;
+    DiffuseTensor *r = repeat_batch (uncond, n);
+    diffuse_tensor_unref (uncond);
+    uncond = r;
+    DiffuseTensor *pair[2] = { uncond, cond };
+    embeds = diffuse_concat (pair, 2, 0);
+  } else {
+    embeds = diffuse_tensor_ref (cond);
+  }
+  if (!embeds) {
+    op_error (error, "prompt embedding");
+    goto out;
+  }
+  if (lcm_cond)
+    tcond = guidance_embedding (p.guidance_scale - 1.0f, n, diffuse_unet_time_cond_proj_dim (sd->unet));
+
+  /* 2. scheduler */
+  sched = diffuse_scheduler_new_by_name (p.scheduler ? p.scheduler : sd->scheduler_class,
+                                         p.scheduler_config ? p.scheduler_config : sd->scheduler_config, error);
+  if (!sched || !diffuse_scheduler_set_timesteps (sched, (guint) p.num_inference_steps, error))
+    goto out;
+  diffuse_scheduler_set_eta (sched, p.eta);
+  rng = diffuse_rng_new (p.seed);
+
+  const int C = diffuse_unet_in_channels (sd->unet);
+  const int h = p.height / vsf, w = p.width / vsf;
+  const size_t per = (size_t) C * h * w, total = per * n;
+  int64_t lshape[4] = { n, C, h, w };
+  latents = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 4, lshape);
+  if (!latents) {
+    op_error (error, "latents");
+    goto out;
+  }
+  float *lat = diffuse_tensor_f32 (latents);
+  guint begin = 0;
+
+  if (sd->task == DIFFUSE_SD_TEXT2IMG) {
+    /* 3. prepare_latents: randn(shape, generator) * init_noise_sigma */
+    diffuse_rng_randn (rng, lat, total);
+    float sigma = diffuse_scheduler_init_noise_sigma (sched);
+    for (size_t i = 0; i < total; i++)
+      lat[i] = lat[i] * sigma;
+  } else {
+    /* 3'. get_timesteps + prepare_latents of the img2img pipeline */
+    guint steps_left = 0;
+    begin = diffuse_scheduler_apply_strength (sched, p.strength, &steps_left);
+    if (steps_left < 1) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                   "After adjusting num_inference_steps by strength (%g), %d steps become 0: raise strength or "
+                   "num_inference_steps", p.strength, p.num_inference_steps);
+      goto out;
+    }
+    const double *ts = diffuse_scheduler_timesteps (sched, NULL);
+    int64_t ishape[4] = { 1, 3, p.height, p.width };
+    DiffuseTensor *img = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 4, ishape);
+    float *ip = diffuse_tensor_f32 (img);
+    const size_t plane = (size_t) p.width * p.height;
+    for (size_t i = 0; i < plane; i++)
+      for (int c = 0; c < 3; c++)
+        ip[c * plane + i] = 2.0f * p.image->pixels[i * 3 + c] - 1.0f;   /* VaeImageProcessor.normalize */
+    DiffuseTensor *dimg = diffuse_to_device (img, diffuse_vae_device (sd->vae));
+    DiffuseTensor *dimg2 = diffuse_cast (dimg, diffuse_vae_dtype (sd->vae));
+    diffuse_tensor_unref (img);
+    diffuse_tensor_clear (&dimg);
+    DiffuseTensor *mean = NULL, *logvar = NULL;
+    DiffuseVaeParams vp;
+    diffuse_vae_default_params (&vp);
+    gboolean ok = dimg2 && diffuse_vae_encode (sd->vae, dimg2, &vp, &mean, &logvar, error);
+    diffuse_tensor_clear (&dimg2);
+    if (!ok)
+      goto out;
+    /* latent_dist.sample(generator): the generator's first draw */
+    size_t nl = (size_t) diffuse_tensor_numel (mean);
+    noise_buf = g_new (float, MAX (nl, total));
+    diffuse_rng_randn (rng, noise_buf, nl);
+    DiffuseTensor *z = diffuse_vae_posterior_sample (mean, logvar, noise_buf, error);
+    diffuse_tensor_unref (mean);
+    diffuse_tensor_unref (logvar);
+    DiffuseTensor *zh = z ? host_f32 (z) : NULL;
+    diffuse_tensor_clear (&z);
+    if (!zh) {
+      if (error && !*error)
+        op_error (error, "VAE encode");
+      goto out;
+    }
+    const float sf = (float) diffuse_vae_scaling_factor (sd->vae);
+    const float *zp = diffuse_tensor_f32 (zh);
+    for (int b = 0; b < n; b++)
+      for (size_t i = 0; i < per; i++)
+        lat[b * per + i] = sf * zp[i];
+    diffuse_tensor_unref (zh);
+    /* noise = randn(shape, generator); add_noise at the first timestep */
+    diffuse_rng_randn (rng, noise_buf, total);
+    if (!diffuse_scheduler_add_noise (sched, lat, noise_buf, lat, total, ts[begin], error))
+      goto out;
+  }
+
+  /* 4. denoising loop */
+  guint n_ts = 0;
+  diffuse_scheduler_timesteps (sched, &n_ts);
+  const int batch = cfg ? 2 * n : n;
+  int64_t mshape[4] = { batch, C, h, w };
+  DiffuseTensor *model_in = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 4, mshape);
+  float *tbuf = g_new (float, batch);
+  float *eps = g_new (float, total);
+  int total_steps = (int) (n_ts - begin), step = 0;
+  DiffuseDevice *udev = dev;
+  DiffuseDType udt = diffuse_unet_dtype (sd->unet);
+  DiffuseTensor *dembeds = diffuse_to_device (embeds, udev);
+  DiffuseTensor *dembeds2 = diffuse_cast (dembeds, udt);
+  diffuse_tensor_clear (&dembeds);
+  DiffuseTensor *dtcond = tcond ? diffuse_to_device (tcond, udev) : NULL;
+  gboolean ok = model_in && dembeds2;
+  if (!ok)
+    op_error (error, "UNet inputs");
+  while (ok && diffuse_scheduler_position (sched) < n_ts) {
+    if (cancelled (&p, error)) {
+      ok = FALSE;
+      break;
+    }
+    double t = diffuse_scheduler_current_timestep (sched);
+    float *mi = diffuse_tensor_f32 (model_in);
+    memcpy (mi, lat, total * sizeof (float));
+    if (cfg)
+      memcpy (mi + total, lat, total * sizeof (float));
+    diffuse_scheduler_scale_model_input (sched, mi, (size_t) batch * per);
+    for (int b = 0; b < batch; b++)
+      tbuf[b] = (float) t;
+    DiffuseTensor *x = diffuse_to_device (model_in, udev);
+    DiffuseTensor *x2 = diffuse_cast (x, udt);
+    diffuse_tensor_clear (&x);
+    DiffuseUNetForwardArgs args = { 0 };
+    args.timestep_cond = dtcond;
+    DiffuseTensor *out = x2 ? diffuse_unet_forward (sd->unet, x2, tbuf, batch, dembeds2, &args, error) : NULL;
+    diffuse_tensor_clear (&x2);
+    DiffuseTensor *ho = out ? host_f32 (out) : NULL;
+    diffuse_tensor_clear (&out);
+    if (!ho) {
+      if (error && !*error)
+        op_error (error, "UNet");
+      ok = FALSE;
+      break;
+    }
+    const float *op = diffuse_tensor_f32 (ho);
+    if (cfg) {
+      const float g = p.guidance_scale;
+      const float *u = op, *tx = op + total;
+      for (size_t i = 0; i < total; i++) {
+        float d = tx[i] - u[i];
+        float m = g * d;
+        eps[i] = u[i] + m;
+      }
+      if (p.guidance_rescale > 0.0f)
+        rescale_cfg (eps, tx, n, per, p.guidance_rescale);
+    } else {
+      memcpy (eps, op, total * sizeof (float));
+    }
+    diffuse_tensor_unref (ho);
+    if (!diffuse_scheduler_step (sched, eps, lat, total, rng, error)) {
+      ok = FALSE;
+      break;
+    }
+    step++;
+    if (p.on_step && !p.on_step (step, total_steps, p.user_data)) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CANCELLED, "Generation was cancelled");
+      ok = FALSE;
+      break;
+    }
+  }
+  g_free (tbuf);
+  g_free (eps);
+  diffuse_tensor_clear (&model_in);
+  diffuse_tensor_clear (&dembeds2);
+  diffuse_tensor_clear (&dtcond);
+  if (!ok)
+    goto out;
+
+  /* 5. decode: vae.decode(latents / scaling_factor), then (x / 2 + 0.5).clamp(0, 1) */
+  {
+    const float sf = (float) diffuse_vae_scaling_factor (sd->vae);
+    for (size_t i = 0; i < total; i++)
+      lat[i] = lat[i] / sf;
+    DiffuseTensor *dl = diffuse_to_device (latents, diffuse_vae_device (sd->vae));
+    DiffuseTensor *dl2 = diffuse_cast (dl, diffuse_vae_dtype (sd->vae));
+    diffuse_tensor_clear (&dl);
+    DiffuseVaeParams vp;
+    diffuse_vae_default_params (&vp);
+    DiffuseTensor *dec = dl2 ? diffuse_vae_decode (sd->vae, dl2, &vp, error) : NULL;
+    diffuse_tensor_clear (&dl2);
+    DiffuseTensor *hd = dec ? host_f32 (dec) : NULL;
+    diffuse_tensor_clear (&dec);
+    if (!hd) {
+      if (error && !*error)
+        op_error (error, "VAE decode");
+      goto out;
+    }
+    const int H = (int) hd->shape[2], W = (int) hd->shape[3];
+    const float *dp = diffuse_tensor_f32 (hd);
+    images = g_ptr_array_new_with_free_func ((GDestroyNotify) diffuse_image_free);
+    for (int b = 0; b < n; b++) {
+      DiffuseImage *img = g_new0 (DiffuseImage, 1);
+      img->width = W;
+      img->height = H;
+      img->pixels = g_new (float, (size_t) W * H * 3);
+      const size_t plane = (size_t) W * H;
+      for (int c = 0; c < 3; c++) {
+        const float *src = dp + ((size_t) b * 3 + c) * plane;
+        for (size_t i = 0; i < plane; i++) {
+          float v = src[i] / 2.0f + 0.5f;
+          img->pixels[i * 3 + c] = v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v);
+        }
+      }
+      g_ptr_array_add (images, img);
+    }
+    diffuse_tensor_unref (hd);
+  }
+
+out:
+  g_mutex_unlock (&sd->lock);
+  g_free (noise_buf);
+  diffuse_tensor_clear (&cond);
+  diffuse_tensor_clear (&uncond);
+  diffuse_tensor_clear (&embeds);
+  diffuse_tensor_clear (&latents);
+  diffuse_tensor_clear (&tcond);
+  if (sched)
+    diffuse_scheduler_free (sched);
+  if (rng)
+    diffuse_rng_free (rng);
+  return images;
+}

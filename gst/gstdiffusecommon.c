@@ -1,0 +1,742 @@
+/* gst-diffuse — shared properties, model loading, generation and error
+ * mapping for the diffuse elements (see gstdiffusecommon.h). */
+#ifdef HAVE_CONFIG_H
+#include "config.h"
+#endif
+
+#include "gstdiffusecommon.h"
+#include "gstdiffusecontext.h"
+#include "diffuse-config.h"
+
+#include <string.h>
+#include <diffuse/error.h>
+#include <diffuse/tensor.h>
+
+GST_DEBUG_CATEGORY_STATIC (gst_diffuse_common_debug);
+#define GST_CAT_DEFAULT gst_diffuse_common_debug
+
+static void
+init_debug (void)
+{
+  static gsize once = 0;
+  if (g_once_init_enter (&once)) {
+    GST_DEBUG_CATEGORY_INIT (gst_diffuse_common_debug, "diffuse", 0, "diffuse elements (shared code)");
+    g_once_init_leave (&once, 1);
+  }
+}
+
+GType
+gst_diffuse_dtype_get_type (void)
+{
+  static gsize id = 0;
+  static const GEnumValue values[] = {
+    {GST_DIFFUSE_DTYPE_FLOAT32, "32-bit float (as diffusers without torch_dtype)", "float32"},
+    {GST_DIFFUSE_DTYPE_FLOAT16, "16-bit float (torch.float16)", "float16"},
+    {GST_DIFFUSE_DTYPE_BFLOAT16, "bfloat16 (torch.bfloat16)", "bfloat16"},
+    {0, NULL, NULL},
+  };
+  if (g_once_init_enter (&id)) {
+    GType t = g_enum_register_static ("GstDiffuseDType", values);
+    g_once_init_leave (&id, t);
+  }
+  return (GType) id;
+}
+
+static DiffuseDType
+core_dtype (GstDiffuseDType d)
+{
+  switch (d) {
+    case GST_DIFFUSE_DTYPE_FLOAT16: return DIFFUSE_DTYPE_F16;
+    case GST_DIFFUSE_DTYPE_BFLOAT16: return DIFFUSE_DTYPE_BF16;
+    default: return DIFFUSE_DTYPE_F32;
+  }
+}
+
+static const char *
+dtype_nick (GstDiffuseDType d)
+{
+  GEnumValue *v = g_enum_get_value (g_type_class_peek (GST_TYPE_DIFFUSE_DTYPE), d);
+  return v ? v->value_nick : "?";
+}
+
+/* ---- settings ------------------------------------------------------------ */
+
+void
+gst_diffuse_settings_copy (GstDiffuseSettings *dst, const GstDiffuseSettings *src)
+{
+  *dst = *src;
+  dst->model = g_strdup (src->model);
+  dst->revision = g_strdup (src->revision);
+  dst->variant = g_strdup (src->variant);
+  dst->device = g_strdup (src->device);
+  dst->scheduler = g_strdup (src->scheduler);
+  dst->prompt = g_strdup (src->prompt);
+  dst->negative_prompt = g_strdup (src->negative_prompt);
+}
+
+void
+gst_diffuse_settings_clear (GstDiffuseSettings *s)
+{
+  g_clear_pointer (&s->model, g_free);
+  g_clear_pointer (&s->revision, g_free);
+  g_clear_pointer (&s->variant, g_free);
+  g_clear_pointer (&s->device, g_free);
+  g_clear_pointer (&s->scheduler, g_free);
+  g_clear_pointer (&s->prompt, g_free);
+  g_clear_pointer (&s->negative_prompt, g_free);
+}
+
+gchar *
+gst_diffuse_default_model (void)
+{
+  gchar *installed = g_build_filename (DIFFUSE_DATADIR, "tiny-sd", NULL);
+  if (g_file_test (installed, G_FILE_TEST_IS_DIR))
+    return installed;
+  gchar *source = g_build_filename (DIFFUSE_SRC_DATADIR, "tiny-sd", NULL);
+  if (g_file_test (source, G_FILE_TEST_IS_DIR)) {
+    g_free (installed);
+    return source;
+  }
+  g_free (source);
+  return installed;
+}
+
+#define DEFAULT_PROMPT "a photograph of an astronaut riding a horse"
+
+void
+gst_diffuse_state_init (GstDiffuseState *st, GstElement *element, DiffuseSDTask task, gint64 default_seed_increment)
+{
+  init_debug ();
+  memset (st, 0, sizeof *st);
+  st->element = element;
+  st->task = task;
+  st->settings.model = gst_diffuse_default_model ();
+  st->settings.device = g_strdup (GST_DIFFUSE_DEFAULT_DEVICE);
+  st->settings.dtype = GST_DIFFUSE_DTYPE_FLOAT32;
+  st->settings.prompt = g_strdup (DEFAULT_PROMPT);
+  st->settings.num_inference_steps = GST_DIFFUSE_DEFAULT_STEPS;
+  st->settings.guidance_scale = GST_DIFFUSE_DEFAULT_GUIDANCE;
+  st->settings.seed = -1;
+  st->settings.seed_increment = default_seed_increment;
+  st->settings.clip_skip = 0;
+  st->settings.strength = GST_DIFFUSE_DEFAULT_STRENGTH;
+  st->cancellable = g_cancellable_new ();
+  st->last_gen_time = GST_CLOCK_TIME_NONE;
+}
+
+void
+gst_diffuse_state_finalize (GstDiffuseState *st)
+{
+  gst_diffuse_state_unload (st);
+  gst_diffuse_settings_clear (&st->settings);
+  g_clear_pointer (&st->cache, diffuse_component_cache_unref);
+  g_clear_object (&st->cancellable);
+}
+
+/* ---- properties ----------------------------------------------------------- */
+
+#define RW (G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS)
+
+void
+gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gint64 default_seed_increment)
+{
+  init_debug ();
+  gchar *def_model = gst_diffuse_default_model ();
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_MODEL,
+      g_param_spec_string ("model", "Model",
+          "A diffusers pipeline: a local folder or a Hugging Face Hub repository id "
+          "(e.g. \"stable-diffusion-v1-5/stable-diffusion-v1-5\"); the default is the bundled tiny model",
+          def_model, RW | GST_PARAM_MUTABLE_READY));
+  g_free (def_model);
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_REVISION,
+      g_param_spec_string ("revision", "Revision",
+          "Hub revision of the model: a branch, tag or commit (NULL = main)",
+          NULL, RW | GST_PARAM_MUTABLE_READY));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_VARIANT,
+      g_param_spec_string ("variant", "Variant",
+          "Weight file variant to load, e.g. \"fp16\" (NULL = the plain weights)",
+          NULL, RW | GST_PARAM_MUTABLE_READY));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_DTYPE,
+      g_param_spec_enum ("dtype", "Data type",
+          "Data type the model weights are loaded and run in",
+          GST_TYPE_DIFFUSE_DTYPE, GST_DIFFUSE_DTYPE_FLOAT32, RW | GST_PARAM_MUTABLE_READY));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_DEVICE,
+      g_param_spec_string ("device", "Device",
+          "Where the model runs: \"auto\" (the first usable accelerator, else the CPU), \"cpu\" or \"cuda:N\"",
+          GST_DIFFUSE_DEFAULT_DEVICE, RW | GST_PARAM_MUTABLE_READY));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_SCHEDULER,
+      g_param_spec_string ("scheduler", "Scheduler",
+          "Scheduler class to sample with, one compatible with the model (e.g. \"EulerDiscreteScheduler\"); "
+          "NULL = the model's own",
+          NULL, RW | GST_PARAM_MUTABLE_PLAYING));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_PROMPT,
+      g_param_spec_string ("prompt", "Prompt",
+          "What to generate; a change applies to the next frame",
+          DEFAULT_PROMPT, RW | GST_PARAM_MUTABLE_PLAYING));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_NEGATIVE_PROMPT,
+      g_param_spec_string ("negative-prompt", "Negative prompt",
+          "What to steer away from (NULL = the empty prompt, as diffusers)",
+          NULL, RW | GST_PARAM_MUTABLE_PLAYING));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_NUM_INFERENCE_STEPS,
+      g_param_spec_int ("num-inference-steps", "Inference steps",
+          "Number of denoising steps per frame",
+          1, 1000, GST_DIFFUSE_DEFAULT_STEPS, RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_GUIDANCE_SCALE,
+      g_param_spec_double ("guidance-scale", "Guidance scale",
+          "Classifier-free guidance scale; 1 or less runs without the unconditional pass",
+          0.0, 100.0, GST_DIFFUSE_DEFAULT_GUIDANCE, RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_SEED,
+      g_param_spec_int64 ("seed", "Seed",
+          "Seed of the initial noise, as torch.Generator(\"cpu\").manual_seed(seed) "
+          "(-1 = a random seed chosen when the element starts)",
+          -1, G_MAXINT64, -1, RW | GST_PARAM_MUTABLE_PLAYING));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_SEED_INCREMENT,
+      g_param_spec_int64 ("seed-increment", "Seed increment",
+          "Added to the seed for each following frame (frame n uses seed + n * seed-increment)",
+          G_MININT64, G_MAXINT64, default_seed_increment, RW | GST_PARAM_MUTABLE_PLAYING));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_CLIP_SKIP,
+      g_param_spec_int ("clip-skip", "CLIP skip",
+          "Number of final CLIP text encoder layers to skip (0 = none)",
+          0, 32, 0, RW | GST_PARAM_MUTABLE_PLAYING));
+  if (with_strength)
+    g_object_class_install_property (klass, GST_DIFFUSE_PROP_STRENGTH,
+        g_param_spec_double ("strength", "Strength",
+            "How much the input frame is transformed: 0 passes it through untouched, 1 ignores it "
+            "(denoising runs int(num-inference-steps * strength) steps)",
+            0.0, 1.0, GST_DIFFUSE_DEFAULT_STRENGTH, RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_RESIDENT_BYTES,
+      g_param_spec_uint64 ("resident-bytes", "Resident bytes",
+          "Bytes of model weights held by the component cache this element uses (shared with the "
+          "other elements of the same cache)",
+          0, G_MAXUINT64, 0, G_PARAM_READABLE | G_PARAM_STATIC_STRINGS));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_LOAD_COUNT,
+      g_param_spec_uint64 ("load-count", "Load count",
+          "Model components the shared component cache has loaded from files so far",
+          0, G_MAXUINT64, 0, G_PARAM_READABLE | G_PARAM_STATIC_STRINGS));
+}
+
+static gboolean
+running_check (GstDiffuseState *st, GParamSpec *pspec)
+{
+  /* GST_PARAM_MUTABLE_READY properties: refuse changes in PAUSED/PLAYING,
+   * the loaded model would not follow them. */
+  if (!(pspec->flags & GST_PARAM_MUTABLE_READY))
+    return TRUE;
+  GST_OBJECT_LOCK (st->element);
+  GstState state = GST_STATE (st->element);
+  GST_OBJECT_UNLOCK (st->element);
+  if (state > GST_STATE_READY) {
+    GST_ELEMENT_WARNING (st->element, LIBRARY, SETTINGS,
+        ("Property \"%s\" can only be changed in the NULL or READY state", pspec->name),
+        ("element is in state %s", gst_element_state_get_name (state)));
+    return FALSE;
+  }
+  return TRUE;
+}
+
+static void
+set_string (gchar **field, const GValue *value)
+{
+  const gchar *v = g_value_get_string (value);
+  g_free (*field);
+  *field = (v && *v) ? g_strdup (v) : NULL;
+}
+
+gboolean
+gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, const GValue *value, GParamSpec *pspec)
+{
+  if (prop_id == GST_DIFFUSE_PROP_0 || prop_id >= GST_DIFFUSE_PROP_LAST)
+    return FALSE;
+  GstDiffuseSettings *s = &st->settings;
+  if (!running_check (st, pspec))
+    return TRUE;
+  GST_OBJECT_LOCK (st->element);
+  switch (prop_id) {
+    case GST_DIFFUSE_PROP_MODEL:
+      set_string (&s->model, value);
+      if (!s->model)
+        s->model = gst_diffuse_default_model ();
+      break;
+    case GST_DIFFUSE_PROP_REVISION: set_string (&s->revision, value); break;
+    case GST_DIFFUSE_PROP_VARIANT: set_string (&s->variant, value); break;
+    case GST_DIFFUSE_PROP_DTYPE: s->dtype = g_value_get_enum (value); break;
+    case GST_DIFFUSE_PROP_DEVICE:
+      set_string (&s->device, value);
+      if (!s->device)
+        s->device = g_strdup (GST_DIFFUSE_DEFAULT_DEVICE);
+      break;
+    case GST_DIFFUSE_PROP_SCHEDULER: set_string (&s->scheduler, value); break;
+    case GST_DIFFUSE_PROP_PROMPT:
+      g_free (s->prompt);
+      s->prompt = g_value_dup_string (value);
+      break;
+    case GST_DIFFUSE_PROP_NEGATIVE_PROMPT: set_string (&s->negative_prompt, value); break;
+    case GST_DIFFUSE_PROP_NUM_INFERENCE_STEPS: s->num_inference_steps = g_value_get_int (value); break;
+    case GST_DIFFUSE_PROP_GUIDANCE_SCALE: s->guidance_scale = g_value_get_double (value); break;
+    case GST_DIFFUSE_PROP_SEED: s->seed = g_value_get_int64 (value); break;
+    case GST_DIFFUSE_PROP_SEED_INCREMENT: s->seed_increment = g_value_get_int64 (value); break;
+    case GST_DIFFUSE_PROP_CLIP_SKIP: s->clip_skip = g_value_get_int (value); break;
+    case GST_DIFFUSE_PROP_STRENGTH: s->strength = g_value_get_double (value); break;
+    default:
+      GST_OBJECT_UNLOCK (st->element);
+      return FALSE;
+  }
+  GST_OBJECT_UNLOCK (st->element);
+  return TRUE;
+}
+
+gboolean
+gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *value, GParamSpec *pspec)
+{
+  if (prop_id == GST_DIFFUSE_PROP_0 || prop_id >= GST_DIFFUSE_PROP_LAST)
+    return FALSE;
+  GstDiffuseSettings *s = &st->settings;
+  if (prop_id == GST_DIFFUSE_PROP_RESIDENT_BYTES || prop_id == GST_DIFFUSE_PROP_LOAD_COUNT) {
+    DiffuseCacheStats stats = { 0 };
+    GST_OBJECT_LOCK (st->element);
+    DiffuseComponentCache *cache = st->cache ? diffuse_component_cache_ref (st->cache) : NULL;
+    GST_OBJECT_UNLOCK (st->element);
+    if (cache) {
+      diffuse_component_cache_get_stats (cache, &stats);
+      diffuse_component_cache_unref (cache);
+    }
+    g_value_set_uint64 (value, prop_id == GST_DIFFUSE_PROP_RESIDENT_BYTES ? stats.resident_bytes : stats.n_loads);
+    return TRUE;
+  }
+  GST_OBJECT_LOCK (st->element);
+  switch (prop_id) {
+    case GST_DIFFUSE_PROP_MODEL: g_value_set_string (value, s->model); break;
+    case GST_DIFFUSE_PROP_REVISION: g_value_set_string (value, s->revision); break;
+    case GST_DIFFUSE_PROP_VARIANT: g_value_set_string (value, s->variant); break;
+    case GST_DIFFUSE_PROP_DTYPE: g_value_set_enum (value, s->dtype); break;
+    case GST_DIFFUSE_PROP_DEVICE: g_value_set_string (value, s->device); break;
+    case GST_DIFFUSE_PROP_SCHEDULER: g_value_set_string (value, s->scheduler); break;
+    case GST_DIFFUSE_PROP_PROMPT: g_value_set_string (value, s->prompt); break;
+    case GST_DIFFUSE_PROP_NEGATIVE_PROMPT: g_value_set_string (value, s->negative_prompt); break;
+    case GST_DIFFUSE_PROP_NUM_INFERENCE_STEPS: g_value_set_int (value, s->num_inference_steps); break;
+    case GST_DIFFUSE_PROP_GUIDANCE_SCALE: g_value_set_double (value, s->guidance_scale); break;
+    case GST_DIFFUSE_PROP_SEED: g_value_set_int64 (value, s->seed); break;
+    case GST_DIFFUSE_PROP_SEED_INCREMENT: g_value_set_int64 (value, s->seed_increment); break;
+    case GST_DIFFUSE_PROP_CLIP_SKIP: g_value_set_int (value, s->clip_skip); break;
+    case GST_DIFFUSE_PROP_STRENGTH: g_value_set_double (value, s->strength); break;
+    default:
+      GST_OBJECT_UNLOCK (st->element);
+      return FALSE;
+  }
+  GST_OBJECT_UNLOCK (st->element);
+  return TRUE;
+}
+
+void
+gst_diffuse_state_snapshot (GstDiffuseState *st, GstDiffuseSettings *out)
+{
+  GST_OBJECT_LOCK (st->element);
+  gst_diffuse_settings_copy (out, &st->settings);
+  GST_OBJECT_UNLOCK (st->element);
+}
+
+/* ---- errors --------------------------------------------------------------- */
+
+void
+gst_diffuse_error_to_gst (const GError *err, GQuark *domain, gint *code)
+{
+  *domain = GST_LIBRARY_ERROR;
+  *code = GST_LIBRARY_ERROR_FAILED;
+  if (!err || err->domain != DIFFUSE_ERROR)
+    return;
+  switch ((DiffuseErrorCode) err->code) {
+    case DIFFUSE_ERROR_NOT_FOUND:
+    case DIFFUSE_ERROR_VARIANT:
+    case DIFFUSE_ERROR_REPO_NOT_FOUND:
+    case DIFFUSE_ERROR_REVISION_NOT_FOUND:
+    case DIFFUSE_ERROR_ENTRY_NOT_FOUND:
+    case DIFFUSE_ERROR_OFFLINE:
+      *domain = GST_RESOURCE_ERROR; *code = GST_RESOURCE_ERROR_NOT_FOUND; break;
+    case DIFFUSE_ERROR_IO:
+    case DIFFUSE_ERROR_CORRUPT:
+    case DIFFUSE_ERROR_NETWORK:
+    case DIFFUSE_ERROR_SERVER:
+    case DIFFUSE_ERROR_CHECKSUM:
+      *domain = GST_RESOURCE_ERROR; *code = GST_RESOURCE_ERROR_READ; break;
+    case DIFFUSE_ERROR_GATED:
+      *domain = GST_RESOURCE_ERROR; *code = GST_RESOURCE_ERROR_NOT_AUTHORIZED; break;
+    case DIFFUSE_ERROR_DISK_FULL:
+      *domain = GST_RESOURCE_ERROR; *code = GST_RESOURCE_ERROR_NO_SPACE_LEFT; break;
+    case DIFFUSE_ERROR_INVALID_ARGUMENT:
+      *domain = GST_LIBRARY_ERROR; *code = GST_LIBRARY_ERROR_SETTINGS; break;
+    case DIFFUSE_ERROR_UNSUPPORTED:
+    case DIFFUSE_ERROR_CONFIG:
+    case DIFFUSE_ERROR_DEVICE:
+      *domain = GST_LIBRARY_ERROR; *code = GST_LIBRARY_ERROR_INIT; break;
+    case DIFFUSE_ERROR_OUT_OF_MEMORY:
+      *domain = GST_RESOURCE_ERROR; *code = GST_RESOURCE_ERROR_NO_SPACE_LEFT; break;
+    case DIFFUSE_ERROR_CANCELLED:
+    case DIFFUSE_ERROR_FAILED:
+    default:
+      break;
+  }
+}
+
+void
+gst_diffuse_post_error_full (GstElement *element, const GError *err, const gchar *what, const gchar *debug,
+                             const gchar *file, const gchar *function, gint line)
+{
+  GQuark domain;
+  gint code;
+  gst_diffuse_error_to_gst (err, &domain, &code);
+  gchar *text = err ? g_strdup_printf ("%s: %s", what, err->message) : g_strdup (what);
+  gchar *dbg = g_strdup_printf ("%s%s(core error %d)", debug ? debug : "", debug ? " " : "", err ? err->code : -1);
+  /* gst_element_message_full takes ownership of text and dbg */
+  gst_element_message_full (element, GST_MESSAGE_ERROR, domain, code, text, dbg, file, function, line);
+}
+
+static gchar *
+settings_debug (const GstDiffuseSettings *s)
+{
+  return g_strdup_printf ("model=%s revision=%s variant=%s dtype=%s device=%s", s->model ? s->model : "(bundled)",
+                          s->revision ? s->revision : "main", s->variant ? s->variant : "(none)",
+                          dtype_nick (s->dtype), s->device ? s->device : GST_DIFFUSE_DEFAULT_DEVICE);
+}
+
+/* ---- flushing ------------------------------------------------------------- */
+
+void
+gst_diffuse_state_set_flushing (GstDiffuseState *st, gboolean flushing)
+{
+  GCancellable *old = NULL;
+  GST_OBJECT_LOCK (st->element);
+  st->flushing = flushing;
+  if (flushing) {
+    old = g_object_ref (st->cancellable);
+  } else if (g_cancellable_is_cancelled (st->cancellable)) {
+    /* a running user may still hold the cancelled one: replace, don't reset */
+    old = st->cancellable;
+    st->cancellable = g_cancellable_new ();
+  }
+  GST_OBJECT_UNLOCK (st->element);
+  if (flushing)
+    g_cancellable_cancel (old);
+  g_clear_object (&old);
+}
+
+gboolean
+gst_diffuse_state_is_flushing (GstDiffuseState *st)
+{
+  GST_OBJECT_LOCK (st->element);
+  gboolean f = st->flushing;
+  GST_OBJECT_UNLOCK (st->element);
+  return f;
+}
+
+static GCancellable *
+get_cancellable (GstDiffuseState *st)
+{
+  GST_OBJECT_LOCK (st->element);
+  GCancellable *c = g_object_ref (st->cancellable);
+  GST_OBJECT_UNLOCK (st->element);
+  return c;
+}
+
+/* ---- loading -------------------------------------------------------------- */
+
+static gboolean
+load_progress (const DiffuseLoadProgress *p, gpointer user_data)
+{
+  GstDiffuseState *st = user_data;
+  GstStructure *s;
+  if (g_strcmp0 (p->stage, "download") == 0)
+    s = gst_structure_new ("diffuse-download", "file", G_TYPE_STRING, p->what, "bytes", G_TYPE_UINT64, p->done,
+                           "total-bytes", G_TYPE_UINT64, p->total, NULL);
+  else
+    s = gst_structure_new ("diffuse-load", "component", G_TYPE_STRING, p->what, "done", G_TYPE_UINT64, p->done,
+                           "total", G_TYPE_UINT64, p->total, NULL);
+  gst_element_post_message (st->element, gst_message_new_element (GST_OBJECT_CAST (st->element), s));
+  return !gst_diffuse_state_is_flushing (st);
+}
+
+static gboolean
+is_cancel (GstDiffuseState *st, const GError *err)
+{
+  return g_error_matches (err, DIFFUSE_ERROR, DIFFUSE_ERROR_CANCELLED) ||
+         g_error_matches (err, G_IO_ERROR, G_IO_ERROR_CANCELLED) || gst_diffuse_state_is_flushing (st);
+}
+
+gboolean
+gst_diffuse_state_load (GstDiffuseState *st)
+{
+  GstDiffuseSettings s;
+  GError *err = NULL;
+  gboolean ok = FALSE;
+
+  gst_diffuse_state_unload (st);
+  gst_diffuse_state_snapshot (st, &s);
+  gchar *dbg = settings_debug (&s);
+
+  /* the bundled model, when no other is set, must exist */
+  gchar *def_model = gst_diffuse_default_model ();
+  if (g_strcmp0 (s.model, def_model) == 0 && !g_file_test (def_model, G_FILE_TEST_IS_DIR)) {
+    gchar *src = g_build_filename (DIFFUSE_SRC_DATADIR, "tiny-sd", NULL);
+    GST_ELEMENT_ERROR (st->element, RESOURCE, NOT_FOUND,
+        ("No model is set (property \"model\") and the bundled model is not installed"),
+        ("looked for the bundled model in %s and %s", def_model, src));
+    g_free (src);
+    g_free (def_model);
+    goto out;
+  }
+  g_free (def_model);
+
+  /* the device first: a clearer error than one from deep in the loader */
+  DiffuseDevice *dev = diffuse_device_get (s.device, &err);
+  if (!dev) {
+    gchar *what = g_strdup_printf ("Cannot use device \"%s\"", s.device);
+    gst_diffuse_post_error (st->element, err, what, dbg);
+    g_free (what);
+    goto out;
+  }
+  GST_INFO_OBJECT (st->element, "device %s -> %s", s.device, diffuse_device_name (dev));
+
+  gst_diffuse_ensure_element_cache (st->element, &st->cache);
+  GST_OBJECT_LOCK (st->element);
+  DiffuseComponentCache *cache = st->cache ? diffuse_component_cache_ref (st->cache) : NULL;
+  GST_OBJECT_UNLOCK (st->element);
+
+  DiffuseLoadParams lp = diffuse_load_default_params ();
+  lp.revision = s.revision;
+  lp.variant = s.variant;
+  lp.have_dtype = TRUE;
+  lp.dtype = core_dtype (s.dtype);
+  lp.device = s.device;
+  lp.progress = load_progress;
+  lp.progress_data = st;
+  lp.cancellable = get_cancellable (st);
+
+  GstClockTime t0 = gst_util_get_timestamp ();
+  /* one load at a time in the process: a second element asking for the
+   * same model waits and then finds every component in the cache */
+  gst_diffuse_global_lock ();
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (s.model, &lp, cache, &err);
+  gst_diffuse_global_unlock ();
+  g_object_unref (lp.cancellable);
+  if (cache)
+    diffuse_component_cache_unref (cache);
+  if (!pm) {
+    if (is_cancel (st, err)) {
+      GST_DEBUG_OBJECT (st->element, "load cancelled");
+    } else {
+      gchar *what = g_strdup_printf ("Could not load model \"%s\"", s.model);
+      gst_diffuse_post_error (st->element, err, what, dbg);
+      g_free (what);
+    }
+    goto out;
+  }
+
+  DiffuseSD *sd = diffuse_sd_new (pm, st->task, &err);
+  if (!sd) {
+    gchar *what = g_strdup_printf ("Model \"%s\" cannot run as a Stable Diffusion %s pipeline", s.model,
+                                   st->task == DIFFUSE_SD_IMG2IMG ? "image-to-image" : "text-to-image");
+    gst_diffuse_post_error (st->element, err, what, dbg);
+    g_free (what);
+    diffuse_pipeline_model_unref (pm);
+    goto out;
+  }
+  st->pm = pm;
+  st->sd = sd;
+  diffuse_sd_default_size (sd, &st->default_width, &st->default_height);
+  GST_INFO_OBJECT (st->element, "loaded %s (%s) in %" GST_TIME_FORMAT "; default size %dx%d, scheduler %s", s.model,
+                   diffuse_pipeline_model_class (pm), GST_TIME_ARGS (gst_util_get_timestamp () - t0),
+                   st->default_width, st->default_height, diffuse_sd_scheduler_class (sd));
+
+  if (s.seed < 0) {
+    st->random_seed = ((guint64) g_random_int () << 31) ^ g_random_int ();
+    GST_INFO_OBJECT (st->element, "seed -1: using random seed %" G_GUINT64_FORMAT, st->random_seed);
+  }
+  ok = TRUE;
+
+out:
+  g_clear_error (&err);
+  g_free (dbg);
+  gst_diffuse_settings_clear (&s);
+  return ok;
+}
+
+void
+gst_diffuse_state_unload (GstDiffuseState *st)
+{
+  g_clear_pointer (&st->sd, diffuse_sd_unref);
+  g_clear_pointer (&st->pm, diffuse_pipeline_model_unref);
+}
+
+guint64
+gst_diffuse_frame_seed (GstDiffuseState *st, const GstDiffuseSettings *s, guint64 n)
+{
+  guint64 base = s->seed >= 0 ? (guint64) s->seed : st->random_seed;
+  return base + n * (guint64) s->seed_increment;
+}
+
+/* ---- generation ----------------------------------------------------------- */
+
+typedef struct {
+  GstDiffuseState *st;
+  guint64 frame;
+} StepData;
+
+static gboolean
+on_step (int step, int total, gpointer user_data)
+{
+  StepData *d = user_data;
+  GstStructure *s = gst_structure_new ("diffuse-progress", "step", G_TYPE_INT, step, "total", G_TYPE_INT, total,
+                                       "frame", G_TYPE_UINT64, d->frame, NULL);
+  gst_element_post_message (d->st->element, gst_message_new_element (GST_OBJECT_CAST (d->st->element), s));
+  return !gst_diffuse_state_is_flushing (d->st);
+}
+
+static gboolean
+scheduler_ok (GstDiffuseState *st, const char *name)
+{
+  if (!name || g_strcmp0 (name, diffuse_sd_scheduler_class (st->sd)) == 0)
+    return TRUE;
+  const char *const *compat = diffuse_sd_compatible_schedulers (st->sd);
+  for (guint i = 0; compat && compat[i]; i++)
+    if (g_strcmp0 (compat[i], name) == 0)
+      return TRUE;
+  return FALSE;
+}
+
+DiffuseImage *
+gst_diffuse_state_generate (GstDiffuseState *st, const GstDiffuseSettings *s, int width, int height,
+                            const DiffuseImage *input, guint64 frame, GstFlowReturn *ret)
+{
+  GError *err = NULL;
+  *ret = GST_FLOW_ERROR;
+  g_return_val_if_fail (st->sd != NULL, NULL);
+
+  if (!scheduler_ok (st, s->scheduler)) {
+    const char *const *compat = diffuse_sd_compatible_schedulers (st->sd);
+    gchar *list = compat ? g_strjoinv (", ", (gchar **) compat) : g_strdup ("");
+    GST_ELEMENT_ERROR (st->element, LIBRARY, SETTINGS,
+        ("Scheduler \"%s\" is not compatible with model \"%s\"; use one of: %s", s->scheduler, s->model, list),
+        ("model folder %s, its scheduler %s", diffuse_pipeline_model_folder (st->pm),
+         diffuse_sd_scheduler_class (st->sd)));
+    g_free (list);
+    return NULL;
+  }
+
+  StepData sd = { st, frame };
+  DiffuseSDParams p;
+  diffuse_sd_default_params (&p);
+  p.prompt = s->prompt ? s->prompt : "";
+  p.negative_prompt = s->negative_prompt;
+  p.width = width;
+  p.height = height;
+  p.num_inference_steps = s->num_inference_steps;
+  p.guidance_scale = (float) s->guidance_scale;
+  p.seed = gst_diffuse_frame_seed (st, s, frame);
+  p.num_images = 1;
+  p.clip_skip = s->clip_skip;
+  p.scheduler = s->scheduler;
+  p.image = input;
+  p.strength = (float) s->strength;
+  p.on_step = on_step;
+  p.user_data = &sd;
+  p.cancellable = get_cancellable (st);
+
+  GST_LOG_OBJECT (st->element, "frame %" G_GUINT64_FORMAT ": %dx%d, %d steps, guidance %g, seed %" G_GUINT64_FORMAT
+                  ", prompt \"%s\"", frame, width, height, p.num_inference_steps, p.guidance_scale, p.seed, p.prompt);
+  GstClockTime t0 = gst_util_get_timestamp ();
+  GPtrArray *images = diffuse_sd_generate (st->sd, &p, &err);
+  g_object_unref (p.cancellable);
+  DiffuseImage *img = NULL;
+  if (images && images->len > 0) {
+    img = g_ptr_array_steal_index (images, 0);
+    st->last_gen_time = gst_util_get_timestamp () - t0;
+  }
+  if (images)
+    g_ptr_array_unref (images);
+  if (!img) {
+    if (is_cancel (st, err)) {
+      GST_DEBUG_OBJECT (st->element, "generation of frame %" G_GUINT64_FORMAT " cancelled", frame);
+      *ret = GST_FLOW_FLUSHING;
+    } else {
+      gchar *dbg = settings_debug (s);
+      gst_diffuse_post_error (st->element, err, "Could not generate an image", dbg);
+      g_free (dbg);
+    }
+    g_clear_error (&err);
+    return NULL;
+  }
+  *ret = GST_FLOW_OK;
+  return img;
+}
+
+/* ---- pixels --------------------------------------------------------------- */
+
+static GstVideoConverter *
+make_converter (const GstVideoInfo *in, const GstVideoInfo *out)
+{
+  return gst_video_converter_new ((GstVideoInfo *) in, (GstVideoInfo *) out,
+                                  gst_structure_new ("options", GST_VIDEO_CONVERTER_OPT_DITHER_METHOD,
+                                                     GST_TYPE_VIDEO_DITHER_METHOD, GST_VIDEO_DITHER_NONE, NULL));
+}
+
+static void
+rgb_info (GstVideoInfo *info, int w, int h)
+{
+  gst_video_info_set_format (info, GST_VIDEO_FORMAT_RGB, w, h);
+  gst_video_colorimetry_from_string (&info->colorimetry, GST_VIDEO_COLORIMETRY_SRGB);
+}
+
+gboolean
+gst_diffuse_image_to_frame (const DiffuseImage *img, GstVideoFrame *frame)
+{
+  int w = GST_VIDEO_FRAME_WIDTH (frame), h = GST_VIDEO_FRAME_HEIGHT (frame);
+  g_return_val_if_fail (img->width == w && img->height == h, FALSE);
+  if (GST_VIDEO_FRAME_FORMAT (frame) == GST_VIDEO_FORMAT_RGB) {
+    diffuse_image_to_rgb8 (img, GST_VIDEO_FRAME_PLANE_DATA (frame, 0), GST_VIDEO_FRAME_PLANE_STRIDE (frame, 0));
+    return TRUE;
+  }
+  GstVideoInfo tmp_info;
+  rgb_info (&tmp_info, w, h);
+  guint8 *tmp = g_malloc (GST_VIDEO_INFO_SIZE (&tmp_info));
+  diffuse_image_to_rgb8 (img, tmp, GST_VIDEO_INFO_PLANE_STRIDE (&tmp_info, 0));
+  GstVideoFrame src;
+  GstBuffer *buf = gst_buffer_new_wrapped_full (GST_MEMORY_FLAG_READONLY, tmp, GST_VIDEO_INFO_SIZE (&tmp_info), 0,
+                                                GST_VIDEO_INFO_SIZE (&tmp_info), tmp, g_free);
+  gboolean ok = gst_video_frame_map (&src, &tmp_info, buf, GST_MAP_READ);
+  if (ok) {
+    GstVideoConverter *conv = make_converter (&tmp_info, &frame->info);
+    ok = conv != NULL;
+    if (conv) {
+      gst_video_converter_frame (conv, &src, frame);
+      gst_video_converter_free (conv);
+    }
+    gst_video_frame_unmap (&src);
+  }
+  gst_buffer_unref (buf);
+  return ok;
+}
+
+DiffuseImage *
+gst_diffuse_image_from_frame (const GstVideoFrame *frame)
+{
+  int w = GST_VIDEO_FRAME_WIDTH (frame), h = GST_VIDEO_FRAME_HEIGHT (frame);
+  if (GST_VIDEO_FRAME_FORMAT (frame) == GST_VIDEO_FORMAT_RGB)
+    return diffuse_image_from_rgb8 (GST_VIDEO_FRAME_PLANE_DATA (frame, 0), w, h,
+                                    GST_VIDEO_FRAME_PLANE_STRIDE (frame, 0));
+  GstVideoInfo tmp_info;
+  rgb_info (&tmp_info, w, h);
+  GstBuffer *buf = gst_buffer_new_allocate (NULL, GST_VIDEO_INFO_SIZE (&tmp_info), NULL);
+  GstVideoFrame dst;
+  DiffuseImage *img = NULL;
+  if (gst_video_frame_map (&dst, &tmp_info, buf, GST_MAP_WRITE)) {
+    GstVideoConverter *conv = make_converter (&frame->info, &tmp_info);
+    if (conv) {
+      gst_video_converter_frame (conv, frame, &dst);
+      gst_video_converter_free (conv);
+      img = diffuse_image_from_rgb8 (GST_VIDEO_FRAME_PLANE_DATA (&dst, 0), w, h,
+                                     GST_VIDEO_FRAME_PLANE_STRIDE (&dst, 0));
+    }
+    gst_video_frame_unmap (&dst);
+  }
+  gst_buffer_unref (buf);
+  return img;
+}

@@ -1,0 +1,144 @@
+/* gst-diffuse — what diffusetext2img and diffuseimg2img share: the model and
+ * generation properties, loading a model through the shared component
+ * cache, running one generation with progress and cancellation, and the
+ * mapping of core errors to GStreamer errors.
+ *
+ * Element messages posted on the bus (all GST_MESSAGE_ELEMENT):
+ *   "diffuse-progress"  step (int), total (int), frame (guint64) — one per denoising step
+ *   "diffuse-download"  file (string), bytes (guint64), total-bytes (guint64) — Hub downloads
+ *   "diffuse-load"      component (string), done (guint64), total (guint64) — components loaded
+ */
+#pragma once
+
+#include <gst/gst.h>
+#include <gst/video/video.h>
+#include <diffuse/pipeline.h>
+#include <diffuse/sd.h>
+
+G_BEGIN_DECLS
+
+/* Property ids shared by both elements; element-specific ones start at
+ * GST_DIFFUSE_PROP_LAST. */
+enum {
+  GST_DIFFUSE_PROP_0,
+  GST_DIFFUSE_PROP_MODEL,
+  GST_DIFFUSE_PROP_REVISION,
+  GST_DIFFUSE_PROP_VARIANT,
+  GST_DIFFUSE_PROP_DTYPE,
+  GST_DIFFUSE_PROP_DEVICE,
+  GST_DIFFUSE_PROP_SCHEDULER,
+  GST_DIFFUSE_PROP_PROMPT,
+  GST_DIFFUSE_PROP_NEGATIVE_PROMPT,
+  GST_DIFFUSE_PROP_NUM_INFERENCE_STEPS,
+  GST_DIFFUSE_PROP_GUIDANCE_SCALE,
+  GST_DIFFUSE_PROP_SEED,
+  GST_DIFFUSE_PROP_SEED_INCREMENT,
+  GST_DIFFUSE_PROP_CLIP_SKIP,
+  GST_DIFFUSE_PROP_STRENGTH,        /* installed by diffuseimg2img only */
+  GST_DIFFUSE_PROP_RESIDENT_BYTES,
+  GST_DIFFUSE_PROP_LOAD_COUNT,
+  GST_DIFFUSE_PROP_LAST
+};
+
+typedef enum {
+  GST_DIFFUSE_DTYPE_FLOAT32,
+  GST_DIFFUSE_DTYPE_FLOAT16,
+  GST_DIFFUSE_DTYPE_BFLOAT16,
+} GstDiffuseDType;
+
+#define GST_TYPE_DIFFUSE_DTYPE (gst_diffuse_dtype_get_type ())
+GType gst_diffuse_dtype_get_type (void);
+
+#define GST_DIFFUSE_DEFAULT_STEPS 50
+#define GST_DIFFUSE_DEFAULT_GUIDANCE 7.5
+#define GST_DIFFUSE_DEFAULT_STRENGTH 0.8
+#define GST_DIFFUSE_DEFAULT_DEVICE "auto"
+
+/* Settings, guarded by the element's object lock. */
+typedef struct {
+  gchar *model, *revision, *variant, *device, *scheduler;
+  GstDiffuseDType dtype;
+  gchar *prompt, *negative_prompt;
+  gint num_inference_steps;
+  gdouble guidance_scale;
+  gint64 seed;              /* -1: random, chosen at start */
+  gint64 seed_increment;
+  gint clip_skip;
+  gdouble strength;
+} GstDiffuseSettings;
+
+void gst_diffuse_settings_copy (GstDiffuseSettings *dst, const GstDiffuseSettings *src);
+void gst_diffuse_settings_clear (GstDiffuseSettings *s);
+
+typedef struct {
+  GstElement *element;            /* not owned */
+  DiffuseSDTask task;
+  GstDiffuseSettings settings;    /* object lock */
+  DiffuseComponentCache *cache;   /* object lock; from the context */
+  GCancellable *cancellable;      /* object lock; replaced by set_flushing (FALSE) */
+  gboolean flushing;              /* object lock */
+  guint64 random_seed;            /* chosen at start when seed = -1 */
+  /* streaming side (set in start, cleared in stop) */
+  DiffusePipelineModel *pm;
+  DiffuseSD *sd;
+  gint default_width, default_height;
+  GstClockTime last_gen_time;     /* wall time of the last generation */
+  guint64 progress_frame;         /* frame number for progress messages */
+} GstDiffuseState;
+
+/* The bundled model folder: DIFFUSE_DATADIR/tiny-sd when installed, else
+ * the source tree's data/tiny-sd (a new string). */
+gchar *gst_diffuse_default_model (void);
+
+void gst_diffuse_state_init (GstDiffuseState *st, GstElement *element, DiffuseSDTask task,
+                             gint64 default_seed_increment);
+void gst_diffuse_state_finalize (GstDiffuseState *st);
+
+/* Installs the shared properties (strength only when with_strength). */
+void gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gint64 default_seed_increment);
+/* TRUE when prop_id is one of the shared properties (then handled). */
+gboolean gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, const GValue *value, GParamSpec *pspec);
+gboolean gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *value, GParamSpec *pspec);
+
+/* Snapshot of the settings under the object lock (clear it with
+ * gst_diffuse_settings_clear). */
+void gst_diffuse_state_snapshot (GstDiffuseState *st, GstDiffuseSettings *out);
+
+/* Loads the model (finding or creating the shared cache first).  Posts an
+ * element error and returns FALSE on failure. */
+gboolean gst_diffuse_state_load (GstDiffuseState *st);
+void gst_diffuse_state_unload (GstDiffuseState *st);
+
+/* Interrupts a running load or generation (between steps) and makes the next
+ * ones fail as flushing until set_flushing (FALSE). */
+void gst_diffuse_state_set_flushing (GstDiffuseState *st, gboolean flushing);
+gboolean gst_diffuse_state_is_flushing (GstDiffuseState *st);
+
+/* The seed of frame n. */
+guint64 gst_diffuse_frame_seed (GstDiffuseState *st, const GstDiffuseSettings *s, guint64 n);
+
+/* Generates one image.  NULL with *ret = GST_FLOW_FLUSHING when cancelled,
+ * or GST_FLOW_ERROR after posting an element error. */
+DiffuseImage *gst_diffuse_state_generate (GstDiffuseState *st, const GstDiffuseSettings *s, int width, int height,
+                                          const DiffuseImage *input, guint64 frame, GstFlowReturn *ret);
+
+/* Writes an image into a mapped video frame of any supported format
+ * (RGB directly, others through a GstVideoConverter). */
+gboolean gst_diffuse_image_to_frame (const DiffuseImage *img, GstVideoFrame *frame);
+/* Reads a mapped video frame of any supported format into an image. */
+DiffuseImage *gst_diffuse_image_from_frame (const GstVideoFrame *frame);
+
+/* Posts err as an element error: the domain and code follow err's
+ * DiffuseErrorCode; the user text is "<what>: <err message>"; debug
+ * names the model settings. */
+void gst_diffuse_post_error_full (GstElement *element, const GError *err, const gchar *what, const gchar *debug,
+                                  const gchar *file, const gchar *function, gint line);
+#define gst_diffuse_post_error(el, err, what, debug) \
+  gst_diffuse_post_error_full (GST_ELEMENT_CAST (el), (err), (what), (debug), __FILE__, GST_FUNCTION, __LINE__)
+/* The GStreamer error domain and code for a core error. */
+void gst_diffuse_error_to_gst (const GError *err, GQuark *domain, gint *code);
+
+/* Caps: the formats both elements accept/produce. */
+#define GST_DIFFUSE_VIDEO_FORMATS "{ RGB, RGBA, BGRx, BGRA, I420, NV12 }"
+
+G_END_DECLS
