@@ -678,11 +678,18 @@ make_converter (const GstVideoInfo *in, const GstVideoInfo *out)
                                                      GST_TYPE_VIDEO_DITHER_METHOD, GST_VIDEO_DITHER_NONE, NULL));
 }
 
+/* 8-bit sRGB at the size, rate and aspect of like (the converter wants
+ * them equal on both sides). */
 static void
-rgb_info (GstVideoInfo *info, int w, int h)
+rgb_info (GstVideoInfo *info, const GstVideoInfo *like)
 {
-  gst_video_info_set_format (info, GST_VIDEO_FORMAT_RGB, w, h);
+  gst_video_info_set_format (info, GST_VIDEO_FORMAT_RGB, GST_VIDEO_INFO_WIDTH (like), GST_VIDEO_INFO_HEIGHT (like));
   gst_video_colorimetry_from_string (&info->colorimetry, GST_VIDEO_COLORIMETRY_SRGB);
+  info->fps_n = like->fps_n;
+  info->fps_d = like->fps_d;
+  info->par_n = like->par_n;
+  info->par_d = like->par_d;
+  info->interlace_mode = like->interlace_mode;
 }
 
 gboolean
@@ -695,7 +702,7 @@ gst_diffuse_image_to_frame (const DiffuseImage *img, GstVideoFrame *frame)
     return TRUE;
   }
   GstVideoInfo tmp_info;
-  rgb_info (&tmp_info, w, h);
+  rgb_info (&tmp_info, &frame->info);
   guint8 *tmp = g_malloc (GST_VIDEO_INFO_SIZE (&tmp_info));
   diffuse_image_to_rgb8 (img, tmp, GST_VIDEO_INFO_PLANE_STRIDE (&tmp_info, 0));
   GstVideoFrame src;
@@ -723,7 +730,7 @@ gst_diffuse_image_from_frame (const GstVideoFrame *frame)
     return diffuse_image_from_rgb8 (GST_VIDEO_FRAME_PLANE_DATA (frame, 0), w, h,
                                     GST_VIDEO_FRAME_PLANE_STRIDE (frame, 0));
   GstVideoInfo tmp_info;
-  rgb_info (&tmp_info, w, h);
+  rgb_info (&tmp_info, &frame->info);
   GstBuffer *buf = gst_buffer_new_allocate (NULL, GST_VIDEO_INFO_SIZE (&tmp_info), NULL);
   GstVideoFrame dst;
   DiffuseImage *img = NULL;

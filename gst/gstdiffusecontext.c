@@ -20,7 +20,9 @@ init_debug (void)
   }
 }
 
-G_DEFINE_BOXED_TYPE (GstDiffuseCache, gst_diffuse_cache, diffuse_component_cache_ref, diffuse_component_cache_unref)
+typedef DiffuseComponentCache GstDiffuseCache;
+G_DEFINE_BOXED_TYPE (GstDiffuseCache, gst_diffuse_cache, (GBoxedCopyFunc) diffuse_component_cache_ref,
+                     (GBoxedFreeFunc) diffuse_component_cache_unref)
 
 void
 gst_diffuse_global_lock (void)

@@ -20,11 +20,16 @@ struct _DiffuseWeights {
   guint n_names;
   guint64 bytes;
   char *describe;
+  GMutex lock;
+  GHashTable *materialized; /* "name|dtype|device" -> DiffuseTensor*: each tensor is made once */
 };
 
 static void
 weights_free (DiffuseWeights *w)
 {
+  if (w->materialized)
+    g_hash_table_unref (w->materialized);
+  g_mutex_clear (&w->lock);
   g_hash_table_unref (w->by_name);
   g_ptr_array_unref (w->files);
   g_free (w->names);
@@ -39,6 +44,7 @@ weights_new (void)
   w->ref_count = 1;
   w->files = g_ptr_array_new_with_free_func ((GDestroyNotify) diffuse_safetensors_unref);
   w->by_name = g_hash_table_new_full (g_str_hash, g_str_equal, NULL, g_free);
+  g_mutex_init (&w->lock);
   return w;
 }
 
@@ -285,7 +291,8 @@ diffuse_weights_entry (DiffuseWeights *w, const char *name)
 }
 
 DiffuseTensor *
-diffuse_weights_get (DiffuseWeights *w, const char *name, DiffuseDType dtype, DiffuseDevice *dev, GError **error)
+diffuse_weights_get_uncached (DiffuseWeights *w, const char *name, DiffuseDType dtype, DiffuseDevice *dev,
+                              GError **error)
 {
   g_return_val_if_fail (w != NULL && name != NULL, NULL);
   g_return_val_if_fail (dtype < DIFFUSE_DTYPE_N, NULL);
@@ -295,6 +302,30 @@ diffuse_weights_get (DiffuseWeights *w, const char *name, DiffuseDType dtype, Di
     return NULL;
   }
   return _diffuse_st_entry_tensor (s->st, s->e, dtype, dev, error);
+}
+
+DiffuseTensor *
+diffuse_weights_get (DiffuseWeights *w, const char *name, DiffuseDType dtype, DiffuseDevice *dev, GError **error)
+{
+  g_return_val_if_fail (w != NULL && name != NULL, NULL);
+  char *key = g_strdup_printf ("%s|%d|%p", name, (int) dtype, (void *) dev);
+  g_mutex_lock (&w->lock);
+  if (!w->materialized)
+    w->materialized = g_hash_table_new_full (g_str_hash, g_str_equal, g_free,
+                                             (GDestroyNotify) diffuse_tensor_unref);
+  DiffuseTensor *t = g_hash_table_lookup (w->materialized, key);
+  if (t) {
+    diffuse_tensor_ref (t);
+    g_free (key);
+  } else {
+    t = diffuse_weights_get_uncached (w, name, dtype, dev, error);
+    if (t)
+      g_hash_table_insert (w->materialized, key, diffuse_tensor_ref (t));
+    else
+      g_free (key);
+  }
+  g_mutex_unlock (&w->lock);
+  return t;
 }
 
 guint64

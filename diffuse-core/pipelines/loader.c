@@ -59,11 +59,12 @@ class_kind (const char *library, const char *class_name, DiffuseComponentKind *k
   if (!class_name)
     return FALSE;
   for (guint i = 0; i < G_N_ELEMENTS (known_classes); i++)
-    if (strcmp (known_classes[i].class_name, class_name) == 0) {
+    if (strcmp (known_classes[i].class_name, class_name) == 0 &&
+        (!library || strcmp (known_classes[i].library, library) == 0)) {
       *kind = known_classes[i].kind;
       return TRUE;
     }
-  if (g_strv_contains (scheduler_classes, class_name)) {
+  if (g_strv_contains (scheduler_classes, class_name) && (!library || strcmp (library, "diffusers") == 0)) {
     *kind = DIFFUSE_COMPONENT_SCHEDULER;
     return TRUE;
   }
@@ -141,31 +142,34 @@ choice_clear (WeightChoice *c)
 
 static gboolean
 find_weights (GPtrArray *files, const char *dir, const char *prefix, const char *ext, const char *variant,
-              WeightChoice *out)
+              gboolean prefer_index, WeightChoice *out)
 {
-  char *single = variant ? g_strdup_printf ("%s%s%s.%s.%s", dir, *dir ? "/" : "", prefix, variant, ext)
-                         : g_strdup_printf ("%s%s%s.%s", dir, *dir ? "/" : "", prefix, ext);
-  if (in_list (files, single)) {
-    out->single = single;
-    return TRUE;
-  }
-  g_free (single);
+  const char *sep = *dir ? "/" : "";
+  char *single = variant ? g_strdup_printf ("%s%s%s.%s.%s", dir, sep, prefix, variant, ext)
+                         : g_strdup_printf ("%s%s%s.%s", dir, sep, prefix, ext);
+  /* sharded: "<prefix>.<ext>.index.<variant>.json" (current) or
+   * "<prefix>.<ext>.<variant>.index.json" (deprecated, still read by diffusers) */
   char *idx[2] = { NULL, NULL };
   if (variant) {
-    idx[0] = g_strdup_printf ("%s%s%s.%s.index.%s.json", dir, *dir ? "/" : "", prefix, ext, variant);
-    idx[1] = g_strdup_printf ("%s%s%s.%s.%s.index.json", dir, *dir ? "/" : "", prefix, variant, ext);
+    idx[0] = g_strdup_printf ("%s%s%s.%s.index.%s.json", dir, sep, prefix, ext, variant);
+    idx[1] = g_strdup_printf ("%s%s%s.%s.%s.index.json", dir, sep, prefix, ext, variant);
   } else {
-    idx[0] = g_strdup_printf ("%s%s%s.%s.index.json", dir, *dir ? "/" : "", prefix, ext);
+    idx[0] = g_strdup_printf ("%s%s%s.%s.index.json", dir, sep, prefix, ext);
   }
-  gboolean found = FALSE;
-  for (int i = 0; i < 2 && idx[i]; i++)
-    if (!found && in_list (files, idx[i])) {
-      out->index = g_strdup (idx[i]);
-      found = TRUE;
-    }
+  const char *index = NULL;
+  for (int i = 0; i < 2 && idx[i] && !index; i++)
+    if (in_list (files, idx[i]))
+      index = idx[i];
+  gboolean have_single = in_list (files, single);
+  /* both present: diffusers models take the index, transformers models the single file */
+  if (index && (prefer_index || !have_single))
+    out->index = g_strdup (index);
+  else if (have_single)
+    out->single = g_strdup (single);
+  g_free (single);
   g_free (idx[0]);
   g_free (idx[1]);
-  return found;
+  return out->index || out->single;
 }
 
 /* Does any file of the folder carry a variant label?  (".<label>.safetensors",
@@ -199,14 +203,23 @@ select_weights (GPtrArray *files, const char *root_label, const char *name, cons
                 const char *variant, DiffuseSafetensorsMode mode, WeightChoice *out, gboolean *used_variant,
                 GError **error)
 {
-  const char *prefix = g_strcmp0 (library, "diffusers") == 0 ? "diffusion_pytorch_model" : "model";
-  const char *prefixes[2] = { prefix, g_strcmp0 (prefix, "model") == 0 ? "diffusion_pytorch_model" : "model" };
+  const gboolean diffusers_lib = g_strcmp0 (library, "diffusers") == 0;
+  const char *prefix = diffusers_lib ? "diffusion_pytorch_model" : "model";
+  const char *prefixes[2] = { prefix, diffusers_lib ? "model" : "diffusion_pytorch_model" };
   *used_variant = FALSE;
   memset (out, 0, sizeof *out);
+  if (mode == DIFFUSE_SAFETENSORS_ALLOW_BIN) {
+    /* use_safetensors=False: diffusers reads only the pickle files then */
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                 "use_safetensors=False asks for the PyTorch pickle (.bin) weights of component '%s' of %s; "
+                 "gst-diffuse never executes pickle files: load the safetensors weights instead",
+                 name, root_label);
+    return SEL_FAIL;
+  }
 
   for (int pi = 0; pi < 2; pi++) {
     const char *pfx = prefixes[pi];
-    if (variant && find_weights (files, dir, pfx, "safetensors", variant, out)) {
+    if (variant && find_weights (files, dir, pfx, "safetensors", variant, diffusers_lib, out)) {
       *used_variant = TRUE;
       return SEL_OK;
     }
@@ -214,7 +227,7 @@ select_weights (GPtrArray *files, const char *root_label, const char *name, cons
   for (int pi = 0; pi < 2; pi++) {
     const char *pfx = prefixes[pi];
     WeightChoice bin = { 0 };
-    if (variant && find_weights (files, dir, pfx, "bin", variant, &bin)) {
+    if (variant && find_weights (files, dir, pfx, "bin", variant, diffusers_lib, &bin)) {
       g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
                    "Component '%s' of %s has variant '%s' only as PyTorch pickle weights (%s); gst-diffuse never "
                    "executes pickle files: convert them to safetensors",
@@ -224,12 +237,12 @@ select_weights (GPtrArray *files, const char *root_label, const char *name, cons
     }
   }
   for (int pi = 0; pi < 2; pi++)
-    if (find_weights (files, dir, prefixes[pi], "safetensors", NULL, out))
+    if (find_weights (files, dir, prefixes[pi], "safetensors", NULL, diffusers_lib, out))
       return variant ? SEL_NO_VARIANT : SEL_OK;
 
   WeightChoice bin = { 0 };
-  gboolean have_bin = find_weights (files, dir, prefix, "bin", NULL, &bin) ||
-                      find_weights (files, dir, prefixes[1], "bin", NULL, &bin);
+  gboolean have_bin = find_weights (files, dir, prefix, "bin", NULL, diffusers_lib, &bin) ||
+                      find_weights (files, dir, prefixes[1], "bin", NULL, diffusers_lib, &bin);
   if (have_bin) {
     if (mode == DIFFUSE_SAFETENSORS_REQUIRE)
       g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
@@ -518,8 +531,12 @@ component_from_folder (DiffuseComponentCache *cache, const char *name, const cha
 
   /* cache key: class, files (with size and mtime), dtype, device */
   GString *key = g_string_new (NULL);
-  g_string_append_printf (key, "%s|%s|%s|%s|", class_name, diffuse_dtype_name (dtype), diffuse_device_name (dev),
-                          name);
+  /* dtype and device matter only for weights: configs and tokenizers are shared across them */
+  if (kind != DIFFUSE_COMPONENT_MODEL)
+    dtype = DIFFUSE_DTYPE_F32;
+  g_string_append_printf (key, "%s|%s|%s|%s|", class_name,
+                          kind == DIFFUSE_COMPONENT_MODEL ? diffuse_dtype_name (dtype) : "-",
+                          kind == DIFFUSE_COMPONENT_MODEL ? diffuse_device_name (dev) : "-", name);
   char *id = file_identity (cfg_path);
   g_string_append (key, id);
   g_free (id);
@@ -904,6 +921,12 @@ read_plans (DiffuseConfig *index, const char *label, const char *pipeline_class,
     JsonNode *n = json_object_get_member (obj, key);
     if (!JSON_NODE_HOLDS_ARRAY (n))
       continue;   /* a plain init parameter such as requires_safety_checker */
+    const PipelineClass *pcls = find_pipeline_class (pipeline_class);
+    if (pcls && !g_strv_contains (pcls->components, key)) {
+      /* diffusers warns and never loads keys the class does not take */
+      g_warning ("%s/model_index.json: '%s' is not a component of %s; ignored", label, key, pipeline_class);
+      continue;
+    }
     JsonArray *arr = json_node_get_array (n);
     if (json_array_get_length (arr) != 2) {
       g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG,
@@ -972,6 +995,22 @@ read_plans (DiffuseConfig *index, const char *label, const char *pipeline_class,
       pl->override = diffuse_component_ref (v);
       pl->absent = v == NULL;
       g_ptr_array_add (plans, pl);
+    }
+  }
+  /* every component the class needs must be there (diffusers: "Pipeline ... expected [...], but only
+   * {...} were passed") */
+  const PipelineClass *pc = find_pipeline_class (pipeline_class);
+  for (int i = 0; pc && pc->components[i]; i++) {
+    const char *want = pc->components[i];
+    if (g_strv_contains (pc->optional, want))
+      continue;
+    gboolean found = FALSE;
+    for (guint j = 0; j < plans->len && !found; j++)
+      found = strcmp (((Plan *) g_ptr_array_index (plans, j))->name, want) == 0;
+    if (!found) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG,
+                   "%s/model_index.json has no component '%s', which %s requires", label, want, pipeline_class);
+      goto fail;
     }
   }
   g_list_free (members);
@@ -1165,7 +1204,7 @@ diffuse_pipeline_model_load (const char *ref, const DiffuseLoadParams *params_in
     pm_add (pm, pl->name, c);
     done++;
   }
-  if (diffuse_config_get_bool (index, "requires_safety_checker", FALSE) && !diffuse_pipeline_model_get (pm, "safety_checker"))
+  if (diffuse_config_get_bool (index, "requires_safety_checker", TRUE) && !diffuse_pipeline_model_get (pm, "safety_checker"))
     g_warning ("%s: the safety checker is disabled although the model's configuration asks for it; make sure "
                "generated content is reviewed before it is shown publicly", root.label);
   goto out;

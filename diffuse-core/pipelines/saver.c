@@ -42,7 +42,7 @@ save_weights (DiffuseComponent *c, const char *dir, const DiffuseSaveParams *par
   DiffuseDType dt = params->have_dtype ? params->dtype : diffuse_component_dtype (c);
   gboolean ok = TRUE;
   for (guint i = 0; i < n && ok; i++) {
-    DiffuseTensor *t = diffuse_weights_get (w, names[i], dt, diffuse_device_cpu (), error);
+    DiffuseTensor *t = diffuse_weights_get_uncached (w, names[i], dt, diffuse_device_cpu (), error);
     if (!t) {
       ok = FALSE;
       break;

@@ -876,7 +876,13 @@ cpu_sdpa (DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor 
         if (causal)
           for (int64_t j = r0 + i + 1; j < Lk; j++)
             row[j] = -INFINITY;
-        softmax_row (row, Lk);
+        gboolean any = FALSE;
+        for (int64_t j = 0; j < Lk && !any; j++)
+          any = row[j] != -INFINITY;
+        if (any)
+          softmax_row (row, Lk);
+        else   /* a fully masked row attends to nothing: torch's SDPA gives zeros */
+          memset (row, 0, Lk * sizeof (float));
       }
       float *op = o + ((b * Hh + h) * Lq + r0) * Dv;
       cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) m, (int) Dv, (int) Lk, 1.0f, S, (int) Lk, vp,

@@ -37,14 +37,18 @@ done < "$tmp/names"
 echo "# diffuse-core: $bench; torch: $("$python" -c 'import torch; print(torch.__version__)')"
 echo "# fp32, CPU, $threads threads each side, median of $reps after 1 warm-up; $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 awk -F '\t' '
-  FNR == NR { t[$1] = $2; tg[$1] = $4; next }
+  FNR == NR { t[$1] = $2; tm[$1] = $3; tg[$1] = $4; next }
   {
     if (!header++) {
-      printf "| %-32s | %11s | %11s | %6s | %11s | %11s |\n", "op", "diffuse ms", "torch ms", "ratio", "diffuse GF/s", "torch GF/s"
-      printf "|%s|%s|%s|%s|%s|%s|\n", "----------------------------------", "-------------", "-------------", "--------", "--------------", "-------------"
+      printf "| %-32s | %11s | %11s | %6s | %9s | %9s | %6s | %12s | %11s |\n", "op", "diffuse ms", "torch ms", "ratio",
+             "diff. min", "torch min", "ratio", "diffuse GF/s", "torch GF/s"
+      printf "|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n", "----------------------------------", "-------------", "-------------",
+             "--------", "-----------", "-----------", "--------", "--------------", "-------------"
     }
     ratio = ($1 in t && t[$1] > 0) ? sprintf("%.2f", $2 / t[$1]) : "n/a"
-    printf "| %-32s | %11.1f | %11s | %6s | %12s | %11s |\n", $1, $2, ($1 in t) ? sprintf("%.1f", t[$1]) : "n/a", ratio,
+    mratio = ($1 in tm && tm[$1] > 0) ? sprintf("%.2f", $3 / tm[$1]) : "n/a"
+    printf "| %-32s | %11.1f | %11s | %6s | %9.1f | %9s | %6s | %12s | %11s |\n", $1, $2,
+           ($1 in t) ? sprintf("%.1f", t[$1]) : "n/a", ratio, $3, ($1 in tm) ? sprintf("%.1f", tm[$1]) : "n/a", mratio,
            ($4 > 0 ? $4 : "-"), (($1 in tg) && tg[$1] > 0 ? tg[$1] : "-")
   }' "$tmp/torch.tsv" "$tmp/diffuse.tsv"
-echo "(ratio = diffuse median / torch median)"
+echo "(ratio = diffuse / torch, of the medians and of the minima; GF/s from the medians)"

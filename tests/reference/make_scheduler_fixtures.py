@@ -209,6 +209,8 @@ def sanitize(cfg):
             continue      # JSON has no -inf: only lambda_min_clipped's default
         if isinstance(v, tuple):
             v = list(v)
+        if k == "_use_default_values":
+            v = sorted(v)     # built from a set: sort for a stable file
         out[k] = v
     return out
 

@@ -110,10 +110,16 @@ gboolean diffuse_weights_has (DiffuseWeights *w, const char *name);
 /* NULL-terminated, sorted; free with g_free (strings belong to w). */
 const char **diffuse_weights_names (DiffuseWeights *w, guint *n);
 const DiffuseStEntry *diffuse_weights_entry (DiffuseWeights *w, const char *name);
-/* Tensor by name, in `dtype` on `dev` (borrowed when possible).  A missing
- * name is DIFFUSE_ERROR_NOT_FOUND naming the tensor and the files. */
+/* Tensor by name, in `dtype` on `dev` (borrowed from the mapping when
+ * possible).  Each (name, dtype, device) is made once and kept by w, so every
+ * model built on the same weights shares the same tensors (the component
+ * cache relies on this).  A missing name is DIFFUSE_ERROR_NOT_FOUND naming
+ * the tensor and the files. */
 DiffuseTensor *diffuse_weights_get (DiffuseWeights *w, const char *name, DiffuseDType dtype,
                                     DiffuseDevice *dev, GError **error);
+/* The same, without keeping the result (for one-off conversions such as saving). */
+DiffuseTensor *diffuse_weights_get_uncached (DiffuseWeights *w, const char *name, DiffuseDType dtype,
+                                             DiffuseDevice *dev, GError **error);
 /* Sum of tensor bytes in the files. */
 guint64 diffuse_weights_file_bytes (DiffuseWeights *w);
 const char *diffuse_weights_describe (DiffuseWeights *w);   /* file list for messages */

@@ -1,0 +1,71 @@
+/* gst-diffuse — the layout of DiffuseUNet, for model files that run the
+ * UNet2DConditionModel's blocks themselves (private to diffuse-core).
+ *
+ * UNetMotionModel (motion_unet.c) is diffusers' UNetMotionModel.from_unet2d:
+ * the UNet's own resnets, transformers, samplers and convolutions, with the
+ * motion modules interleaved.  It runs the blocks of the very DiffuseUNet the
+ * text2img pipeline built (same tensors, no copy), so it needs this layout.
+ *
+ * These definitions must stay identical to those in unet2d_condition.c
+ * (C11 6.2.7: same tag and members in order = compatible types across
+ * translation units).  The intended end state is that unet2d_condition.c
+ * includes this header instead of defining them itself;
+ * motion_unet.c checks the layout at run time against the public accessors. */
+#pragma once
+
+#include <diffuse/unet.h>
+
+#include "models/blocks.h"
+
+G_BEGIN_DECLS
+
+typedef struct {
+  int n_layers;
+  gboolean has_attn;
+  DiffuseBlkResnet *resnets;           /* n_layers */
+  DiffuseBlkTransformer2D *attns;      /* n_layers when has_attn */
+  gboolean has_sampler;
+  DiffuseBlkDownsample down;           /* down blocks */
+  DiffuseBlkUpsample up;               /* up blocks */
+  int cross_attention_dim;             /* when has_attn */
+} UNetBlock;
+
+typedef struct {
+  gboolean present;
+  gboolean has_attn;
+  DiffuseBlkResnet resnets[2];         /* 1 without attention */
+  DiffuseBlkTransformer2D attn;
+  int cross_attention_dim;
+} UNetMid;
+
+struct _DiffuseUNet {
+  gint ref_count;
+  DiffuseConfig *config;
+  char *label;
+  DiffuseDType dtype;
+  DiffuseDevice *dev;
+
+  int in_channels, out_channels, n_blocks, sample_size;
+  int *block_out;
+  gboolean center_input_sample;
+  gboolean flip_sin_to_cos;
+  float freq_shift;
+  int time_embed_dim;
+  int time_cond_proj_dim;
+  gboolean has_time_embed_act;
+  DiffuseActivation time_embed_act;
+  DiffuseActivation act;
+  int num_upsamplers;
+
+  DiffuseBlkConv2d conv_in, conv_out;
+  DiffuseBlkGroupNorm conv_norm_out;
+  DiffuseBlkTimestepEmbedding time_embedding;
+  UNetBlock *down;
+  UNetMid mid;
+  UNetBlock *up;
+
+  guint64 n_params;
+  char **unused_keys;
+};
+
+G_END_DECLS
