@@ -3,16 +3,25 @@
  *   diffuse inspect MODEL [--variant V] [--dtype D] [--revision R] [--offline]
  *   diffuse download REPO [--variant V] [--revision R]
  *   diffuse save MODEL OUTDIR [--variant V] [--dtype D] [--max-shard-size BYTES]
+ *   diffuse generate MODEL --prompt TEXT [--negative-prompt T] [--steps N] [--guidance G]
+ *                    [--seed S] [--width W] [--height H] [--scheduler CLASS] [--clip-skip N]
+ *                    [--num-images N] [--output out.png]
  *
  * MODEL is a local diffusers pipeline folder or a Hub repo id. */
 #include <diffuse/diffuse.h>
 #include <diffuse/pipeline.h>
+#include <diffuse/sd.h>
+#include <gio/gio.h>
 #include <stdio.h>
 #include <string.h>
 
 static char *opt_variant, *opt_dtype, *opt_revision, *opt_device, *opt_class;
 static gboolean opt_offline;
 static gint64 opt_shard;
+static char *opt_prompt, *opt_negative, *opt_scheduler, *opt_output;
+static int opt_steps = -1, opt_width, opt_height, opt_clip_skip, opt_num_images = 1;
+static double opt_guidance = -1;
+static gint64 opt_seed = 0;
 
 static GOptionEntry entries[] = {
   { "variant", 0, 0, G_OPTION_ARG_STRING, &opt_variant, "Weight variant (fp16, non_ema, ...)", "V" },
@@ -22,6 +31,17 @@ static GOptionEntry entries[] = {
   { "pipeline-class", 0, 0, G_OPTION_ARG_STRING, &opt_class, "Load as this pipeline class", "CLASS" },
   { "offline", 0, 0, G_OPTION_ARG_NONE, &opt_offline, "Use the Hub cache only", NULL },
   { "max-shard-size", 0, 0, G_OPTION_ARG_INT64, &opt_shard, "Shard weights above this many bytes (save)", "BYTES" },
+  { "prompt", 'p', 0, G_OPTION_ARG_STRING, &opt_prompt, "Prompt (generate)", "TEXT" },
+  { "negative-prompt", 'n', 0, G_OPTION_ARG_STRING, &opt_negative, "Negative prompt (generate)", "TEXT" },
+  { "steps", 's', 0, G_OPTION_ARG_INT, &opt_steps, "Inference steps (default: the model's, else 50)", "N" },
+  { "guidance", 'g', 0, G_OPTION_ARG_DOUBLE, &opt_guidance, "Guidance scale (default: the model's, else 7.5)", "G" },
+  { "seed", 0, 0, G_OPTION_ARG_INT64, &opt_seed, "Seed of torch.Generator(\"cpu\").manual_seed (0)", "S" },
+  { "width", 'W', 0, G_OPTION_ARG_INT, &opt_width, "Width, a multiple of 8 (default: the model's)", "W" },
+  { "height", 'H', 0, G_OPTION_ARG_INT, &opt_height, "Height, a multiple of 8 (default: the model's)", "H" },
+  { "scheduler", 0, 0, G_OPTION_ARG_STRING, &opt_scheduler, "A compatible scheduler class", "CLASS" },
+  { "clip-skip", 0, 0, G_OPTION_ARG_INT, &opt_clip_skip, "CLIP layers to skip (0)", "N" },
+  { "num-images", 0, 0, G_OPTION_ARG_INT, &opt_num_images, "Images to generate (1)", "N" },
+  { "output", 'o', 0, G_OPTION_ARG_FILENAME, &opt_output, "Output PNG (out.png; -N suffix for several)", "FILE" },
   { NULL },
 };
 
@@ -31,6 +51,163 @@ progress (const DiffuseLoadProgress *p, gpointer user_data)
   if (strcmp (p->stage, "download") == 0)
     fprintf (stderr, "\rdownloading %s: %.1f / %.1f MB   ", p->what, p->done / 1e6, p->total / 1e6);
   return TRUE;
+}
+
+/* ---- a small PNG writer (zlib stream from GIO, CRC table here) ---- */
+
+static guint32 crc_table[256];
+
+static guint32
+crc32_png (const guint8 *p, gsize n, guint32 c)
+{
+  if (!crc_table[1])
+    for (guint32 i = 0; i < 256; i++) {
+      guint32 v = i;
+      for (int k = 0; k < 8; k++)
+        v = v & 1 ? 0xedb88320u ^ (v >> 1) : v >> 1;
+      crc_table[i] = v;
+    }
+  c = ~c;
+  for (gsize i = 0; i < n; i++)
+    c = crc_table[(c ^ p[i]) & 0xff] ^ (c >> 8);
+  return ~c;
+}
+
+static void
+put_be32 (GByteArray *b, guint32 v)
+{
+  guint8 x[4] = { v >> 24, v >> 16, v >> 8, v };
+  g_byte_array_append (b, x, 4);
+}
+
+static void
+png_chunk (GByteArray *out, const char *type, const guint8 *data, gsize n)
+{
+  put_be32 (out, (guint32) n);
+  gsize start = out->len;
+  g_byte_array_append (out, (const guint8 *) type, 4);
+  if (n)
+    g_byte_array_append (out, data, (guint) n);
+  put_be32 (out, crc32_png (out->data + start, n + 4, 0));
+}
+
+static gboolean
+write_png (const char *path, const guint8 *rgb, int w, int h, GError **error)
+{
+  GByteArray *raw = g_byte_array_new ();
+  for (int y = 0; y < h; y++) {
+    guint8 filter = 0;
+    g_byte_array_append (raw, &filter, 1);
+    g_byte_array_append (raw, rgb + (gsize) y * w * 3, w * 3);
+  }
+  GZlibCompressor *z = g_zlib_compressor_new (G_ZLIB_COMPRESSOR_FORMAT_ZLIB, 9);
+  gsize cap = raw->len + raw->len / 100 + 1024, read = 0, written = 0;
+  guint8 *zbuf = g_malloc (cap);
+  GConverterResult r = g_converter_convert (G_CONVERTER (z), raw->data, raw->len, zbuf, cap,
+                                            G_CONVERTER_INPUT_AT_END, &read, &written, error);
+  g_object_unref (z);
+  g_byte_array_unref (raw);
+  if (r != G_CONVERTER_FINISHED) {
+    g_free (zbuf);
+    if (error && !*error)
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_FAILED, "PNG compression failed");
+    return FALSE;
+  }
+  GByteArray *png = g_byte_array_new ();
+  static const guint8 sig[8] = { 0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n' };
+  g_byte_array_append (png, sig, 8);
+  guint8 ihdr[13] = { w >> 24, w >> 16, w >> 8, w, h >> 24, h >> 16, h >> 8, h, 8, 2, 0, 0, 0 };
+  png_chunk (png, "IHDR", ihdr, 13);
+  guint8 srgb = 0;   /* perceptual */
+  png_chunk (png, "sRGB", &srgb, 1);
+  png_chunk (png, "IDAT", zbuf, written);
+  png_chunk (png, "IEND", NULL, 0);
+  gboolean ok = g_file_set_contents (path, (const char *) png->data, png->len, error);
+  g_byte_array_unref (png);
+  g_free (zbuf);
+  return ok;
+}
+
+static gboolean
+on_step (int step, int total, gpointer user_data)
+{
+  fprintf (stderr, "\rstep %d/%d", step, total);
+  if (step == total)
+    fprintf (stderr, "\n");
+  return TRUE;
+}
+
+/* Defaults a bundled model can suggest in its gst_diffuse_defaults.json. */
+static void
+model_defaults (DiffusePipelineModel *pm, DiffuseSDParams *p)
+{
+  char *path = g_build_filename (diffuse_pipeline_model_folder (pm), "gst_diffuse_defaults.json", NULL);
+  DiffuseConfig *c = g_file_test (path, G_FILE_TEST_EXISTS) ? diffuse_config_load (path, NULL) : NULL;
+  g_free (path);
+  if (!c)
+    return;
+  p->num_inference_steps = (int) diffuse_config_get_int (c, "num_inference_steps", p->num_inference_steps);
+  p->guidance_scale = (float) diffuse_config_get_double (c, "guidance_scale", p->guidance_scale);
+  diffuse_config_unref (c);
+}
+
+static int
+generate (DiffusePipelineModel *pm)
+{
+  GError *err = NULL;
+  DiffuseSD *sd = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
+  if (!sd) {
+    fprintf (stderr, "error: %s\n", err->message);
+    g_error_free (err);
+    return 1;
+  }
+  DiffuseSDParams p;
+  diffuse_sd_default_params (&p);
+  model_defaults (pm, &p);
+  p.prompt = opt_prompt ? opt_prompt : "";
+  p.negative_prompt = opt_negative;
+  if (opt_steps > 0)
+    p.num_inference_steps = opt_steps;
+  if (opt_guidance >= 0)
+    p.guidance_scale = (float) opt_guidance;
+  p.seed = (guint64) opt_seed;
+  p.width = opt_width;
+  p.height = opt_height;
+  p.scheduler = opt_scheduler;
+  p.clip_skip = opt_clip_skip;
+  p.num_images = opt_num_images;
+  p.on_step = on_step;
+  gint64 t0 = g_get_monotonic_time ();
+  GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+  gint64 t1 = g_get_monotonic_time ();
+  int rc = 0;
+  if (!imgs) {
+    fprintf (stderr, "error: %s\n", err->message);
+    g_error_free (err);
+    rc = 1;
+  } else {
+    const char *out = opt_output ? opt_output : "out.png";
+    for (guint i = 0; i < imgs->len && rc == 0; i++) {
+      DiffuseImage *img = g_ptr_array_index (imgs, i);
+      guint8 *rgb = g_malloc ((gsize) img->width * img->height * 3);
+      diffuse_image_to_rgb8 (img, rgb, img->width * 3);
+      char *name = imgs->len == 1 ? g_strdup (out) : g_strdup_printf ("%.*s-%u.png",
+                   (int) (g_str_has_suffix (out, ".png") ? strlen (out) - 4 : strlen (out)), out, i);
+      if (!write_png (name, rgb, img->width, img->height, &err)) {
+        fprintf (stderr, "error: %s\n", err->message);
+        g_clear_error (&err);
+        rc = 1;
+      } else {
+        printf ("wrote %s (%dx%d, \"%s\", seed %" G_GUINT64_FORMAT ", %d steps, %.3f s)\n", name, img->width,
+                img->height, p.prompt, p.seed, p.num_inference_steps, (t1 - t0) / 1e6);
+      }
+      g_free (name);
+      g_free (rgb);
+    }
+    g_ptr_array_unref (imgs);
+  }
+  diffuse_sd_unref (sd);
+  return rc;
 }
 
 static const char *
@@ -82,7 +259,7 @@ int
 main (int argc, char **argv)
 {
   GError *err = NULL;
-  GOptionContext *ctx = g_option_context_new ("inspect|download|save MODEL [OUTDIR]");
+  GOptionContext *ctx = g_option_context_new ("inspect|download|save|generate MODEL [OUTDIR]");
   g_option_context_set_summary (ctx, "Inspect, download and convert diffusers pipelines.");
   g_option_context_add_main_entries (ctx, entries, NULL);
   if (!g_option_context_parse (ctx, &argc, &argv, &err)) {
@@ -112,11 +289,14 @@ main (int argc, char **argv)
   }
   int rc = 0;
   DiffuseComponentCache *cache = diffuse_component_cache_new ();
-  if (strcmp (cmd, "inspect") == 0 || strcmp (cmd, "download") == 0 || strcmp (cmd, "save") == 0) {
+  if (strcmp (cmd, "inspect") == 0 || strcmp (cmd, "download") == 0 || strcmp (cmd, "save") == 0 ||
+      strcmp (cmd, "generate") == 0) {
     DiffusePipelineModel *pm = diffuse_pipeline_model_load (model, &lp, cache, &err);
     if (!pm) {
       fprintf (stderr, "error: %s\n", err->message);
       rc = 1;
+    } else if (strcmp (cmd, "generate") == 0) {
+      rc = generate (pm);
     } else if (strcmp (cmd, "save") == 0) {
       if (argc < 4) {
         fprintf (stderr, "save needs an output folder\n");

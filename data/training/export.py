@@ -21,11 +21,6 @@ TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer_config.json", "special
 DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 5.0, "height": 64, "width": 64,
             "scheduler": "DPMSolverMultistepScheduler"}
 
-SD15_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                  beta_schedule="scaled_linear", prediction_type="epsilon",
-                  steps_offset=1, set_alpha_to_one=False, clip_sample=False)
-
-
 def make_scheduler():
     return DPMSolverMultistepScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -65,8 +60,12 @@ def main():
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     pipe.save_pretrained(a.out, safe_serialization=True)
     # the real CLIP tokenizer files, byte for byte
+    # (only those: drop the generated tokenizer.json, 3.6 MB, which is derived from them)
+    tdir = os.path.join(a.out, "tokenizer")
+    for f in os.listdir(tdir):
+        os.remove(os.path.join(tdir, f))
     for f in TOKENIZER_FILES:
-        shutil.copyfile(os.path.join(TOKENIZER_DIR, f), os.path.join(a.out, "tokenizer", f))
+        shutil.copyfile(os.path.join(TOKENIZER_DIR, f), os.path.join(tdir, f))
     defaults = dict(DEFAULTS, num_inference_steps=a.steps, guidance_scale=a.guidance)
     with open(os.path.join(a.out, "gst-diffuse.json"), "w") as f:
         json.dump(defaults, f, indent=2)
@@ -74,6 +73,7 @@ def main():
     total = 0
     for root, _, files in os.walk(a.out):
         for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
             total += os.path.getsize(os.path.join(root, f))
     print(f"exported to {os.path.abspath(a.out)}: {total/1e6:.2f} MB")
 

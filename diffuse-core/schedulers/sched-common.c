@@ -251,13 +251,6 @@ sched_init_betas (DiffuseScheduler *s, gboolean allow_rescale, gboolean allow_ex
   return TRUE;
 }
 
-gboolean
-sched_check_spacing (DiffuseScheduler *s, GError **error)
-{
-  /* read as a choice already; kept for symmetry */
-  return TRUE;
-}
-
 /* ---- numpy ------------------------------------------------------------ */
 
 void
@@ -307,7 +300,7 @@ np_interp_index (double x, const float *fp, guint n)
   if (x < 0)
     return fp[0];
   if (x >= (double) (n - 1))
-    return x > (double) (n - 1) ? fp[n - 1] : fp[n - 1];
+    return fp[n - 1];
   guint j = (guint) floor (x);
   if ((double) j == x)
     return fp[j];

@@ -129,7 +129,6 @@ void sched_read_common (SchedCfg *r, SchedCommon *c, const SchedCommon *def);
 gboolean sched_init_betas (DiffuseScheduler *s, gboolean allow_rescale, gboolean allow_exp, GError **error);
 /* The prediction types a class accepts (NULL-terminated). */
 gboolean sched_check_prediction (DiffuseScheduler *s, const char *const *allowed, GError **error);
-gboolean sched_check_spacing (DiffuseScheduler *s, GError **error);
 
 /* numpy helpers (float64) */
 void np_linspace (double start, double stop, guint num, gboolean endpoint, double *out);
@@ -151,7 +150,7 @@ void sched_karras (double sigma_min, double sigma_max, guint n, double *out);
 void sched_exponential (double sigma_min, double sigma_max, guint n, double *out);
 
 /* The timesteps of the "leading" / "trailing" / "linspace" rules as
- * Euler-like schedulers compute them (float32 values, as doubles). */
+ * Euler-like schedulers compute them (float32 values, as doubles); g_free. */
 double *sched_spacing_timesteps_f32 (DiffuseScheduler *s, guint n_steps, guint *len, GError **error);
 
 /* Allocates a float copy etc. */
