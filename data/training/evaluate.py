@@ -29,7 +29,7 @@ def heldout():
 def generate(model, prompts, steps, guidance, scheduler=None, bs=20, seed=0):
     from diffusers import StableDiffusionPipeline
     import diffusers
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch.float32)
     if scheduler:
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -45,11 +45,12 @@ def generate(model, prompts, steps, guidance, scheduler=None, bs=20, seed=0):
 
 def contact_sheet(images, prompts, results, path, n=30, cols=6, scale=2):
     cell_w, cell_h = 64 * scale + 16, 64 * scale + 52
-    rows = (min(n, len(images)) + cols - 1) // cols
+    picks = sorted(set(np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int).tolist()))
+    rows = (len(picks) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), (255, 255, 255))
     d = ImageDraw.Draw(sheet)
-    for k in range(min(n, len(images))):
-        x, y = (k % cols) * cell_w + 8, (k // cols) * cell_h + 4
+    for slot, k in enumerate(picks):
+        x, y = (slot % cols) * cell_w + 8, (slot // cols) * cell_h + 4
         sheet.paste(Image.fromarray(images[k]).resize((64 * scale, 64 * scale), Image.NEAREST), (x, y))
         ok = results[k]["all"]
         lines = textwrap.wrap(prompts[k], 26)[:3]

@@ -70,7 +70,7 @@ def main():
     ap.add_argument("--out", default="/tmp/tinysd/unet_ckpt")
     ap.add_argument("--minutes", type=float, default=45)
     ap.add_argument("--bs", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=10**9)
     ap.add_argument("--resume", action="store_true")

@@ -36,13 +36,22 @@ def main():
     ap.add_argument("--kl", type=float, default=1e-6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=10**9)
+    ap.add_argument("--init", help="continue from this VAE folder")
+    ap.add_argument("--fg-weight", type=float, default=20.0,
+                    help="extra loss weight on foreground (shape) pixels")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     x_all = torch.from_numpy(np.load(os.path.join(a.data, "images.npy"))).permute(0, 3, 1, 2)
     n = x_all.shape[0]
-    vae = make_vae()
+    # foreground mask: pixels far from the image's border (background) colour
+    xf = x_all.float()
+    ring = torch.cat([xf[:, :, :2].flatten(2), xf[:, :, -2:].flatten(2)], 2)
+    bg = ring.median(dim=2).values[:, :, None, None]
+    fg_all = ((xf - bg).norm(dim=1, keepdim=True) > 40).float()
+    del xf
+    vae = AutoencoderKL.from_pretrained(a.init) if a.init else make_vae()
     print("vae params", sum(p.numel() for p in vae.parameters()), flush=True)
     opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
     t0 = time.time()
@@ -62,8 +71,10 @@ def main():
         post = vae.encode(x).latent_dist
         z = post.sample()
         rec = vae.decode(z).sample
-        l1 = (rec - x).abs().mean()
-        mse = F.mse_loss(rec, x)
+        w = 1 + a.fg_weight * fg_all[idx]
+        w = w / w.mean()
+        l1 = ((rec - x).abs() * w).mean()
+        mse = ((rec - x) ** 2 * w).mean()
         kl = post.kl().mean()
         loss = l1 + mse + a.kl * kl
         opt.zero_grad(set_to_none=True)

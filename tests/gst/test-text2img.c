@@ -297,7 +297,8 @@ GST_START_TEST (test_cancel_on_ready)
 {
   /* a large frame with many steps: minutes if not interrupted */
   GstHarness *h = new_src ("video/x-raw,format=RGB,width=256,height=256", 1000, 1);
-  StepLog log = { { 0 } };
+  StepLog log;
+  memset (&log, 0, sizeof log);
   GstBus *bus = gst_bus_new ();
   gst_bus_set_sync_handler (bus, log_steps, &log, NULL);
   gst_element_set_bus (h->element, bus);
@@ -320,7 +321,8 @@ GST_END_TEST;
 GST_START_TEST (test_flushing_seek)
 {
   GstHarness *h = new_src ("video/x-raw,format=RGB,width=256,height=256", 1000, 40);
-  StepLog log = { { 0 } };
+  StepLog log;
+  memset (&log, 0, sizeof log);
   GstBus *bus = gst_bus_new ();
   gst_bus_set_sync_handler (bus, log_steps, &log, NULL);
   gst_element_set_bus (h->element, bus);

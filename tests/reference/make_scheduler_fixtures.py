@@ -194,6 +194,16 @@ case(LC, {"set_alpha_to_one": False, "beta_schedule": "linear", "prediction_type
 case(LC, {}, 4, seed=46, lcm={"original_inference_steps": 40, "strength": 0.5}, note="set_timesteps strength")
 case(LC, {}, 6, strength=0.5, seed=20, note="img2img")
 
+# the other beta schedules, once per class where not covered above
+case(L, {"beta_schedule": "squaredcos_cap_v2"}, 4)
+case(E, {"beta_schedule": "linear"}, 4)
+case(EA, {"beta_schedule": "linear"}, 4, seed=25)
+case(H, {"beta_schedule": "squaredcos_cap_v2"}, 4)
+case(DPM, {"beta_schedule": "linear"}, 4)
+case(U, {"beta_schedule": "linear"}, 4)
+case(U, {"beta_schedule": "squaredcos_cap_v2", "final_sigmas_type": "sigma_min"}, 4)
+case(LC, {"beta_schedule": "squaredcos_cap_v2"}, 4, seed=47)
+
 # from_config swaps: B.from_config (A.config), the C side uses new_by_name
 case(E, None, 20, swap_from=(P, SD15), note="swap PNDM -> Euler")
 case(DPM, None, 20, swap_from=(P, SD15), note="swap PNDM -> DPM++")

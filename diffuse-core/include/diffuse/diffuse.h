@@ -5,3 +5,12 @@
 #include <diffuse/tensor.h>
 #include <diffuse/safetensors.h>
 #include <diffuse/config.h>
+#include <diffuse/hub.h>
+#include <diffuse/pipeline.h>
+#include <diffuse/rng.h>
+#include <diffuse/scheduler.h>
+#include <diffuse/clip_tokenizer.h>
+#include <diffuse/clip_text.h>
+#include <diffuse/unet.h>
+#include <diffuse/vae.h>
+#include <diffuse/sd.h>
