@@ -286,6 +286,8 @@ gst_diffuse_img2img_class_init (GstDiffuseImg2ImgClass *klass)
   filter_class->transform_frame = GST_DEBUG_FUNCPTR (gst_diffuse_img2img_transform_frame);
 
   gst_type_mark_as_plugin_api (GST_TYPE_DIFFUSE_DTYPE, 0);
+  /* applications look the cache type up by name to make their own context */
+  g_type_ensure (GST_TYPE_DIFFUSE_CACHE);
 }
 
 static void

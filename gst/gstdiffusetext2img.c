@@ -546,6 +546,8 @@ gst_diffuse_text2img_class_init (GstDiffuseText2ImgClass *klass)
   pushsrc_class->fill = GST_DEBUG_FUNCPTR (gst_diffuse_text2img_fill);
 
   gst_type_mark_as_plugin_api (GST_TYPE_DIFFUSE_DTYPE, 0);
+  /* applications look the cache type up by name to make their own context */
+  g_type_ensure (GST_TYPE_DIFFUSE_CACHE);
 }
 
 static void

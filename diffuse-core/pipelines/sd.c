@@ -339,7 +339,16 @@ op_error (GError **error, const char *what)
 GPtrArray *
 diffuse_sd_generate (DiffuseSD *sd, const DiffuseSDParams *params, GError **error)
 {
+  DiffuseSDTimings t;
+  return diffuse_sd_generate_timed (sd, params, &t, error);
+}
+
+GPtrArray *
+diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, DiffuseSDTimings *tm, GError **error)
+{
   DiffuseSDParams p = *params;
+  memset (tm, 0, sizeof *tm);
+  gint64 t_mark = g_get_monotonic_time ();
   GPtrArray *images = NULL;
   DiffuseScheduler *sched = NULL;
   DiffuseRng *rng = NULL;
@@ -424,6 +433,8 @@ diffuse_sd_generate (DiffuseSD *sd, const DiffuseSDParams *params, GError **erro
     op_error (error, "prompt embedding");
     goto out;
   }
+  tm->encode_us = g_get_monotonic_time () - t_mark;
+  t_mark = g_get_monotonic_time ();
   if (lcm_cond)
     tcond = guidance_embedding (p.guidance_scale - 1.0f, n, diffuse_unet_time_cond_proj_dim (sd->unet));
 
@@ -509,6 +520,8 @@ diffuse_sd_generate (DiffuseSD *sd, const DiffuseSDParams *params, GError **erro
   }
 
   /* 4. denoising loop */
+  tm->prepare_us = g_get_monotonic_time () - t_mark;
+  gint64 loop_start = g_get_monotonic_time ();
   guint n_ts = 0;
   diffuse_scheduler_timesteps (sched, &n_ts);
   const int batch = cfg ? 2 * n : n;
@@ -539,6 +552,7 @@ diffuse_sd_generate (DiffuseSD *sd, const DiffuseSDParams *params, GError **erro
     diffuse_scheduler_scale_model_input (sched, mi, (size_t) batch * per);
     for (int b = 0; b < batch; b++)
       tbuf[b] = (float) t;
+    gint64 u0 = g_get_monotonic_time ();
     DiffuseTensor *x = diffuse_to_device (model_in, udev);
     DiffuseTensor *x2 = diffuse_cast (x, udt);
     diffuse_tensor_clear (&x);
@@ -548,6 +562,8 @@ diffuse_sd_generate (DiffuseSD *sd, const DiffuseSDParams *params, GError **erro
     diffuse_tensor_clear (&x2);
     DiffuseTensor *ho = out ? host_f32 (out) : NULL;
     diffuse_tensor_clear (&out);
+    tm->unet_us += g_get_monotonic_time () - u0;
+    tm->n_unet_calls++;
     if (!ho) {
       if (error && !*error)
         op_error (error, "UNet");
@@ -580,6 +596,8 @@ diffuse_sd_generate (DiffuseSD *sd, const DiffuseSDParams *params, GError **erro
       break;
     }
   }
+  tm->step_other_us = g_get_monotonic_time () - loop_start - tm->unet_us;
+  t_mark = g_get_monotonic_time ();
   g_free (tbuf);
   g_free (eps);
   diffuse_tensor_clear (&model_in);
@@ -627,6 +645,7 @@ diffuse_sd_generate (DiffuseSD *sd, const DiffuseSDParams *params, GError **erro
     }
     diffuse_tensor_unref (hd);
   }
+  tm->decode_us = g_get_monotonic_time () - t_mark;
 
 out:
   g_mutex_unlock (&sd->lock);

@@ -2,6 +2,7 @@
  * OpenMP for the element-wise and reduction loops.  Computation is in f32;
  * f16/bf16 tensors are converted on the way in and out. */
 #include "tensor-private.h"
+#include "cpu_simd.h"
 #include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
@@ -346,9 +347,21 @@ cpu_activation (DiffuseTensor *out, DiffuseTensor *x, DiffuseActivation act, GEr
   }
   const float *p = diffuse_tensor_f32 (xc);
   int64_t n = diffuse_tensor_numel (x);
+  if (act == DIFFUSE_ACT_SILU || act == DIFFUSE_ACT_QUICK_GELU || act == DIFFUSE_ACT_SIGMOID) {
+    const int64_t blk = 16384, nb = (n + blk - 1) / blk;
+#pragma omp parallel for if (n > 65536) schedule (static)
+    for (int64_t bi = 0; bi < nb; bi++) {
+      const int64_t i0 = bi * blk, m = MIN (blk, n - i0);
+      if (act == DIFFUSE_ACT_SIGMOID)
+        dk_sigmoid (o + i0, p + i0, m);
+      else
+        dk_silu (o + i0, p + i0, m, act == DIFFUSE_ACT_SILU ? 1.0f : 1.702f);
+    }
+  } else {
 #pragma omp parallel for if (n > 16384) schedule (static)
-  for (int64_t i = 0; i < n; i++)
-    o[i] = act_apply (act, p[i]);
+    for (int64_t i = 0; i < n; i++)
+      o[i] = act_apply (act, p[i]);
+  }
   out_end (out, o);
   diffuse_tensor_unref (xc);
   return TRUE;
@@ -709,16 +722,8 @@ cpu_group_norm (DiffuseTensor *out, DiffuseTensor *x, int groups, DiffuseTensor 
     for (int64_t gi = 0; gi < groups; gi++) {
       const float *src = p + (n * C + gi * cpg) * S;
       const int64_t cnt = cpg * S;
-      double sum = 0.0;
-      for (int64_t i = 0; i < cnt; i++)
-        sum += src[i];
-      const double mean = sum / (double) cnt;
-      double var = 0.0;
-      for (int64_t i = 0; i < cnt; i++) {
-        double d = src[i] - mean;
-        var += d * d;
-      }
-      var /= (double) cnt;
+      const double mean = dk_sum (src, cnt) / (double) cnt;
+      const double var = dk_sqdev (src, cnt, (float) mean) / (double) cnt;
       const float rstd = (float) (1.0 / sqrt (var + eps));
       const float fmean = (float) mean;
       for (int64_t c = 0; c < cpg; c++) {
@@ -727,8 +732,8 @@ cpu_group_norm (DiffuseTensor *out, DiffuseTensor *x, int groups, DiffuseTensor 
         const float shift = (bb ? bb[ch] : 0.0f) - fmean * scale;
         const float *s = src + c * S;
         float *d = o + (n * C + ch) * S;
-        if (act == DIFFUSE_ACT_NONE)
-          for (int64_t i = 0; i < S; i++) d[i] = s[i] * scale + shift;
+        if (act == DIFFUSE_ACT_NONE || act == DIFFUSE_ACT_SILU)
+          dk_affine (d, s, S, scale, shift, act == DIFFUSE_ACT_SILU);
         else
           for (int64_t i = 0; i < S; i++) d[i] = act_apply (act, s[i] * scale + shift);
       }
@@ -783,24 +788,15 @@ cpu_layer_norm (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *gamma, Diff
 static void
 softmax_row (float *r, int64_t n)
 {
-  float m = -INFINITY;
-  for (int64_t i = 0; i < n; i++)
-    if (r[i] > m)
-      m = r[i];
+  float m = dk_max (r, n);
   if (m == -INFINITY) {
     /* all masked: torch gives NaN */
     for (int64_t i = 0; i < n; i++)
       r[i] = NAN;
     return;
   }
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; i++) {
-    r[i] = expf (r[i] - m);
-    s += r[i];
-  }
-  float inv = 1.0f / s;
-  for (int64_t i = 0; i < n; i++)
-    r[i] *= inv;
+  float s = dk_exp_sub_sum (r, n, m);
+  dk_scale (r, n, 1.0f / s);
 }
 
 static gboolean
@@ -842,11 +838,14 @@ cpu_sdpa (DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor 
   float *o = out_begin (out);
   const int64_t B = q->shape[0], Hh = q->shape[1], Lq = q->shape[2], Lk = k->shape[2];
   const int64_t D = q->shape[3], Dv = v->shape[3];
-  const int64_t chunk = MIN (Lq, 256);
+  static int64_t chunk_env = -1;
+  if (chunk_env < 0) chunk_env = g_getenv ("DK_CHUNK") ? atoi (g_getenv ("DK_CHUNK")) : 256;
+  const int64_t chunk = MIN (Lq, chunk_env);
   const int64_t nchunks = (Lq + chunk - 1) / chunk;
   const int nt = nthreads ();
   float *scratch = g_try_malloc (sizeof (float) * (size_t) (chunk * Lk) * nt);
-  gboolean ok = qc && kc && vc && o && scratch;
+  float *rinv = g_try_malloc (sizeof (float) * (size_t) chunk * nt);
+  gboolean ok = qc && kc && vc && o && scratch && rinv;
   if (ok) {
     const float *pq = (const float *) base_ptr (qc), *pk = (const float *) base_ptr (kc);
     const float *pv = (const float *) base_ptr (vc);
@@ -866,29 +865,42 @@ cpu_sdpa (DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor 
       const float *vp = pv + b * vc->stride[0] + h * vc->stride[1];
       cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, (int) m, (int) Lk, (int) D, scale, qp,
                    (int) MAX (qc->stride[2], 1), kp, (int) MAX (kc->stride[2], 1), 0.0f, S, (int) Lk);
+      /* softmax without the division: the output rows are scaled by
+       * 1 / sum afterwards (Dv values per row instead of Lk) */
+      float *inv = rinv + (size_t) tid * chunk;
       for (int64_t i = 0; i < m; i++) {
         float *row = S + i * Lk;
         if (pm) {
           int64_t mo = b * mask->stride[0] + h * mask->stride[1] + (r0 + i) * mask->stride[2];
-          for (int64_t j = 0; j < Lk; j++)
-            row[j] += ld (pm, mask->dtype, mo + j * mask->stride[3]);
+          if (mask->dtype == DIFFUSE_DTYPE_F32 && mask->stride[3] == 1) {
+            const float *mr = (const float *) pm + mo;
+            for (int64_t j = 0; j < Lk; j++)
+              row[j] += mr[j];
+          } else
+            for (int64_t j = 0; j < Lk; j++)
+              row[j] += ld (pm, mask->dtype, mo + j * mask->stride[3]);
         }
-        if (causal)
-          for (int64_t j = r0 + i + 1; j < Lk; j++)
-            row[j] = -INFINITY;
-        gboolean any = FALSE;
-        for (int64_t j = 0; j < Lk && !any; j++)
-          any = row[j] != -INFINITY;
-        if (any)
-          softmax_row (row, Lk);
-        else   /* a fully masked row attends to nothing: torch's SDPA gives zeros */
+        int64_t n = Lk;
+        if (causal) {
+          n = MIN (Lk, r0 + i + 1);
+          memset (row + n, 0, (Lk - n) * sizeof (float));
+        }
+        float mx = dk_max (row, n);
+        if (mx == -INFINITY) {
+          /* a fully masked row attends to nothing: torch's SDPA gives zeros */
           memset (row, 0, Lk * sizeof (float));
+          inv[i] = 0.0f;
+        } else
+          inv[i] = 1.0f / dk_exp_sub_sum (row, n, mx);
       }
       float *op = o + ((b * Hh + h) * Lq + r0) * Dv;
       cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) m, (int) Dv, (int) Lk, 1.0f, S, (int) Lk, vp,
                    (int) MAX (vc->stride[2], 1), 0.0f, op, (int) Dv);
+      for (int64_t i = 0; i < m; i++)
+        dk_scale (op + i * Dv, Dv, inv[i]);
     }
   }
+  g_free (rinv);
   g_free (scratch);
   if (o)
     out_end (out, o);

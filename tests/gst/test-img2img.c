@@ -65,11 +65,14 @@ picture_buffer (const guint8 *rgb, GstVideoInfo *info)
 static GstHarness *
 new_filter (const char *format, int w, int h, int steps, double strength)
 {
-  GstHarness *hr = gst_harness_new ("diffuseimg2img");
+  /* properties first: a harness plays a filter as soon as it wraps it */
+  GstElement *el = gst_element_factory_make ("diffuseimg2img", NULL);
   gchar *model = test_model_path (NULL);
-  g_object_set (hr->element, "model", model, "num-inference-steps", steps, "strength", strength, "seed",
-                (gint64) 11, "prompt", "a cat", NULL);
+  g_object_set (el, "model", model, "num-inference-steps", steps, "strength", strength, "seed", (gint64) 11,
+                "prompt", "a cat", NULL);
   g_free (model);
+  GstHarness *hr = gst_harness_new_with_element (el, "sink", "src");
+  gst_object_unref (el);
   gchar *caps = g_strdup_printf ("video/x-raw,format=%s,width=%d,height=%d,framerate=1/1", format, w, h);
   gst_harness_set_src_caps_str (hr, caps);
   g_free (caps);
@@ -265,14 +268,14 @@ count_steps (GstBus *bus, GstMessage *msg, gpointer user_data)
 
 GST_START_TEST (test_flush_interrupts)
 {
-  GstHarness *h = new_filter ("RGB", 256, 256, 1000, 1.0);
+  GstHarness *h = new_filter ("RGB", 64, 64, 1000, 1.0);
   gint steps = 0;
   GstBus *bus = gst_bus_new ();
   gst_bus_set_sync_handler (bus, count_steps, &steps, NULL);
   gst_element_set_bus (h->element, bus);
   GstVideoInfo info;
-  gst_video_info_set_format (&info, GST_VIDEO_FORMAT_RGB, 256, 256);
-  guint8 *pic = test_picture (256, 256);
+  gst_video_info_set_format (&info, GST_VIDEO_FORMAT_RGB, 64, 64);
+  guint8 *pic = test_picture (64, 64);
   gst_harness_play (h);
   PushData d = { h, picture_buffer (pic, &info), GST_FLOW_OK };
   GThread *t = g_thread_new ("push", push_thread, &d);

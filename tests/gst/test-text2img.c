@@ -296,7 +296,7 @@ wait_steps (StepLog *log, int n)
 GST_START_TEST (test_cancel_on_ready)
 {
   /* a large frame with many steps: minutes if not interrupted */
-  GstHarness *h = new_src ("video/x-raw,format=RGB,width=256,height=256", 1000, 1);
+  GstHarness *h = new_src ("video/x-raw,format=RGB,width=64,height=64", 1000, 1);
   StepLog log;
   memset (&log, 0, sizeof log);
   GstBus *bus = gst_bus_new ();
@@ -320,7 +320,7 @@ GST_END_TEST;
 
 GST_START_TEST (test_flushing_seek)
 {
-  GstHarness *h = new_src ("video/x-raw,format=RGB,width=256,height=256", 1000, 40);
+  GstHarness *h = new_src ("video/x-raw,format=RGB,width=64,height=64", 1000, 40);
   StepLog log;
   memset (&log, 0, sizeof log);
   GstBus *bus = gst_bus_new ();
@@ -341,10 +341,10 @@ GST_START_TEST (test_flushing_seek)
   fail_unless_equals_uint64 (GST_BUFFER_PTS (buf), 3 * GST_SECOND);
   fail_unless_equals_uint64 (GST_BUFFER_OFFSET (buf), 3);
   RefParams rp = ref_params_default ();
-  rp.width = rp.height = 256;
+  rp.width = rp.height = 64;
   rp.seed = 43;
   guint8 *ref = ref_generate (&rp);
-  fail_unless (gst_buffer_memcmp (buf, 0, ref, 256 * 256 * 3) == 0, "frame after seek is not frame 3's");
+  fail_unless (gst_buffer_memcmp (buf, 0, ref, 64 * 64 * 3) == 0, "frame after seek is not frame 3's");
   g_free (ref);
   gst_buffer_unref (buf);
   gst_element_set_bus (h->element, NULL);

@@ -64,6 +64,20 @@ typedef struct {
 
 void diffuse_sd_default_params (DiffuseSDParams *p);
 
+/* Where the time of one generate() went (microseconds), for benchmarks. */
+typedef struct {
+  gint64 encode_us;       /* tokenizer + text encoder */
+  gint64 prepare_us;      /* scheduler setup, initial latents (img2img: VAE encode) */
+  gint64 unet_us;         /* UNet forwards, including moving their inputs/outputs */
+  gint64 step_other_us;   /* the rest of the loop: scale_model_input, CFG combine, scheduler step */
+  gint64 decode_us;       /* VAE decode and conversion to images */
+  int n_unet_calls;
+} DiffuseSDTimings;
+
+/* Like diffuse_sd_generate, filling *timings. */
+GPtrArray *diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, DiffuseSDTimings *timings,
+                                      GError **error);
+
 DiffuseSD *diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error);
 DiffuseSD *diffuse_sd_ref (DiffuseSD *sd);
 void diffuse_sd_unref (DiffuseSD *sd);

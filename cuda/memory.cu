@@ -1,0 +1,454 @@
+/* gst-diffuse — CUDA backend: errors, the caching device pool, CUDA graphs.
+ *
+ * The pool.  Sizes are rounded to a class (512 B steps up to 1 MiB, 2 MiB
+ * steps above); a freed block goes on its class's free list (a stack), and
+ * an allocation of that class takes the most recently freed block.  Nothing
+ * is returned to the driver during a run, so a denoising loop whose
+ * allocation sequence repeats makes no cudaMalloc after its first step and
+ * gets the same addresses every step — the property CUDA graph replay needs.
+ * All work of a device is on one stream, so a block freed by one op and
+ * reused by the next is ordered by the stream.  When cudaMalloc fails, the
+ * cached free blocks are released and the allocation retried once; then the
+ * failure is an OUT_OF_MEMORY GError.
+ *
+ * Live and peak bytes of tensors are counted by the tensor layer in the
+ * device record (diffuse_device_get_mem_stats); the pool adds what it
+ * reserves from the driver (diffuse_cuda_get_pool_stats). */
+#include "common.cuh"
+#include <string.h>
+
+/* ---- errors ----------------------------------------------------------- */
+
+gboolean
+dcu_fail (GError **error, cudaError_t e, const char *what)
+{
+  int code = (e == cudaErrorMemoryAllocation) ? DIFFUSE_ERROR_OUT_OF_MEMORY : DIFFUSE_ERROR_DEVICE;
+  g_set_error (error, DIFFUSE_ERROR, code, "CUDA error in %s: %s (%s)", what, cudaGetErrorString (e),
+               cudaGetErrorName (e));
+  return FALSE;
+}
+
+gboolean
+dcu_fail_blas (GError **error, cublasStatus_t s, const char *what)
+{
+  int code = (s == CUBLAS_STATUS_ALLOC_FAILED) ? DIFFUSE_ERROR_OUT_OF_MEMORY : DIFFUSE_ERROR_DEVICE;
+  g_set_error (error, DIFFUSE_ERROR, code, "cuBLAS error in %s: %s (%d)", what, cublasGetStatusString (s), (int) s);
+  return FALSE;
+}
+
+gboolean
+dcu_check_launch (GError **error, const char *what)
+{
+  cudaError_t e = cudaGetLastError ();
+  if (e != cudaSuccess)
+    return dcu_fail (error, e, what);
+  return TRUE;
+}
+
+gboolean
+dcu_enter (CudaCtx *c, GError **error)
+{
+  int cur = -1;
+  if (cudaGetDevice (&cur) == cudaSuccess && cur == c->index)
+    return TRUE;
+  DCU_TRY (cudaSetDevice (c->index), "cudaSetDevice");
+  return TRUE;
+}
+
+/* ---- pool -------------------------------------------------------------- */
+
+typedef struct {
+  void *ptr;
+  size_t size;       /* class size (what cudaMalloc got) */
+  guint owner;       /* 0: general pool; else the id of the graph whose private pool owns it */
+} Block;
+
+typedef struct {
+  guint id;
+  GHashTable *free;  /* size -> GPtrArray of Block* (stack) */
+} PrivatePool;
+
+struct CudaPool {
+  GMutex lock;
+  GHashTable *free;       /* size -> GPtrArray of Block* (stack), general pool */
+  GHashTable *live;       /* ptr -> Block* */
+  GHashTable *privates;   /* id -> PrivatePool* */
+  guint64 reserved, peak_reserved, n_mallocs, n_hits;
+};
+
+static size_t
+size_class (size_t n)
+{
+  const size_t small = 512, big = 2u << 20;
+  if (n <= (1u << 20))
+    return (n + small - 1) / small * small;
+  return (n + big - 1) / big * big;
+}
+
+static GHashTable *
+new_free_table (void)
+{
+  return g_hash_table_new_full (g_int64_hash, g_int64_equal, g_free, (GDestroyNotify) g_ptr_array_unref);
+}
+
+static void
+push_free (GHashTable *table, Block *b)
+{
+  gint64 key = (gint64) b->size;
+  GPtrArray *stack = (GPtrArray *) g_hash_table_lookup (table, &key);
+  if (!stack) {
+    stack = g_ptr_array_new ();
+    gint64 *k = g_new (gint64, 1);
+    *k = key;
+    g_hash_table_insert (table, k, stack);
+  }
+  g_ptr_array_add (stack, b);
+}
+
+static Block *
+pop_free (GHashTable *table, size_t size)
+{
+  gint64 key = (gint64) size;
+  GPtrArray *stack = (GPtrArray *) g_hash_table_lookup (table, &key);
+  if (!stack || stack->len == 0)
+    return NULL;
+  return (Block *) g_ptr_array_steal_index (stack, stack->len - 1);
+}
+
+static void
+private_free (gpointer p)
+{
+  PrivatePool *pp = (PrivatePool *) p;
+  g_hash_table_unref (pp->free);
+  g_free (pp);
+}
+
+gboolean
+dcu_pool_init (CudaCtx *c, GError **error)
+{
+  CudaPool *p = g_new0 (CudaPool, 1);
+  g_mutex_init (&p->lock);
+  p->free = new_free_table ();
+  p->live = g_hash_table_new (g_direct_hash, g_direct_equal);
+  p->privates = g_hash_table_new_full (g_direct_hash, g_direct_equal, NULL, private_free);
+  c->pool = p;
+  return TRUE;
+}
+
+/* Releases every cached free block of a table to the driver (lock held). */
+static void
+release_table (CudaPool *p, GHashTable *table)
+{
+  GHashTableIter it;
+  gpointer k, v;
+  g_hash_table_iter_init (&it, table);
+  while (g_hash_table_iter_next (&it, &k, &v)) {
+    GPtrArray *stack = (GPtrArray *) v;
+    for (guint i = 0; i < stack->len; i++) {
+      Block *b = (Block *) g_ptr_array_index (stack, i);
+      cudaFree (b->ptr);
+      p->reserved -= b->size;
+      g_free (b);
+    }
+    g_ptr_array_set_size (stack, 0);
+  }
+}
+
+void
+dcu_pool_destroy (CudaCtx *c)
+{
+  CudaPool *p = c->pool;
+  if (!p)
+    return;
+  cudaStreamSynchronize (c->stream);
+  release_table (p, p->free);
+  g_hash_table_unref (p->free);
+  g_hash_table_unref (p->privates);
+  g_hash_table_unref (p->live);
+  g_mutex_clear (&p->lock);
+  g_free (p);
+  c->pool = NULL;
+}
+
+void *
+dcu_pool_alloc (CudaCtx *c, size_t nbytes, GError **error)
+{
+  CudaPool *p = c->pool;
+  size_t size = size_class (nbytes ? nbytes : 1);
+  Block *b = NULL;
+  g_mutex_lock (&p->lock);
+  PrivatePool *pp = c->capturing ? (PrivatePool *) g_hash_table_lookup (p->privates, GUINT_TO_POINTER (c->capture_id))
+                                 : NULL;
+  if (pp)
+    b = pop_free (pp->free, size);
+  if (!b)
+    b = pop_free (p->free, size);
+  if (b) {
+    p->n_hits++;
+  } else {
+    if (!dcu_enter (c, error)) {
+      g_mutex_unlock (&p->lock);
+      return NULL;
+    }
+    void *ptr = NULL;
+    cudaError_t e = cudaMalloc (&ptr, size);
+    if (e == cudaErrorMemoryAllocation && !c->capturing) {
+      /* give the cache back and retry once */
+      cudaGetLastError ();
+      cudaStreamSynchronize (c->stream);
+      release_table (p, p->free);
+      e = cudaMalloc (&ptr, size);
+    }
+    if (e != cudaSuccess) {
+      cudaGetLastError ();
+      size_t fr = 0, total = 0;
+      cudaMemGetInfo (&fr, &total);
+      cudaGetLastError ();
+      g_mutex_unlock (&p->lock);
+      g_set_error (error, DIFFUSE_ERROR,
+                   e == cudaErrorMemoryAllocation ? DIFFUSE_ERROR_OUT_OF_MEMORY : DIFFUSE_ERROR_DEVICE,
+                   "%s: cannot allocate %" G_GSIZE_FORMAT " bytes of device memory (%s; %" G_GSIZE_FORMAT
+                   " MiB free of %" G_GSIZE_FORMAT " MiB, %" G_GUINT64_FORMAT " MiB held by the pool)",
+                   diffuse_device_name (c->dev), nbytes, cudaGetErrorString (e), fr >> 20, total >> 20,
+                   p->reserved >> 20);
+      return NULL;
+    }
+    b = g_new0 (Block, 1);
+    b->ptr = ptr;
+    b->size = size;
+    p->reserved += size;
+    p->n_mallocs++;
+    if (p->reserved > p->peak_reserved)
+      p->peak_reserved = p->reserved;
+  }
+  if (pp)
+    b->owner = pp->id;   /* taken while capturing: the graph's from now on */
+  g_hash_table_insert (p->live, b->ptr, b);
+  g_mutex_unlock (&p->lock);
+  return b->ptr;
+}
+
+void
+dcu_pool_free (CudaCtx *c, void *ptr)
+{
+  CudaPool *p = c->pool;
+  g_mutex_lock (&p->lock);
+  Block *b = (Block *) g_hash_table_lookup (p->live, ptr);
+  if (!b) {
+    g_mutex_unlock (&p->lock);
+    g_critical ("CUDA pool: free of an unknown pointer %p", ptr);
+    return;
+  }
+  g_hash_table_remove (p->live, ptr);
+  PrivatePool *pp = b->owner ? (PrivatePool *) g_hash_table_lookup (p->privates, GUINT_TO_POINTER (b->owner)) : NULL;
+  if (pp)
+    push_free (pp->free, b);
+  else {
+    b->owner = 0;
+    push_free (p->free, b);
+  }
+  g_mutex_unlock (&p->lock);
+}
+
+void
+diffuse_cuda_get_pool_stats (DiffuseDevice *dev, DiffuseCudaPoolStats *out)
+{
+  memset (out, 0, sizeof *out);
+  if (!diffuse_device_is_cuda (dev))
+    return;
+  CudaPool *p = dcu_ctx (dev)->pool;
+  g_mutex_lock (&p->lock);
+  out->reserved_bytes = p->reserved;
+  out->peak_reserved_bytes = p->peak_reserved;
+  out->n_cuda_mallocs = p->n_mallocs;
+  out->n_pool_hits = p->n_hits;
+  g_mutex_unlock (&p->lock);
+}
+
+void
+diffuse_cuda_empty_cache (DiffuseDevice *dev)
+{
+  if (!diffuse_device_is_cuda (dev))
+    return;
+  CudaCtx *c = dcu_ctx (dev);
+  if (c->capturing)
+    return;
+  GError *err = NULL;
+  if (!dcu_enter (c, &err)) {
+    g_clear_error (&err);
+    return;
+  }
+  g_mutex_lock (&c->pool->lock);
+  cudaStreamSynchronize (c->stream);
+  release_table (c->pool, c->pool->free);
+  g_mutex_unlock (&c->pool->lock);
+}
+
+/* ---- helpers ----------------------------------------------------------- */
+
+DiffuseTensor *
+dcu_contig (DiffuseTensor *t, int dt, GError **error)
+{
+  DiffuseTensor *r;
+  if (dt >= 0 && (int) t->dtype != dt) {
+    DiffuseTensor *c = diffuse_tensor_new (t->storage->dev, (DiffuseDType) dt, t->ndim, t->shape);
+    if (!c) {
+      diffuse_tensor_take_error (error);
+      return NULL;
+    }
+    if (!dcu_copy (c, t, error)) {
+      diffuse_tensor_unref (c);
+      return NULL;
+    }
+    return c;
+  }
+  if (diffuse_tensor_is_contiguous (t))
+    return diffuse_tensor_ref (t);
+  r = diffuse_tensor_new (t->storage->dev, t->dtype, t->ndim, t->shape);
+  if (!r) {
+    diffuse_tensor_take_error (error);
+    return NULL;
+  }
+  if (!dcu_copy (r, t, error)) {
+    diffuse_tensor_unref (r);
+    return NULL;
+  }
+  return r;
+}
+
+/* ---- CUDA graphs ------------------------------------------------------- */
+
+struct _DiffuseCudaGraph {
+  CudaCtx *ctx;
+  guint id;
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+};
+
+static guint next_graph_id = 1;
+
+gboolean
+diffuse_cuda_graph_begin (DiffuseDevice *dev, GError **error)
+{
+  if (!diffuse_device_is_cuda (dev)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "Graph capture needs a CUDA device, not %s",
+                 diffuse_device_name (dev));
+    return FALSE;
+  }
+  CudaCtx *c = dcu_ctx (dev);
+  if (c->capturing) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "%s: a capture is already under way",
+                 diffuse_device_name (dev));
+    return FALSE;
+  }
+  if (!dcu_enter (c, error))
+    return FALSE;
+  PrivatePool *pp = g_new0 (PrivatePool, 1);
+  pp->free = new_free_table ();
+  g_mutex_lock (&c->pool->lock);
+  pp->id = next_graph_id++;
+  g_hash_table_insert (c->pool->privates, GUINT_TO_POINTER (pp->id), pp);
+  g_mutex_unlock (&c->pool->lock);
+  /* relaxed: a pool miss may still cudaMalloc while capturing */
+  cudaError_t e = cudaStreamBeginCapture (c->stream, cudaStreamCaptureModeRelaxed);
+  if (e != cudaSuccess) {
+    g_mutex_lock (&c->pool->lock);
+    g_hash_table_remove (c->pool->privates, GUINT_TO_POINTER (pp->id));
+    g_mutex_unlock (&c->pool->lock);
+    return dcu_fail (error, e, "cudaStreamBeginCapture");
+  }
+  c->capture_id = pp->id;
+  c->capturing = TRUE;
+  return TRUE;
+}
+
+/* Moves the free blocks of a private pool back to the general pool and
+ * forgets the pool (lock held); live blocks of it return to the general pool
+ * when freed. */
+static void
+drop_private (CudaPool *p, guint id)
+{
+  PrivatePool *pp = (PrivatePool *) g_hash_table_lookup (p->privates, GUINT_TO_POINTER (id));
+  if (!pp)
+    return;
+  GHashTableIter it;
+  gpointer k, v;
+  g_hash_table_iter_init (&it, pp->free);
+  while (g_hash_table_iter_next (&it, &k, &v)) {
+    GPtrArray *stack = (GPtrArray *) v;
+    for (guint i = 0; i < stack->len; i++) {
+      Block *b = (Block *) g_ptr_array_index (stack, i);
+      b->owner = 0;
+      push_free (p->free, b);
+    }
+    g_ptr_array_set_size (stack, 0);
+  }
+  g_hash_table_remove (p->privates, GUINT_TO_POINTER (id));
+}
+
+DiffuseCudaGraph *
+diffuse_cuda_graph_end (DiffuseDevice *dev, GError **error)
+{
+  g_return_val_if_fail (diffuse_device_is_cuda (dev), NULL);
+  CudaCtx *c = dcu_ctx (dev);
+  if (!c->capturing) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "%s: no capture under way",
+                 diffuse_device_name (dev));
+    return NULL;
+  }
+  if (!dcu_enter (c, error))
+    return NULL;
+  cudaGraph_t graph = NULL;
+  cudaError_t e = cudaStreamEndCapture (c->stream, &graph);
+  c->capturing = FALSE;
+  guint id = c->capture_id;
+  c->capture_id = 0;
+  cudaGraphExec_t exec = NULL;
+  if (e == cudaSuccess)
+    e = cudaGraphInstantiate (&exec, graph, 0);
+  if (e != cudaSuccess) {
+    cudaGetLastError ();
+    if (graph)
+      cudaGraphDestroy (graph);
+    g_mutex_lock (&c->pool->lock);
+    drop_private (c->pool, id);
+    g_mutex_unlock (&c->pool->lock);
+    dcu_fail (error, e, "graph capture (an op in the captured region synchronised or used host memory?)");
+    return NULL;
+  }
+  DiffuseCudaGraph *g = g_new0 (DiffuseCudaGraph, 1);
+  g->ctx = c;
+  g->id = id;
+  g->graph = graph;
+  g->exec = exec;
+  return g;
+}
+
+gboolean
+diffuse_cuda_graph_replay (DiffuseCudaGraph *g, GError **error)
+{
+  g_return_val_if_fail (g != NULL, FALSE);
+  if (!dcu_enter (g->ctx, error))
+    return FALSE;
+  DCU_TRY (cudaGraphLaunch (g->exec, g->ctx->stream), "cudaGraphLaunch");
+  return TRUE;
+}
+
+void
+diffuse_cuda_graph_free (DiffuseCudaGraph *g)
+{
+  if (!g)
+    return;
+  CudaCtx *c = g->ctx;
+  GError *err = NULL;
+  if (dcu_enter (c, &err)) {
+    cudaStreamSynchronize (c->stream);
+    cudaGraphExecDestroy (g->exec);
+    cudaGraphDestroy (g->graph);
+  }
+  g_clear_error (&err);
+  g_mutex_lock (&c->pool->lock);
+  drop_private (c->pool, g->id);
+  g_mutex_unlock (&c->pool->lock);
+  g_free (g);
+}

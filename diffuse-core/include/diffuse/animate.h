@@ -1,0 +1,93 @@
+/* gst-diffuse — the AnimateDiff pipeline: prompt -> a clip of frames, equal
+ * to diffusers' AnimateDiffPipeline (pipelines/animatediff/
+ * pipeline_animatediff.py) for the same seed.
+ *
+ * A DiffuseAnimate is built from a DiffusePipelineModel of class
+ * AnimateDiffPipeline (vae, text_encoder, tokenizer, unet, motion_adapter,
+ * scheduler).  diffuse_animate_new_from_pipe () makes one from an already
+ * loaded Stable Diffusion pipeline model plus a MotionAdapter component
+ * (diffusers' AnimateDiffPipeline.from_pipe (sd_pipe, motion_adapter=...)):
+ * the SD components are shared through the component cache, so the
+ * resident bytes grow by the adapter's weights only, and the motion UNet
+ * runs the very DiffuseUNet that text2img uses.
+ *
+ * Each generate() call has its own scheduler state and RNG; calls on one
+ * DiffuseAnimate are serialised internally. */
+#pragma once
+
+#include <diffuse/pipeline.h>
+#include <diffuse/sd.h>
+#include <diffuse/motion.h>
+
+G_BEGIN_DECLS
+
+typedef struct _DiffuseAnimate DiffuseAnimate;
+
+/* A frame was decoded (index is 0-based, in clip order; frames arrive a
+ * decode chunk at a time).  The frame belongs to the result array: copy it
+ * to keep it past generate().  Return FALSE to cancel (generate() then fails
+ * with DIFFUSE_ERROR_CANCELLED). */
+typedef gboolean (*DiffuseFrameFunc) (int index, int total, const DiffuseImage *frame, gpointer user_data);
+
+typedef struct {
+  const char *prompt;
+  const char *negative_prompt;        /* NULL or "": the empty prompt's embedding */
+  int width, height;                  /* 0: unet sample_size * vae scale factor; multiples of 8 */
+  int num_frames;                     /* 16; at most the adapter's motion_max_seq_length */
+  int num_inference_steps;            /* 50 */
+  float guidance_scale;               /* 7.5; <= 1 runs no unconditional pass */
+  guint64 seed;                       /* torch.Generator("cpu").manual_seed(seed) */
+  int clip_skip;                      /* 0 = none */
+  float eta;                          /* DDIM eta, 0 */
+  const char *scheduler;              /* a scheduler class name, NULL = the pipeline's */
+  DiffuseConfig *scheduler_config;    /* replaces the pipeline's scheduler config, NULL = keep */
+  /* Keys set on top of that config, as Scheduler.from_config (config, **overrides);
+   * the seed's example: {"beta_schedule": "linear", "clip_sample": false,
+   * "timestep_spacing": "linspace", "steps_offset": 1} with DDIMScheduler. */
+  DiffuseConfig *scheduler_overrides;
+  DiffuseTensor *prompt_embeds;       /* optional, [1, 77, D]: replaces prompt */
+  DiffuseTensor *negative_prompt_embeds;
+  int decode_chunk_size;              /* frames per VAE decode call, 16 (0 = default) */
+  DiffuseStepFunc on_step;            /* after each denoising step */
+  DiffuseFrameFunc on_frame;          /* after each decoded frame */
+  gpointer user_data;                 /* for both callbacks */
+  GCancellable *cancellable;
+} DiffuseAnimateParams;
+
+void diffuse_animate_default_params (DiffuseAnimateParams *p);
+
+/* pm: an AnimateDiffPipeline model (it must have a motion_adapter).
+ * Errors: DIFFUSE_ERROR_NOT_FOUND (a component is missing),
+ * DIFFUSE_ERROR_UNSUPPORTED (a component of another class, a PIA-style
+ * adapter with conv_in_channels), DIFFUSE_ERROR_CONFIG (the adapter does not
+ * fit the UNet), or a model's load error. */
+DiffuseAnimate *diffuse_animate_new (DiffusePipelineModel *pm, GError **error);
+/* from_pipe: diffuse_pipeline_model_derive (sd_pm, "AnimateDiffPipeline",
+ * {"motion_adapter": motion_adapter}) then diffuse_animate_new (). */
+DiffuseAnimate *diffuse_animate_new_from_pipe (DiffusePipelineModel *sd_pm, DiffuseComponent *motion_adapter,
+                                               GError **error);
+/* Loads a MotionAdapter (a folder or a Hub repo id, e.g.
+ * "guoyww/animatediff-motion-adapter-v1-5-2") into pm's component cache as
+ * component "motion_adapter".  params NULL: defaults with the dtype and
+ * device of pm's unet (the adapter must match them). */
+DiffuseComponent *diffuse_animate_load_adapter (DiffusePipelineModel *pm, const char *ref,
+                                                const DiffuseLoadParams *params, GError **error);
+
+DiffuseAnimate *diffuse_animate_ref (DiffuseAnimate *a);
+void diffuse_animate_unref (DiffuseAnimate *a);
+G_DEFINE_AUTOPTR_CLEANUP_FUNC (DiffuseAnimate, diffuse_animate_unref)
+
+DiffusePipelineModel *diffuse_animate_get_model (DiffuseAnimate *a);
+DiffuseUNetMotion *diffuse_animate_get_unet_motion (DiffuseAnimate *a);   /* borrowed */
+/* unet sample_size * vae scale factor */
+void diffuse_animate_default_size (DiffuseAnimate *a, int *width, int *height);
+/* The most frames one clip may have (the adapter's motion_max_seq_length). */
+int diffuse_animate_max_frames (DiffuseAnimate *a);
+const char *diffuse_animate_scheduler_class (DiffuseAnimate *a);
+const char *const *diffuse_animate_compatible_schedulers (DiffuseAnimate *a);
+
+/* Generates one clip of params->num_frames frames into a new array of
+ * DiffuseImage* (RGB float in [0, 1], free with g_ptr_array_unref). */
+GPtrArray *diffuse_animate_generate (DiffuseAnimate *a, const DiffuseAnimateParams *params, GError **error);
+
+G_END_DECLS

@@ -1,0 +1,608 @@
+/* gst-diffuse — AnimateDiffPipeline.
+ *
+ * The steps follow diffusers' pipeline_animatediff.py (__call__,
+ * encode_prompt, prepare_latents, decode_latents) and the video processor's
+ * postprocess_video, so that one seed gives one clip:
+ *   embeddings [negative, prompt] (CFG in one batch), repeated over frames
+ *   latents = randn([1, C, F, h, w], generator) * init_noise_sigma
+ *   per step: UNetMotionModel on [2, C, F, h, w], guidance, scheduler.step
+ *   decode: latents / scaling_factor, frames in chunks of decode_chunk_size,
+ *           (x / 2 + 0.5).clamp(0, 1). */
+#include <diffuse/animate.h>
+#include <diffuse/unet.h>
+#include <diffuse/vae.h>
+#include <diffuse/clip_text.h>
+#include <diffuse/clip_tokenizer.h>
+#include <diffuse/scheduler.h>
+#include <diffuse/rng.h>
+#include <diffuse/error.h>
+#include <string.h>
+
+struct _DiffuseAnimate {
+  gint ref_count;
+  DiffusePipelineModel *pm;
+  DiffuseUNet *unet;              /* borrowed from the unet component (shared with text2img) */
+  DiffuseMotionAdapter *adapter;  /* borrowed from the motion_adapter component */
+  DiffuseUNetMotion *motion;      /* owned: refs unet + adapter */
+  DiffuseVae *vae;
+  DiffuseClipText *text_encoder;
+  DiffuseClipTokenizer *tokenizer;
+  DiffuseConfig *scheduler_config;
+  char *scheduler_class;
+  GMutex lock;                    /* one generate() at a time */
+};
+
+void
+diffuse_animate_default_params (DiffuseAnimateParams *p)
+{
+  memset (p, 0, sizeof *p);
+  p->num_frames = 16;
+  p->num_inference_steps = 50;
+  p->guidance_scale = 7.5f;
+  p->decode_chunk_size = 16;
+}
+
+/* ---- components ------------------------------------------------------------ */
+
+/* The builders make the same objects as the text2img pipeline's (sd.c), under
+ * the same key, so whichever pipeline comes first builds them for both. */
+static gpointer
+build_unet (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  DiffuseUNetParams p;
+  diffuse_unet_default_params (&p);
+  p.dtype = diffuse_component_dtype (c);
+  p.device = diffuse_component_device (c);
+  p.component = diffuse_component_name (c);
+  return diffuse_unet_new (diffuse_component_config (c), diffuse_component_weights (c), &p, error);
+}
+
+static gpointer
+build_adapter (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  DiffuseMotionAdapterParams p;
+  diffuse_motion_adapter_default_params (&p);
+  p.dtype = diffuse_component_dtype (c);
+  p.device = diffuse_component_device (c);
+  p.component = diffuse_component_name (c);
+  return diffuse_motion_adapter_new (diffuse_component_config (c), diffuse_component_weights (c), &p, error);
+}
+
+static gpointer
+build_vae (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return diffuse_vae_new (diffuse_component_config (c), diffuse_component_weights (c), diffuse_component_device (c),
+                          diffuse_component_dtype (c), error);
+}
+
+static gpointer
+build_text (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return diffuse_clip_text_new (diffuse_component_config (c), diffuse_component_weights (c),
+                                diffuse_component_device (c), diffuse_component_dtype (c), error);
+}
+
+static gpointer
+build_tokenizer (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return diffuse_clip_tokenizer_load (diffuse_component_folder (c), error);
+}
+
+static gpointer
+component_object (DiffusePipelineModel *pm, const char *name, const char *want_class, DiffuseComponentBuildFunc build,
+                  GDestroyNotify destroy, GError **error)
+{
+  DiffuseComponent *c = diffuse_pipeline_model_get (pm, name);
+  if (!c) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "%s: the %s pipeline has no %s",
+                 diffuse_pipeline_model_folder (pm), diffuse_pipeline_model_class (pm), name);
+    return NULL;
+  }
+  if (want_class && !g_str_has_prefix (diffuse_component_class (c), want_class)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "%s: component '%s' is a %s; expected a %s",
+                 diffuse_pipeline_model_folder (pm), name, diffuse_component_class (c), want_class);
+    return NULL;
+  }
+  return diffuse_component_get_object (c, "model", build, NULL, destroy, error);
+}
+
+DiffuseAnimate *
+diffuse_animate_new (DiffusePipelineModel *pm, GError **error)
+{
+  g_return_val_if_fail (pm != NULL, NULL);
+  DiffuseAnimate *a = g_new0 (DiffuseAnimate, 1);
+  a->ref_count = 1;
+  a->pm = diffuse_pipeline_model_ref (pm);
+  g_mutex_init (&a->lock);
+  a->unet = component_object (pm, "unet", "UNet2DConditionModel", build_unet, (GDestroyNotify) diffuse_unet_unref,
+                              error);
+  if (a->unet)
+    a->adapter = component_object (pm, "motion_adapter", "MotionAdapter", build_adapter,
+                                   (GDestroyNotify) diffuse_motion_adapter_unref, error);
+  if (a->adapter && diffuse_motion_adapter_conv_in_channels (a->adapter) > 0) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                 "%s: the motion adapter has conv_in_channels %d (a PIA adapter): AnimateDiffPipeline cannot use it",
+                 diffuse_pipeline_model_folder (pm), diffuse_motion_adapter_conv_in_channels (a->adapter));
+    diffuse_animate_unref (a);
+    return NULL;
+  }
+  if (a->adapter)
+    a->motion = diffuse_unet_motion_new (a->unet, a->adapter, error);
+  if (a->motion)
+    a->vae = component_object (pm, "vae", "AutoencoderKL", build_vae, (GDestroyNotify) diffuse_vae_unref, error);
+  if (a->vae)
+    a->text_encoder = component_object (pm, "text_encoder", "CLIPTextModel", build_text,
+                                        (GDestroyNotify) diffuse_clip_text_unref, error);
+  if (a->text_encoder)
+    a->tokenizer = component_object (pm, "tokenizer", "CLIPTokenizer", build_tokenizer,
+                                     (GDestroyNotify) diffuse_clip_tokenizer_unref, error);
+  if (!a->tokenizer) {
+    diffuse_animate_unref (a);
+    return NULL;
+  }
+  DiffuseComponent *sched = diffuse_pipeline_model_get (pm, "scheduler");
+  if (!sched) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "%s: the pipeline has no scheduler",
+                 diffuse_pipeline_model_folder (pm));
+    diffuse_animate_unref (a);
+    return NULL;
+  }
+  a->scheduler_config = diffuse_config_ref (diffuse_component_config (sched));
+  a->scheduler_class = g_strdup (diffuse_component_class (sched));
+  if (!diffuse_scheduler_class_supported (a->scheduler_class)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "%s: scheduler %s is not implemented",
+                 diffuse_pipeline_model_folder (pm), a->scheduler_class);
+    diffuse_animate_unref (a);
+    return NULL;
+  }
+  return a;
+}
+
+DiffuseAnimate *
+diffuse_animate_new_from_pipe (DiffusePipelineModel *sd_pm, DiffuseComponent *motion_adapter, GError **error)
+{
+  g_return_val_if_fail (sd_pm != NULL && motion_adapter != NULL, NULL);
+  GHashTable *over = g_hash_table_new (g_str_hash, g_str_equal);
+  g_hash_table_insert (over, (gpointer) "motion_adapter", motion_adapter);
+  DiffusePipelineModel *pm = diffuse_pipeline_model_derive (sd_pm, "AnimateDiffPipeline", over, error);
+  g_hash_table_unref (over);
+  if (!pm)
+    return NULL;
+  DiffuseAnimate *a = diffuse_animate_new (pm, error);
+  diffuse_pipeline_model_unref (pm);
+  return a;
+}
+
+DiffuseComponent *
+diffuse_animate_load_adapter (DiffusePipelineModel *pm, const char *ref, const DiffuseLoadParams *params,
+                              GError **error)
+{
+  g_return_val_if_fail (pm != NULL && ref != NULL, NULL);
+  DiffuseLoadParams lp;
+  if (params) {
+    lp = *params;
+  } else {
+    lp = diffuse_load_default_params ();
+    DiffuseComponent *u = diffuse_pipeline_model_get (pm, "unet");
+    if (u) {
+      lp.have_dtype = TRUE;
+      lp.dtype = diffuse_component_dtype (u);
+      lp.device = diffuse_device_name (diffuse_component_device (u));
+    }
+  }
+  DiffuseComponent *c = diffuse_component_load (diffuse_pipeline_model_cache (pm), ref, NULL, "motion_adapter", &lp,
+                                                error);
+  if (c && strcmp (diffuse_component_class (c), "MotionAdapter") != 0) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "%s is a %s, not a MotionAdapter", ref,
+                 diffuse_component_class (c));
+    diffuse_component_unref (c);
+    return NULL;
+  }
+  return c;
+}
+
+DiffuseAnimate *
+diffuse_animate_ref (DiffuseAnimate *a)
+{
+  g_return_val_if_fail (a != NULL, NULL);
+  g_atomic_int_inc (&a->ref_count);
+  return a;
+}
+
+void
+diffuse_animate_unref (DiffuseAnimate *a)
+{
+  if (!a || !g_atomic_int_dec_and_test (&a->ref_count))
+    return;
+  g_clear_pointer (&a->motion, diffuse_unet_motion_unref);
+  g_clear_pointer (&a->scheduler_config, diffuse_config_unref);
+  g_free (a->scheduler_class);
+  diffuse_pipeline_model_unref (a->pm);
+  g_mutex_clear (&a->lock);
+  g_free (a);
+}
+
+DiffusePipelineModel *diffuse_animate_get_model (DiffuseAnimate *a) { return a->pm; }
+DiffuseUNetMotion *diffuse_animate_get_unet_motion (DiffuseAnimate *a) { return a->motion; }
+int diffuse_animate_max_frames (DiffuseAnimate *a) { return diffuse_unet_motion_max_frames (a->motion); }
+const char *diffuse_animate_scheduler_class (DiffuseAnimate *a) { return a->scheduler_class; }
+
+const char *const *
+diffuse_animate_compatible_schedulers (DiffuseAnimate *a)
+{
+  return diffuse_scheduler_compatibles (a->scheduler_class);
+}
+
+void
+diffuse_animate_default_size (DiffuseAnimate *a, int *width, int *height)
+{
+  int s = diffuse_unet_sample_size (a->unet) * diffuse_vae_scale_factor (a->vae);
+  if (width)
+    *width = s;
+  if (height)
+    *height = s;
+}
+
+/* ---- helpers ------------------------------------------------------------------ */
+
+/* [1, L, D] embeddings of one prompt (encode_prompt, num_videos_per_prompt 1). */
+static DiffuseTensor *
+encode_one (DiffuseAnimate *a, const char *text, int clip_skip, GError **error)
+{
+  int max = diffuse_clip_tokenizer_model_max_length (a->tokenizer);
+  int32_t *ids = g_new0 (int32_t, max);
+  int n = diffuse_clip_tokenizer_encode (a->tokenizer, text ? text : "", TRUE, ids, max, error);
+  if (n < 0) {
+    g_free (ids);
+    return NULL;
+  }
+  char *cut = diffuse_clip_tokenizer_truncated_text (a->tokenizer, text ? text : "");
+  if (cut && *cut)
+    g_warning ("The following part of your input was truncated because CLIP can only handle sequences up to %d "
+               "tokens: %s", max, cut);
+  g_free (cut);
+  DiffuseClipTextParams p;
+  diffuse_clip_text_default_params (&p);
+  p.clip_skip = clip_skip;
+  DiffuseClipTextOutput out = { 0 };
+  gboolean ok = diffuse_clip_text_forward (a->text_encoder, ids, 1, n, &p, &out, error);
+  g_free (ids);
+  if (!ok)
+    return NULL;
+  DiffuseTensor *e = diffuse_tensor_ref (out.prompt_embeds);
+  diffuse_clip_text_output_clear (&out);
+  return e;
+}
+
+/* base with the members of over set on top (a new config). */
+static DiffuseConfig *
+merge_config (DiffuseConfig *base, DiffuseConfig *over)
+{
+  JsonNode *node = json_node_init_object (json_node_alloc (), diffuse_config_object (base));
+  JsonNode *copy = json_node_copy (node);
+  json_node_unref (node);
+  JsonObject *merged = json_node_get_object (copy);
+  JsonObject *o = diffuse_config_object (over);
+  GList *keys = json_object_get_members (o);
+  for (GList *l = keys; l; l = l->next)
+    json_object_set_member (merged, l->data, json_node_copy (json_object_get_member (o, l->data)));
+  g_list_free (keys);
+  DiffuseConfig *c = diffuse_config_from_object (merged, diffuse_config_label (base));
+  json_node_unref (copy);
+  return c;
+}
+
+static DiffuseTensor *
+host_f32 (DiffuseTensor *t)
+{
+  DiffuseTensor *h = diffuse_to_device (t, diffuse_device_cpu ());
+  DiffuseTensor *f = diffuse_cast (h, DIFFUSE_DTYPE_F32);
+  diffuse_tensor_clear (&h);
+  DiffuseTensor *c = diffuse_contiguous (f);
+  diffuse_tensor_clear (&f);
+  return c;
+}
+
+static void
+op_error (GError **error, const char *what)
+{
+  if (error && *error)
+    return;
+  if (!diffuse_tensor_take_error (error))
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_FAILED, "%s failed", what);
+}
+
+static gboolean
+cancelled (const DiffuseAnimateParams *p, GError **error)
+{
+  if (p->cancellable && g_cancellable_is_cancelled (p->cancellable)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CANCELLED, "Generation was cancelled");
+    return TRUE;
+  }
+  return FALSE;
+}
+
+static gboolean
+check_params (DiffuseAnimate *a, DiffuseAnimateParams *p, GError **error)
+{
+  int def_w, def_h;
+  diffuse_animate_default_size (a, &def_w, &def_h);
+  if (p->width <= 0)
+    p->width = def_w;
+  if (p->height <= 0)
+    p->height = def_h;
+  if (p->decode_chunk_size <= 0)
+    p->decode_chunk_size = 16;
+  const int vsf = diffuse_vae_scale_factor (a->vae);
+  if (p->width % 8 || p->height % 8 || p->width % vsf || p->height % vsf) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "`height` and `width` have to be divisible by 8 but are %d and %d", p->height, p->width);
+    return FALSE;
+  }
+  const int max_frames = diffuse_animate_max_frames (a);
+  if (p->num_frames < 1 || p->num_frames > max_frames) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "num_frames must be 1..%d (the motion adapter's motion_max_seq_length), got %d", max_frames,
+                 p->num_frames);
+    return FALSE;
+  }
+  if (p->num_inference_steps < 1) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "num_inference_steps must be >= 1 (got %d)",
+                 p->num_inference_steps);
+    return FALSE;
+  }
+  if (p->clip_skip < 0 || p->clip_skip >= diffuse_clip_text_num_layers (a->text_encoder)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "clip_skip must be 0..%d (got %d)",
+                 diffuse_clip_text_num_layers (a->text_encoder) - 1, p->clip_skip);
+    return FALSE;
+  }
+  if (!p->prompt && !p->prompt_embeds) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "Provide either `prompt` or `prompt_embeds`");
+    return FALSE;
+  }
+  for (int k = 0; k < 2; k++) {
+    DiffuseTensor *e = k ? p->negative_prompt_embeds : p->prompt_embeds;
+    if (e && (e->ndim != 3 || e->shape[0] != 1)) {
+      char *d = diffuse_tensor_describe (e);
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "%s %s should be [1, L, D]",
+                   k ? "negative_prompt_embeds" : "prompt_embeds", d);
+      g_free (d);
+      return FALSE;
+    }
+  }
+  return TRUE;
+}
+
+/* Decodes latents [1, C, F, h, w] (host f32, already divided by the scaling
+ * factor) frame chunk by frame chunk; appends the frames to images. */
+static gboolean
+decode_frames (DiffuseAnimate *a, const DiffuseAnimateParams *p, DiffuseTensor *latents, GPtrArray *images,
+               GError **error)
+{
+  const int64_t C = latents->shape[1], F = latents->shape[2], h = latents->shape[3], w = latents->shape[4];
+  /* [1, C, F, h, w] -> [F, C, h, w] */
+  DiffuseTensor *lp = diffuse_permute (latents, (int[]) { 0, 2, 1, 3, 4 });
+  DiffuseTensor *lc = diffuse_contiguous (lp);
+  diffuse_tensor_unref (lp);
+  DiffuseTensor *frames = lc ? diffuse_reshape_4d (lc, F, C, h, w) : NULL;
+  diffuse_tensor_unref (lc);
+  if (!frames) {
+    op_error (error, "latent frames");
+    return FALSE;
+  }
+  DiffuseVaeParams vp;
+  diffuse_vae_default_params (&vp);
+  gboolean ok = TRUE;
+  for (int64_t f0 = 0; ok && f0 < F; f0 += p->decode_chunk_size) {
+    const int64_t nf = MIN ((int64_t) p->decode_chunk_size, F - f0);
+    DiffuseTensor *chunk = diffuse_narrow (frames, 0, f0, nf);
+    DiffuseTensor *dc = chunk ? diffuse_to_device (chunk, diffuse_vae_device (a->vae)) : NULL;
+    diffuse_tensor_unref (chunk);
+    DiffuseTensor *dc2 = dc ? diffuse_cast (dc, diffuse_vae_dtype (a->vae)) : NULL;
+    diffuse_tensor_unref (dc);
+    DiffuseTensor *dcc = dc2 ? diffuse_contiguous (dc2) : NULL;
+    diffuse_tensor_unref (dc2);
+    DiffuseTensor *dec = dcc ? diffuse_vae_decode (a->vae, dcc, &vp, error) : NULL;
+    diffuse_tensor_unref (dcc);
+    DiffuseTensor *hd = dec ? host_f32 (dec) : NULL;
+    diffuse_tensor_unref (dec);
+    if (!hd) {
+      op_error (error, "VAE decode");
+      ok = FALSE;
+      break;
+    }
+    const int H = (int) hd->shape[2], W = (int) hd->shape[3];
+    const size_t plane = (size_t) W * H;
+    const float *dp = diffuse_tensor_f32 (hd);
+    for (int64_t k = 0; ok && k < nf; k++) {
+      DiffuseImage *img = g_new0 (DiffuseImage, 1);
+      img->width = W;
+      img->height = H;
+      img->pixels = g_new (float, plane * 3);
+      for (int c = 0; c < 3; c++) {
+        const float *src = dp + ((size_t) k * 3 + c) * plane;
+        for (size_t i = 0; i < plane; i++) {
+          float v = src[i] / 2.0f + 0.5f;
+          img->pixels[i * 3 + c] = v < 0.0f ? 0.0f : (v > 1.0f ? 1.0f : v);
+        }
+      }
+      g_ptr_array_add (images, img);
+      if (p->on_frame && !p->on_frame ((int) (f0 + k), (int) F, img, p->user_data)) {
+        g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CANCELLED, "Generation was cancelled");
+        ok = FALSE;
+      }
+    }
+    diffuse_tensor_unref (hd);
+    if (ok && cancelled (p, error))
+      ok = FALSE;
+  }
+  diffuse_tensor_unref (frames);
+  return ok;
+}
+
+/* ---- generation --------------------------------------------------------------- */
+
+GPtrArray *
+diffuse_animate_generate (DiffuseAnimate *a, const DiffuseAnimateParams *params, GError **error)
+{
+  g_return_val_if_fail (a != NULL && params != NULL, NULL);
+  DiffuseAnimateParams p = *params;
+  if (!check_params (a, &p, error))
+    return NULL;
+
+  GPtrArray *images = NULL;
+  DiffuseScheduler *sched = NULL;
+  DiffuseConfig *merged = NULL;
+  DiffuseRng *rng = NULL;
+  DiffuseTensor *cond = NULL, *uncond = NULL, *embeds = NULL, *dembeds = NULL, *latents = NULL;
+  DiffuseTensor *model_in = NULL;
+  float *eps = NULL;
+  const DiffuseDType udt = diffuse_unet_dtype (a->unet);
+  DiffuseDevice *udev = diffuse_unet_device (a->unet);
+
+  g_mutex_lock (&a->lock);
+  const gboolean cfg = p.guidance_scale > 1.0f;
+
+  /* 1. prompt embeddings; with CFG [negative, prompt] in one batch (the
+   * motion UNet repeats them over the frames, as repeat_interleave) */
+  cond = p.prompt_embeds ? diffuse_tensor_ref (p.prompt_embeds) : encode_one (a, p.prompt, p.clip_skip, error);
+  if (!cond)
+    goto out;
+  if (cfg) {
+    uncond = p.negative_prompt_embeds ? diffuse_tensor_ref (p.negative_prompt_embeds)
+                                      : encode_one (a, p.negative_prompt ? p.negative_prompt : "", 0, error);
+    if (!uncond)
+      goto out;
+    if (!diffuse_tensor_same_shape (uncond, cond)) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                   "`prompt_embeds` and `negative_prompt_embeds` must have the same shape");
+      goto out;
+    }
+    DiffuseTensor *pair[2] = { uncond, cond };
+    embeds = diffuse_concat (pair, 2, 0);
+  } else {
+    embeds = diffuse_tensor_ref (cond);
+  }
+  if (embeds) {
+    DiffuseTensor *d = diffuse_to_device (embeds, udev);
+    dembeds = d ? diffuse_cast (d, udt) : NULL;
+    diffuse_tensor_clear (&d);
+  }
+  if (!dembeds) {
+    op_error (error, "prompt embedding");
+    goto out;
+  }
+
+  /* 2. scheduler (class swap, config replaced and/or overridden) */
+  {
+    DiffuseConfig *base = p.scheduler_config ? p.scheduler_config : a->scheduler_config;
+    if (p.scheduler_overrides)
+      base = merged = merge_config (base, p.scheduler_overrides);
+    sched = diffuse_scheduler_new_by_name (p.scheduler ? p.scheduler : a->scheduler_class, base, error);
+  }
+  if (!sched || !diffuse_scheduler_set_timesteps (sched, (guint) p.num_inference_steps, error))
+    goto out;
+  diffuse_scheduler_set_eta (sched, p.eta);
+  rng = diffuse_rng_new (p.seed);
+
+  /* 3. prepare_latents: randn([1, C, F, h, w], generator) * init_noise_sigma, one draw */
+  const int vsf = diffuse_vae_scale_factor (a->vae);
+  const int C = diffuse_unet_motion_in_channels (a->motion);
+  const int F = p.num_frames, h = p.height / vsf, w = p.width / vsf;
+  const size_t total = (size_t) C * F * h * w;
+  latents = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 5, (int64_t[]) { 1, C, F, h, w });
+  const int batch = cfg ? 2 : 1;
+  model_in = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 5, (int64_t[]) { batch, C, F, h, w });
+  if (!latents || !model_in) {
+    op_error (error, "latents");
+    goto out;
+  }
+  float *lat = diffuse_tensor_f32 (latents);
+  diffuse_rng_randn (rng, lat, total);
+  const float sigma = diffuse_scheduler_init_noise_sigma (sched);
+  for (size_t i = 0; i < total; i++)
+    lat[i] = lat[i] * sigma;
+
+  /* 4. denoising loop */
+  guint n_ts = 0;
+  diffuse_scheduler_timesteps (sched, &n_ts);
+  eps = g_new (float, total);
+  int step = 0;
+  gboolean ok = TRUE;
+  while (ok && diffuse_scheduler_position (sched) < n_ts) {
+    if (cancelled (&p, error)) {
+      ok = FALSE;
+      break;
+    }
+    const float t = (float) diffuse_scheduler_current_timestep (sched);
+    float *mi = diffuse_tensor_f32 (model_in);
+    memcpy (mi, lat, total * sizeof (float));
+    if (cfg)
+      memcpy (mi + total, lat, total * sizeof (float));
+    diffuse_scheduler_scale_model_input (sched, mi, (size_t) batch * total);
+    DiffuseTensor *x = diffuse_to_device (model_in, udev);
+    DiffuseTensor *x2 = x ? diffuse_cast (x, udt) : NULL;
+    diffuse_tensor_clear (&x);
+    DiffuseTensor *out = x2 ? diffuse_unet_motion_forward (a->motion, x2, &t, 1, dembeds, NULL, error) : NULL;
+    diffuse_tensor_clear (&x2);
+    DiffuseTensor *ho = out ? host_f32 (out) : NULL;
+    diffuse_tensor_clear (&out);
+    if (!ho) {
+      op_error (error, "UNetMotionModel");
+      ok = FALSE;
+      break;
+    }
+    const float *op = diffuse_tensor_f32 (ho);
+    if (cfg) {
+      const float g = p.guidance_scale;
+      const float *u = op, *tx = op + total;
+      for (size_t i = 0; i < total; i++) {
+        float d = tx[i] - u[i];
+        float m = g * d;
+        eps[i] = u[i] + m;
+      }
+    } else {
+      memcpy (eps, op, total * sizeof (float));
+    }
+    diffuse_tensor_unref (ho);
+    if (!diffuse_scheduler_step (sched, eps, lat, total, rng, error)) {
+      ok = FALSE;
+      break;
+    }
+    step++;
+    if (p.on_step && !p.on_step (step, (int) n_ts, p.user_data)) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CANCELLED, "Generation was cancelled");
+      ok = FALSE;
+    }
+  }
+  if (!ok)
+    goto out;
+
+  /* 5. decode_latents + postprocess_video */
+  {
+    const float sf = (float) diffuse_vae_scaling_factor (a->vae);
+    for (size_t i = 0; i < total; i++)
+      lat[i] = lat[i] / sf;
+    images = g_ptr_array_new_with_free_func ((GDestroyNotify) diffuse_image_free);
+    if (!decode_frames (a, &p, latents, images, error))
+      g_clear_pointer (&images, g_ptr_array_unref);
+  }
+
+out:
+  g_mutex_unlock (&a->lock);
+  g_free (eps);
+  diffuse_tensor_clear (&cond);
+  diffuse_tensor_clear (&uncond);
+  diffuse_tensor_clear (&embeds);
+  diffuse_tensor_clear (&dembeds);
+  diffuse_tensor_clear (&latents);
+  diffuse_tensor_clear (&model_in);
+  if (merged)
+    diffuse_config_unref (merged);
+  if (sched)
+    diffuse_scheduler_free (sched);
+  if (rng)
+    diffuse_rng_free (rng);
+  return images;
+}

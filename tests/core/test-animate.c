@@ -1,0 +1,583 @@
+/* AnimateDiff against diffusers (tests/reference/make_animatediff_fixtures.py):
+ *   - MotionAdapter loading (three tiny configurations: v1.5-2 style with a
+ *     mid-block motion module, v1.4 style without one and with per-block
+ *     heads/depths and stored positional tables, PIA style with conv_in),
+ *     parameter counts equal to diffusers';
+ *   - UNetMotionModel.from_unet2d (unet, adapter) forward in f32, within 1e-4
+ *     relative, also at a latent size that needs forwarded upsample sizes;
+ *   - AnimateDiffPipeline.from_pipe (sd, motion_adapter=...) frames within one
+ *     8-bit level, for DDIM (the seed's linear-beta config), Euler,
+ *     Euler ancestral and DPM++, with and without CFG, 4 to 16 frames,
+ *     decode chunks smaller than the clip;
+ *   - sharing: building the animate pipeline from a loaded SD pipeline adds
+ *     only the adapter's bytes to the component cache, and its motion UNet
+ *     runs the very DiffuseUNet object of the SD pipeline;
+ *   - errors: a missing adapter weight, too many frames, a PIA adapter in the
+ *     AnimateDiff pipeline, cancellation. */
+#include "testutil.h"
+#include <diffuse/animate.h>
+#include <diffuse/motion.h>
+#include <diffuse/sd.h>
+#include <json-glib/json-glib.h>
+#include <string.h>
+
+static DiffuseComponentCache *cache;
+static DiffusePipelineModel *sd_pm;      /* tiny-sd in `cache` */
+static DiffuseSafetensors *frames_st, *forward_st;
+static JsonObject *params_json;
+
+static DiffusePipelineModel *
+get_sd (void)
+{
+  if (sd_pm)
+    return sd_pm;
+  GError *err = NULL;
+  char *path = tu_fixture ("pipelines/tiny-sd");
+  sd_pm = diffuse_pipeline_model_load (path, NULL, cache, &err);
+  g_assert_no_error (err);
+  g_free (path);
+  return sd_pm;
+}
+
+static DiffuseMotionAdapter *
+load_adapter (const char *name)
+{
+  GError *err = NULL;
+  char *rel = g_strdup_printf ("animatediff/%s", name);
+  char *dir = tu_fixture (rel);
+  DiffuseMotionAdapter *a = diffuse_motion_adapter_new_from_dir (dir, NULL, &err);
+  g_assert_no_error (err);
+  g_assert_nonnull (a);
+  g_free (dir);
+  g_free (rel);
+  return a;
+}
+
+static guint64
+param_count (const char *adapter, const char *what)
+{
+  JsonObject *ads = json_object_get_object_member (params_json, "adapters");
+  return (guint64) json_object_get_int_member (json_object_get_object_member (ads, adapter), what);
+}
+
+/* ---- models ---------------------------------------------------------------- */
+
+static void
+test_adapters (void)
+{
+  static const char *names[] = { "a", "b", "c" };
+  static const gboolean mid[] = { TRUE, FALSE, TRUE };
+  static const int seq[] = { 16, 8, 8 };
+  static const int conv_in[] = { 0, 0, 9 };
+  for (int i = 0; i < 3; i++) {
+    DiffuseMotionAdapter *a = load_adapter (names[i]);
+    g_assert_cmpint (diffuse_motion_adapter_n_blocks (a), ==, 2);
+    g_assert_cmpint (diffuse_motion_adapter_has_mid_block (a), ==, mid[i]);
+    g_assert_cmpint (diffuse_motion_adapter_max_seq_length (a), ==, seq[i]);
+    g_assert_cmpint (diffuse_motion_adapter_conv_in_channels (a), ==, conv_in[i]);
+    g_assert_cmpuint (diffuse_motion_adapter_n_params (a), ==, param_count (names[i], "adapter"));
+    g_assert_null (diffuse_motion_adapter_unused_keys (a)[0]);
+    diffuse_motion_adapter_unref (a);
+  }
+}
+
+static DiffuseUNet *
+load_unet (void)
+{
+  GError *err = NULL;
+  char *dir = tu_fixture ("pipelines/tiny-sd/unet");
+  DiffuseUNet *u = diffuse_unet_new_from_dir (dir, NULL, &err);
+  g_assert_no_error (err);
+  g_free (dir);
+  return u;
+}
+
+static void
+run_forward (gconstpointer data)
+{
+  const char *key = data;                   /* "a", "b-odd", ... */
+  char adapter[2] = { key[0], 0 };
+  GError *err = NULL;
+  DiffuseUNet *u = load_unet ();
+  DiffuseMotionAdapter *a = load_adapter (adapter);
+  DiffuseUNetMotion *m = diffuse_unet_motion_new (u, a, &err);
+  g_assert_no_error (err);
+  g_assert_true (diffuse_unet_motion_get_unet (m) == u);
+  g_assert_cmpuint (diffuse_unet_motion_n_params (m), ==, param_count (adapter, "unet_motion"));
+  g_assert_cmpuint (diffuse_unet_n_params (u), ==, param_count (adapter, "unet"));
+
+  char *name = g_strdup_printf ("%s.sample", key);
+  DiffuseTensor *x = tu_get (forward_st, name);
+  g_free (name);
+  name = g_strdup_printf ("%s.encoder_hidden_states", key);
+  DiffuseTensor *ehs = tu_get (forward_st, name);
+  g_free (name);
+  name = g_strdup_printf ("%s.timestep", key);
+  DiffuseTensor *tt = tu_get (forward_st, name);
+  g_free (name);
+  name = g_strdup_printf ("%s.out", key);
+  DiffuseTensor *want = tu_get (forward_st, name);
+  g_free (name);
+  float t = diffuse_tensor_f32 (tt)[0];
+  g_assert_cmpint (x->shape[1], ==, diffuse_unet_motion_in_channels (m));
+
+  DiffuseTensor *got = diffuse_unet_motion_forward (m, x, &t, 1, ehs, NULL, &err);
+  g_assert_no_error (err);
+  tu_assert_close (got, want, 1e-6, 1e-4, key);
+  diffuse_tensor_unref (got);
+
+  /* the per-video embeddings [B, L, D] are repeated over the frames: same
+   * result as passing them repeat_interleave'd */
+  const int64_t B = x->shape[0], F = x->shape[2];
+  DiffuseTensor *first = diffuse_narrow (ehs, 0, 0, 1);           /* frame 0 of video 0 */
+  DiffuseTensor **rows = g_new (DiffuseTensor *, B * F);
+  for (int64_t i = 0; i < B * F; i++)
+    rows[i] = first;
+  DiffuseTensor *rep = diffuse_concat (rows, (int) (B * F), 0);
+  DiffuseTensor **few = g_new (DiffuseTensor *, B);
+  for (int64_t i = 0; i < B; i++)
+    few[i] = first;
+  DiffuseTensor *per_video = diffuse_concat (few, (int) B, 0);
+  DiffuseTensor *y1 = diffuse_unet_motion_forward (m, x, &t, 1, rep, NULL, &err);
+  g_assert_no_error (err);
+  DiffuseTensor *y2 = diffuse_unet_motion_forward (m, x, &t, 1, per_video, NULL, &err);
+  g_assert_no_error (err);
+  g_assert_cmpfloat (diffuse_tensor_max_abs_diff (y1, y2), <=, 1e-6);
+  if (x->shape[1] == diffuse_unet_in_channels (u)) {
+    /* the motion modules matter: the UNet alone on each frame gives something else */
+    DiffuseTensor *xp = diffuse_permute (x, (int[]) { 0, 2, 1, 3, 4 });
+    DiffuseTensor *xc = diffuse_contiguous (xp);
+    DiffuseTensor *x4 = diffuse_reshape_4d (xc, B * F, x->shape[1], x->shape[3], x->shape[4]);
+    DiffuseTensor *y4 = diffuse_unet_forward (u, x4, &t, 1, ehs, NULL, &err);
+    g_assert_no_error (err);
+    DiffuseTensor *wp = diffuse_permute (want, (int[]) { 0, 2, 1, 3, 4 });
+    DiffuseTensor *wc = diffuse_contiguous (wp);
+    DiffuseTensor *w4 = diffuse_reshape_4d (wc, B * F, want->shape[1], want->shape[3], want->shape[4]);
+    double d = diffuse_tensor_max_abs_diff (y4, w4);
+    g_test_message ("%s: UNet2D per frame vs UNetMotionModel: max diff %.3g", key, d);
+    g_assert_cmpfloat (d, >, 1e-2);
+    for (DiffuseTensor **tp = (DiffuseTensor *[]) { xp, xc, x4, y4, wp, wc, w4, NULL }; *tp; tp++)
+      diffuse_tensor_unref (*tp);
+  }
+  diffuse_tensor_unref (y1);
+  diffuse_tensor_unref (y2);
+  diffuse_tensor_unref (rep);
+  diffuse_tensor_unref (per_video);
+  diffuse_tensor_unref (first);
+  g_free (rows);
+  g_free (few);
+
+  diffuse_tensor_unref (x);
+  diffuse_tensor_unref (ehs);
+  diffuse_tensor_unref (tt);
+  diffuse_tensor_unref (want);
+  diffuse_unet_motion_unref (m);
+  diffuse_motion_adapter_unref (a);
+  diffuse_unet_unref (u);
+}
+
+static void
+test_forward_errors (void)
+{
+  GError *err = NULL;
+  DiffuseUNet *u = load_unet ();
+  DiffuseMotionAdapter *a = load_adapter ("b");          /* max 8 frames */
+  DiffuseUNetMotion *m = diffuse_unet_motion_new (u, a, &err);
+  g_assert_no_error (err);
+  float t = 10.0f;
+  DiffuseTensor *x = diffuse_tensor_zeros (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 5,
+                                           (int64_t[]) { 1, 4, 9, 8, 8 });
+  DiffuseTensor *ehs = diffuse_tensor_zeros (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 3, (int64_t[]) { 1, 7, 32 });
+  g_assert_null (diffuse_unet_motion_forward (m, x, &t, 1, ehs, NULL, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_assert_nonnull (strstr (err->message, "motion_max_seq_length"));
+  g_clear_error (&err);
+  diffuse_tensor_unref (x);
+  /* a 4-D sample */
+  x = diffuse_tensor_zeros (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 4, (int64_t[]) { 1, 4, 8, 8 });
+  g_assert_null (diffuse_unet_motion_forward (m, x, &t, 1, ehs, NULL, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_clear_error (&err);
+  diffuse_tensor_unref (x);
+  diffuse_tensor_unref (ehs);
+  diffuse_unet_motion_unref (m);
+  diffuse_motion_adapter_unref (a);
+  diffuse_unet_unref (u);
+}
+
+/* An adapter folder with one weight left out: NOT_FOUND naming key and component. */
+static void
+test_missing_weight (void)
+{
+  const char *drop = "down_blocks.1.motion_modules.0.transformer_blocks.0.attn2.to_k.weight";
+  char *dir = tu_mkdtemp ();
+  char *src = tu_fixture ("animatediff/a");
+  char *cfg_src = g_build_filename (src, "config.json", NULL);
+  char *cfg_dst = g_build_filename (dir, "config.json", NULL);
+  char *contents = NULL;
+  gsize len = 0;
+  g_assert_true (g_file_get_contents (cfg_src, &contents, &len, NULL));
+  g_assert_true (g_file_set_contents (cfg_dst, contents, (gssize) len, NULL));
+  g_free (contents);
+  char *wsrc = g_build_filename (src, "diffusion_pytorch_model.safetensors", NULL);
+  GError *err = NULL;
+  DiffuseSafetensors *st = diffuse_safetensors_open (wsrc, &err);
+  g_assert_no_error (err);
+  DiffuseStWriter *w = diffuse_st_writer_new ();
+  for (guint i = 0; i < diffuse_safetensors_n_tensors (st); i++) {
+    const DiffuseStEntry *e = diffuse_safetensors_entry (st, i);
+    if (strcmp (e->name, drop) == 0)
+      continue;
+    DiffuseTensor *t = diffuse_safetensors_tensor (st, e->name, DIFFUSE_DTYPE_F32, NULL, &err);
+    g_assert_no_error (err);
+    diffuse_st_writer_add (w, e->name, t);
+    diffuse_tensor_unref (t);
+  }
+  char *wdst = g_build_filename (dir, "diffusion_pytorch_model.safetensors", NULL);
+  g_assert_true (diffuse_st_writer_write (w, wdst, &err));
+  g_assert_no_error (err);
+  diffuse_st_writer_free (w);
+  diffuse_safetensors_unref (st);
+
+  DiffuseMotionAdapter *a = diffuse_motion_adapter_new_from_dir (dir, NULL, &err);
+  g_assert_null (a);
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
+  g_assert_nonnull (strstr (err->message, drop));
+  g_assert_nonnull (strstr (err->message, "motion_adapter"));
+  g_clear_error (&err);
+
+  /* an adapter whose blocks do not fit the UNet: wrong shapes for its config */
+  DiffuseConfig *cfg = diffuse_config_from_string ("{\"_class_name\": \"MotionAdapter\", \"block_out_channels\": "
+                                                   "[8, 32], \"motion_layers_per_block\": 1, "
+                                                   "\"motion_num_attention_heads\": 2, \"motion_norm_num_groups\": 4, "
+                                                   "\"motion_max_seq_length\": 16}", "bad-config", &err);
+  g_assert_no_error (err);
+  const char *paths[2] = { wsrc, NULL };
+  DiffuseWeights *wt = diffuse_weights_open (paths, &err);
+  g_assert_no_error (err);
+  a = diffuse_motion_adapter_new (cfg, wt, NULL, &err);
+  g_assert_null (a);
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG);
+  g_clear_error (&err);
+  diffuse_weights_unref (wt);
+  diffuse_config_unref (cfg);
+
+  tu_rm_rf (dir);
+  g_free (wdst);
+  g_free (wsrc);
+  g_free (cfg_src);
+  g_free (cfg_dst);
+  g_free (src);
+  g_free (dir);
+}
+
+/* ---- the pipeline ------------------------------------------------------------ */
+
+static DiffuseComponent *
+load_adapter_component (DiffusePipelineModel *pm, const char *name)
+{
+  GError *err = NULL;
+  char *rel = g_strdup_printf ("animatediff/%s", name);
+  char *dir = tu_fixture (rel);
+  DiffuseComponent *c = diffuse_animate_load_adapter (pm, dir, NULL, &err);
+  g_assert_no_error (err);
+  g_assert_nonnull (c);
+  g_assert_cmpstr (diffuse_component_class (c), ==, "MotionAdapter");
+  g_free (dir);
+  g_free (rel);
+  return c;
+}
+
+static DiffuseConfig *
+config_from_member (JsonObject *o, const char *member)
+{
+  JsonNode *n = json_object_get_member (o, member);
+  if (!n || !JSON_NODE_HOLDS_OBJECT (n) || json_object_get_size (json_node_get_object (n)) == 0)
+    return NULL;
+  JsonNode *copy = json_node_copy (n);
+  DiffuseConfig *c = diffuse_config_from_object (json_node_get_object (copy), member);
+  json_node_unref (copy);
+  return c;
+}
+
+static void
+run_case (gconstpointer data)
+{
+  JsonObject *c = (JsonObject *) data;
+  const char *id = json_object_get_string_member (c, "id");
+  GError *err = NULL;
+  DiffusePipelineModel *pm = get_sd ();
+  DiffuseComponent *ad = load_adapter_component (pm, json_object_get_string_member (c, "adapter"));
+  DiffuseAnimate *anim = diffuse_animate_new_from_pipe (pm, ad, &err);
+  g_assert_no_error (err);
+  diffuse_component_unref (ad);
+
+  DiffuseAnimateParams p;
+  diffuse_animate_default_params (&p);
+  p.prompt = json_object_get_string_member (c, "prompt");
+  JsonNode *neg = json_object_get_member (c, "negative_prompt");
+  p.negative_prompt = JSON_NODE_HOLDS_NULL (neg) ? NULL : json_node_get_string (neg);
+  p.width = (int) json_object_get_int_member (c, "width");
+  p.height = (int) json_object_get_int_member (c, "height");
+  p.num_frames = (int) json_object_get_int_member (c, "num_frames");
+  p.num_inference_steps = (int) json_object_get_int_member (c, "steps");
+  p.guidance_scale = (float) json_object_get_double_member (c, "guidance");
+  p.seed = (guint64) json_object_get_int_member (c, "seed");
+  p.decode_chunk_size = (int) json_object_get_int_member (c, "decode_chunk_size");
+  p.scheduler = json_object_get_string_member (c, "scheduler");
+  p.scheduler_overrides = config_from_member (c, "scheduler_overrides");
+
+  GPtrArray *out = diffuse_animate_generate (anim, &p, &err);
+  g_assert_no_error (err);
+  const DiffuseStEntry *e = diffuse_safetensors_find (frames_st, id);
+  g_assert_nonnull (e);
+  g_assert_cmpint (e->dtype, ==, DIFFUSE_ST_U8);
+  const int n = (int) e->shape[0], h = (int) e->shape[1], w = (int) e->shape[2];
+  g_assert_cmpint (out->len, ==, n);
+  int worst = 0;
+  guint64 off_by_one = 0;
+  guint8 *got = g_malloc ((size_t) h * w * 3);
+  for (int f = 0; f < n; f++) {
+    DiffuseImage *img = g_ptr_array_index (out, f);
+    g_assert_cmpint (img->width, ==, w);
+    g_assert_cmpint (img->height, ==, h);
+    diffuse_image_to_rgb8 (img, got, w * 3);
+    const guint8 *ref = (const guint8 *) e->data + (size_t) f * h * w * 3;
+    for (int i = 0; i < h * w * 3; i++) {
+      int d = abs ((int) got[i] - (int) ref[i]);
+      worst = MAX (worst, d);
+      off_by_one += d == 1;
+    }
+  }
+  g_test_message ("%s: %d frames %dx%d, max diff %d levels, %" G_GUINT64_FORMAT " values off by one", id, n, w, h,
+                  worst, off_by_one);
+  g_assert_cmpint (worst, <=, 1);
+  g_free (got);
+  g_ptr_array_unref (out);
+  if (p.scheduler_overrides)
+    diffuse_config_unref (p.scheduler_overrides);
+  diffuse_animate_unref (anim);
+}
+
+static gpointer
+must_not_build (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  g_error ("component %s was not built yet", diffuse_component_name (c));
+  return NULL;
+}
+
+static void
+test_sharing (void)
+{
+  /* a fresh cache: the SD pipeline loaded and used for text2img first */
+  GError *err = NULL;
+  DiffuseComponentCache *own = diffuse_component_cache_new ();
+  char *path = tu_fixture ("pipelines/tiny-sd");
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (path, NULL, own, &err);
+  g_assert_no_error (err);
+  g_free (path);
+  DiffuseSD *sd = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
+  g_assert_no_error (err);
+  DiffuseUNet *sd_unet = diffuse_component_get_object (diffuse_pipeline_model_get (pm, "unet"), "model",
+                                                       must_not_build, NULL, NULL, &err);
+  g_assert_nonnull (sd_unet);
+
+  DiffuseCacheStats before, after;
+  DiffuseMemStats mem_before, mem_after;
+  diffuse_component_cache_get_stats (own, &before);
+  diffuse_device_get_mem_stats (diffuse_device_cpu (), &mem_before);
+  DiffuseComponent *ad = load_adapter_component (pm, "a");
+  DiffuseAnimate *anim = diffuse_animate_new_from_pipe (pm, ad, &err);
+  g_assert_no_error (err);
+  diffuse_component_cache_get_stats (own, &after);
+  diffuse_device_get_mem_stats (diffuse_device_cpu (), &mem_after);
+
+  guint64 adapter_bytes = diffuse_component_bytes (ad);
+  g_test_message ("cache resident %" G_GUINT64_FORMAT " -> %" G_GUINT64_FORMAT " (adapter %" G_GUINT64_FORMAT
+                  " bytes); device resident %" G_GUINT64_FORMAT " -> %" G_GUINT64_FORMAT ", borrowed %"
+                  G_GUINT64_FORMAT " -> %" G_GUINT64_FORMAT, before.resident_bytes, after.resident_bytes,
+                  adapter_bytes, mem_before.resident_bytes, mem_after.resident_bytes, mem_before.borrowed_bytes,
+                  mem_after.borrowed_bytes);
+  g_assert_cmpuint (adapter_bytes, >, 0);
+  g_assert_cmpuint (after.resident_bytes - before.resident_bytes, ==, adapter_bytes);
+  g_assert_cmpuint (after.n_loads, ==, before.n_loads + 1);        /* the adapter only */
+  g_assert_cmpuint (after.n_components, ==, before.n_components + 1);
+  /* no copy of the UNet: the device holds at most the adapter's bytes more */
+  g_assert_cmpuint (mem_after.resident_bytes + mem_after.borrowed_bytes, <=,
+                    mem_before.resident_bytes + mem_before.borrowed_bytes + adapter_bytes);
+  /* the same components and the same UNet object */
+  DiffusePipelineModel *apm = diffuse_animate_get_model (anim);
+  g_assert_cmpstr (diffuse_pipeline_model_class (apm), ==, "AnimateDiffPipeline");
+  for (const char *const *nm = (const char *const[]) { "unet", "vae", "text_encoder", "tokenizer", "scheduler",
+                                                       NULL }; *nm; nm++)
+    g_assert_true (diffuse_pipeline_model_get (apm, *nm) == diffuse_pipeline_model_get (pm, *nm));
+  g_assert_true (diffuse_pipeline_model_get (apm, "motion_adapter") == ad);
+  g_assert_true (diffuse_unet_motion_get_unet (diffuse_animate_get_unet_motion (anim)) == sd_unet);
+
+  /* a second animate pipeline over the same adapter: no new load */
+  DiffuseComponent *ad2 = load_adapter_component (pm, "a");
+  g_assert_true (ad2 == ad);
+  DiffuseAnimate *anim2 = diffuse_animate_new_from_pipe (pm, ad2, &err);
+  g_assert_no_error (err);
+  DiffuseCacheStats again;
+  diffuse_component_cache_get_stats (own, &again);
+  g_assert_cmpuint (again.resident_bytes, ==, after.resident_bytes);
+  g_assert_cmpuint (again.n_loads, ==, after.n_loads);
+  g_assert_true (diffuse_unet_motion_get_adapter (diffuse_animate_get_unet_motion (anim2)) ==
+                 diffuse_unet_motion_get_adapter (diffuse_animate_get_unet_motion (anim)));
+
+  int w, h;
+  diffuse_animate_default_size (anim, &w, &h);
+  g_assert_cmpint (w, ==, 16);      /* sample_size 8 * vae scale factor 2 */
+  g_assert_cmpint (h, ==, 16);
+  g_assert_cmpint (diffuse_animate_max_frames (anim), ==, 16);
+  g_assert_cmpstr (diffuse_animate_scheduler_class (anim), ==, "PNDMScheduler");
+
+  diffuse_animate_unref (anim2);
+  diffuse_component_unref (ad2);
+  diffuse_animate_unref (anim);
+  diffuse_component_unref (ad);
+  diffuse_sd_unref (sd);
+  diffuse_pipeline_model_unref (pm);
+  diffuse_component_cache_unref (own);
+}
+
+static gboolean
+cancel_at_two (int step, int total, gpointer user_data)
+{
+  int *calls = user_data;
+  (*calls)++;
+  return step < 2;
+}
+
+static gboolean
+count_frames (int index, int total, const DiffuseImage *frame, gpointer user_data)
+{
+  int *next = user_data;
+  g_assert_cmpint (index, ==, *next);
+  g_assert_cmpint (total, ==, 3);
+  g_assert_nonnull (frame->pixels);
+  (*next)++;
+  return TRUE;
+}
+
+static void
+test_cancel_and_errors (void)
+{
+  GError *err = NULL;
+  DiffusePipelineModel *pm = get_sd ();
+  DiffuseComponent *ad = load_adapter_component (pm, "b");
+  DiffuseAnimate *anim = diffuse_animate_new_from_pipe (pm, ad, &err);
+  g_assert_no_error (err);
+  diffuse_component_unref (ad);
+
+  DiffuseAnimateParams p;
+  diffuse_animate_default_params (&p);
+  g_assert_cmpint (p.num_frames, ==, 16);
+  g_assert_cmpint (p.decode_chunk_size, ==, 16);
+  p.prompt = "x";
+  p.width = p.height = 16;
+  p.num_frames = 9;                        /* adapter b takes at most 8 */
+  p.num_inference_steps = 2;
+  g_assert_null (diffuse_animate_generate (anim, &p, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_clear_error (&err);
+  p.num_frames = 3;
+  p.width = 30;
+  g_assert_null (diffuse_animate_generate (anim, &p, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_clear_error (&err);
+  p.width = 16;
+  p.scheduler = "NoSuchScheduler";
+  g_assert_null (diffuse_animate_generate (anim, &p, &err));
+  g_assert_nonnull (err);
+  g_assert_nonnull (strstr (err->message, "NoSuchScheduler"));
+  g_clear_error (&err);
+  p.scheduler = NULL;
+
+  int calls = 0;
+  p.num_inference_steps = 6;
+  p.on_step = cancel_at_two;
+  p.user_data = &calls;
+  g_assert_null (diffuse_animate_generate (anim, &p, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_CANCELLED);
+  g_assert_cmpint (calls, ==, 2);
+  g_clear_error (&err);
+
+  int next = 0;
+  p.on_step = NULL;
+  p.on_frame = count_frames;
+  p.user_data = &next;
+  p.num_inference_steps = 1;
+  p.decode_chunk_size = 2;
+  GPtrArray *out = diffuse_animate_generate (anim, &p, &err);
+  g_assert_no_error (err);
+  g_assert_cmpint (out->len, ==, 3);
+  g_assert_cmpint (next, ==, 3);
+  g_ptr_array_unref (out);
+  diffuse_animate_unref (anim);
+
+  /* a PIA adapter (conv_in_channels) cannot run in AnimateDiffPipeline */
+  ad = load_adapter_component (pm, "c");
+  g_assert_null (diffuse_animate_new_from_pipe (pm, ad, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED);
+  g_clear_error (&err);
+  diffuse_component_unref (ad);
+
+  /* an AnimateDiffPipeline model without its adapter */
+  g_assert_null (diffuse_animate_new (pm, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
+  g_assert_nonnull (strstr (err->message, "motion_adapter"));
+  g_clear_error (&err);
+}
+
+int
+main (int argc, char **argv)
+{
+  g_test_init (&argc, &argv, NULL);
+  if (!tu_have_fixture ("animatediff/cases.json"))
+    return 0;
+  cache = diffuse_component_cache_new ();
+  frames_st = tu_open ("animatediff/frames.safetensors");
+  forward_st = tu_open ("animatediff/forward.safetensors");
+  GError *err = NULL;
+  char *path = tu_fixture ("animatediff/params.json");
+  JsonParser *pp = json_parser_new ();
+  json_parser_load_from_file (pp, path, &err);
+  g_assert_no_error (err);
+  g_free (path);
+  params_json = json_node_get_object (json_parser_get_root (pp));
+  path = tu_fixture ("animatediff/cases.json");
+  JsonParser *parser = json_parser_new ();
+  json_parser_load_from_file (parser, path, &err);
+  g_assert_no_error (err);
+  g_free (path);
+
+  g_test_add_func ("/animate/adapters", test_adapters);
+  static const char *fwd[] = { "a", "a-odd", "b", "b-odd", "c" };
+  for (guint i = 0; i < G_N_ELEMENTS (fwd); i++) {
+    char *name = g_strdup_printf ("/animate/forward/%s", fwd[i]);
+    g_test_add_data_func (name, fwd[i], run_forward);
+    g_free (name);
+  }
+  g_test_add_func ("/animate/forward-errors", test_forward_errors);
+  g_test_add_func ("/animate/missing-weight", test_missing_weight);
+  JsonArray *cases = json_object_get_array_member (json_node_get_object (json_parser_get_root (parser)), "cases");
+  for (guint i = 0; i < json_array_get_length (cases); i++) {
+    JsonObject *c = json_array_get_object_element (cases, i);
+    char *name = g_strdup_printf ("/animate/pipeline/%s", json_object_get_string_member (c, "id"));
+    g_test_add_data_func (name, c, run_case);
+    g_free (name);
+  }
+  g_test_add_func ("/animate/sharing", test_sharing);
+  g_test_add_func ("/animate/cancel-and-errors", test_cancel_and_errors);
+  int rc = g_test_run ();
+  g_object_unref (parser);
+  g_object_unref (pp);
+  if (sd_pm)
+    diffuse_pipeline_model_unref (sd_pm);
+  diffuse_safetensors_unref (frames_st);
+  diffuse_safetensors_unref (forward_st);
+  diffuse_component_cache_unref (cache);
+  return rc;
+}
