@@ -47,6 +47,8 @@ struct CudaCtx {
   void *stage[2];
   cudaEvent_t stage_ev[2];
   size_t stage_size;
+  int stage_next;
+  gboolean stage_failed;       /* no pinned memory: plain synchronous copies */
   /* graph capture */
   gboolean capturing;
   guint capture_id;            /* private pool id of the graph being captured */
@@ -94,6 +96,10 @@ gboolean dcu_pool_init (CudaCtx *c, GError **error);
 void dcu_pool_destroy (CudaCtx *c);
 void *dcu_pool_alloc (CudaCtx *c, size_t nbytes, GError **error);
 void dcu_pool_free (CudaCtx *c, void *p);
+
+/* host -> device through the pinned staging buffers (backend.cu): returns
+ * once src may be reused; the copy itself is queued on the stream. */
+gboolean dcu_upload (CudaCtx *c, void *dst, const void *src, size_t nbytes, GError **error);
 
 /* A scratch buffer from the pool, freed (returned to the pool) with dcu_scratch_free.
  * Stream order makes reuse by the next op safe. */

@@ -183,11 +183,9 @@ dcu_embedding (DiffuseTensor *out, DiffuseTensor *table, const int32_t *ids, int
   int32_t *dids = (int32_t *) dcu_scratch (c, sizeof (int32_t) * (size_t) n, error);
   if (!dids)
     return FALSE;
-  /* pageable source: the call returns once the ids are staged, so the host array may go */
-  cudaError_t e = cudaMemcpyAsync (dids, ids, sizeof (int32_t) * (size_t) n, cudaMemcpyHostToDevice, c->stream);
-  if (e != cudaSuccess) {
+  if (!dcu_upload (c, dids, ids, sizeof (int32_t) * (size_t) n, error)) {
     dcu_scratch_free (c, dids);
-    return dcu_fail (error, e, "embedding ids upload");
+    return FALSE;
   }
   k_embedding<<<dcu_blocks (c, n * D), 256, 0, c->stream>>> (dcu_ptr (out), out->dtype, dcu_ptr (table), table->dtype,
                                                              table->stride[0], table->stride[1], dids, D, n);

@@ -37,6 +37,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=10**9)
     ap.add_argument("--init", help="continue from this VAE folder")
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="freeze encoder + quant_conv (latent space unchanged) and tune the decoder")
     ap.add_argument("--fg-weight", type=float, default=20.0,
                     help="extra loss weight on foreground (shape) pixels")
     a = ap.parse_args()
@@ -53,7 +55,11 @@ def main():
     del xf
     vae = AutoencoderKL.from_pretrained(a.init) if a.init else make_vae()
     print("vae params", sum(p.numel() for p in vae.parameters()), flush=True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=a.lr, weight_decay=0.0)
+    if a.decoder_only:
+        for m in (vae.encoder, vae.quant_conv):
+            m.requires_grad_(False)
+    train_params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(train_params, lr=a.lr, weight_decay=0.0)
     t0 = time.time()
     budget = a.minutes * 60
     step = 0
@@ -68,7 +74,11 @@ def main():
             g["lr"] = lr
         idx = torch.from_numpy(rng.integers(0, n, a.bs))
         x = x_all[idx].float() / 127.5 - 1
-        post = vae.encode(x).latent_dist
+        if a.decoder_only:
+            with torch.no_grad():
+                post = vae.encode(x).latent_dist
+        else:
+            post = vae.encode(x).latent_dist
         z = post.sample()
         rec = vae.decode(z).sample
         w = 1 + a.fg_weight * fg_all[idx]
@@ -76,10 +86,10 @@ def main():
         l1 = ((rec - x).abs() * w).mean()
         mse = ((rec - x) ** 2 * w).mean()
         kl = post.kl().mean()
-        loss = l1 + mse + a.kl * kl
+        loss = l1 + mse + (0.0 if a.decoder_only else a.kl * kl)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(train_params, 1.0)
         opt.step()
         step += 1
         ema = mse.item() if ema is None else 0.98 * ema + 0.02 * mse.item()

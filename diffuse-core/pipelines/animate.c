@@ -274,21 +274,21 @@ encode_one (DiffuseAnimate *a, const char *text, int clip_skip, GError **error)
   return e;
 }
 
-/* base with the members of over set on top (a new config). */
+/* base with the members of over set on top: a new config (json_node_copy
+ * shares objects, so the top level is rebuilt; base is never modified). */
 static DiffuseConfig *
 merge_config (DiffuseConfig *base, DiffuseConfig *over)
 {
-  JsonNode *node = json_node_init_object (json_node_alloc (), diffuse_config_object (base));
-  JsonNode *copy = json_node_copy (node);
-  json_node_unref (node);
-  JsonObject *merged = json_node_get_object (copy);
-  JsonObject *o = diffuse_config_object (over);
-  GList *keys = json_object_get_members (o);
-  for (GList *l = keys; l; l = l->next)
-    json_object_set_member (merged, l->data, json_node_copy (json_object_get_member (o, l->data)));
-  g_list_free (keys);
+  JsonObject *merged = json_object_new ();
+  JsonObject *srcs[2] = { diffuse_config_object (base), diffuse_config_object (over) };
+  for (int k = 0; k < 2; k++) {
+    GList *keys = json_object_get_members (srcs[k]);
+    for (GList *l = keys; l; l = l->next)
+      json_object_set_member (merged, l->data, json_node_copy (json_object_get_member (srcs[k], l->data)));
+    g_list_free (keys);
+  }
   DiffuseConfig *c = diffuse_config_from_object (merged, diffuse_config_label (base));
-  json_node_unref (copy);
+  json_object_unref (merged);
   return c;
 }
 

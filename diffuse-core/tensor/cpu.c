@@ -347,13 +347,16 @@ cpu_activation (DiffuseTensor *out, DiffuseTensor *x, DiffuseActivation act, GEr
   }
   const float *p = diffuse_tensor_f32 (xc);
   int64_t n = diffuse_tensor_numel (x);
-  if (act == DIFFUSE_ACT_SILU || act == DIFFUSE_ACT_QUICK_GELU || act == DIFFUSE_ACT_SIGMOID) {
+  if (act == DIFFUSE_ACT_SILU || act == DIFFUSE_ACT_QUICK_GELU || act == DIFFUSE_ACT_SIGMOID ||
+      act == DIFFUSE_ACT_GELU) {
     const int64_t blk = 16384, nb = (n + blk - 1) / blk;
 #pragma omp parallel for if (n > 65536) schedule (static)
     for (int64_t bi = 0; bi < nb; bi++) {
       const int64_t i0 = bi * blk, m = MIN (blk, n - i0);
       if (act == DIFFUSE_ACT_SIGMOID)
         dk_sigmoid (o + i0, p + i0, m);
+      else if (act == DIFFUSE_ACT_GELU)
+        dk_gelu (o + i0, p + i0, m);
       else
         dk_silu (o + i0, p + i0, m, act == DIFFUSE_ACT_SILU ? 1.0f : 1.702f);
     }
@@ -382,8 +385,7 @@ cpu_geglu (DiffuseTensor *out, DiffuseTensor *x, GError **error)
   for (int64_t r = 0; r < rows; r++) {
     const float *h = p + r * 2 * n, *g = h + n;
     float *orow = o + r * n;
-    for (int64_t j = 0; j < n; j++)
-      orow[j] = h[j] * act_apply (DIFFUSE_ACT_GELU, g[j]);
+    dk_geglu (orow, h, g, n);
   }
   out_end (out, o);
   diffuse_tensor_unref (xc);
@@ -497,15 +499,23 @@ cpu_linear (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
   }
   int64_t M = out->shape[0], N = out->shape[1], K = x->shape[1];
   const float *bias = bc ? diffuse_tensor_f32 (bc) : NULL;
-  if (bias) {
-    /* start from the bias so sgemm accumulates into it (beta = 1) */
-#pragma omp parallel for if (M * N > 65536) schedule (static)
-    for (int64_t i = 0; i < M; i++)
-      memcpy (o + i * N, bias, N * sizeof (float));
+  const float *px = diffuse_tensor_f32 (xc), *pw = diffuse_tensor_f32 (wc);
+  const int nt = nthreads ();
+  /* many rows: independent row bands, one single-threaded sgemm each (no
+   * synchronisation inside OpenBLAS; a preempted thread delays only its
+   * band); few rows: one sgemm with OpenBLAS's threads */
+  const int64_t band = nt > 1 && M >= 512 * nt ? MAX (256, (M + 4 * nt - 1) / (4 * nt)) : MAX (M, 1);
+  const int64_t nband = (M + band - 1) / band;
+#pragma omp parallel for if (nband > 1) schedule (dynamic)
+  for (int64_t bi = 0; bi < nband; bi++) {
+    const int64_t r0 = bi * band, m = MIN (band, M - r0);
+    if (bias)   /* start from the bias so sgemm accumulates into it (beta = 1) */
+      for (int64_t i = r0; i < r0 + m; i++)
+        memcpy (o + i * N, bias, N * sizeof (float));
+    if (m > 0 && N > 0)
+      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, (int) m, (int) N, (int) K, 1.0f, px + r0 * K,
+                   (int) MAX (K, 1), pw, (int) MAX (K, 1), bias ? 1.0f : 0.0f, o + r0 * N, (int) N);
   }
-  if (M > 0 && N > 0)
-    cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, (int) M, (int) N, (int) K, 1.0f, diffuse_tensor_f32 (xc),
-                 (int) MAX (K, 1), diffuse_tensor_f32 (wc), (int) MAX (K, 1), bias ? 1.0f : 0.0f, o, (int) N);
   out_end (out, o);
   diffuse_tensor_unref (xc);
   diffuse_tensor_unref (wc);
@@ -515,6 +525,46 @@ cpu_linear (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
 
 /* ---- convolution ----------------------------------------------------------- */
 
+/* im2col of output rows [r0, r0 + nr) of one image into col [K, nr * Wo] (row stride ldcol) */
+static void
+im2col_rows (float *col, int64_t ldcol, const float *xn, int64_t Cin, int64_t H, int64_t W, int64_t kh, int64_t kw,
+             int sh, int sw, int ph, int pw, int64_t Wo, int64_t r0, int64_t nr)
+{
+  const int64_t cols = ldcol;
+  for (int64_t c = 0; c < Cin; c++)
+    for (int64_t ky = 0; ky < kh; ky++)
+      for (int64_t kx = 0; kx < kw; kx++) {
+        float *dst = col + ((c * kh + ky) * kw + kx) * cols;
+        for (int64_t oy = 0; oy < nr; oy++) {
+          int64_t iy = (r0 + oy) * sh - ph + ky;
+          float *d = dst + oy * Wo;
+          if (iy < 0 || iy >= H) {
+            memset (d, 0, Wo * sizeof (float));
+            continue;
+          }
+          const float *srow = xn + (c * H + iy) * W;
+          if (sw == 1) {
+            int64_t ox0 = MIN (Wo, MAX (0, pw - kx)), ox1 = MIN (Wo, W + pw - kx);
+            for (int64_t ox = 0; ox < ox0; ox++) d[ox] = 0.0f;
+            if (ox1 > ox0)
+              memcpy (d + ox0, srow + ox0 - pw + kx, (ox1 - ox0) * sizeof (float));
+            for (int64_t ox = MAX (ox1, ox0); ox < Wo; ox++) d[ox] = 0.0f;
+          } else {
+            for (int64_t ox = 0; ox < Wo; ox++) {
+              int64_t ix = ox * sw - pw + kx;
+              d[ox] = (ix >= 0 && ix < W) ? srow[ix] : 0.0f;
+            }
+          }
+        }
+      }
+}
+
+/* Convolution as GEMM: out[n] [Cout, P] = W [Cout, K] * col [K, P] (+ bias).
+ * The work is cut into independent tasks (an image and a band of output rows,
+ * or of output pixels for 1x1 convolutions), each run by one thread with a
+ * single-threaded sgemm on its own im2col buffer: no barrier between the
+ * im2col and the GEMM, no synchronisation inside OpenBLAS, and a thread that
+ * the OS preempts delays only its own task (dynamic schedule). */
 static gboolean
 cpu_conv2d (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTensor *b, int sh, int sw, int ph,
             int pw, GError **error)
@@ -535,64 +585,129 @@ cpu_conv2d (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
   const float *px = diffuse_tensor_f32 (xc), *pwt = diffuse_tensor_f32 (wc);
   const float *bias = bc ? diffuse_tensor_f32 (bc) : NULL;
   const gboolean pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  const int nt = nthreads ();
+  const int64_t flops = 2 * N * Cout * P * K;
 
-  /* im2col in blocks of output rows so the column buffer stays bounded */
-  int64_t rows_per_block = Ho;
+  /* the unit of work: a band of `unit` output rows (or pixels when pointwise) */
+  const int64_t len = pointwise ? P : Ho;
+  int64_t per_task = len;
   if (!pointwise) {
-    const int64_t budget = 32 * 1024 * 1024 / sizeof (float);
-    rows_per_block = MAX (1, MIN (Ho, budget / MAX (1, K * Wo)));
-    col = g_try_malloc (sizeof (float) * (size_t) (K * rows_per_block * Wo));
+    /* im2col buffer of at most ~8 MiB per thread */
+    const int64_t budget = 2 * 1024 * 1024;
+    per_task = MAX (1, MIN (Ho, budget / MAX (1, K * Wo)));
+  }
+  /* enough tasks to keep every thread busy (several per thread when large) */
+  int64_t want = flops > 50000000 ? 4 * nt : flops > 2000000 ? nt : 1;
+  int64_t per_img = (len + per_task - 1) / per_task;
+  if (N * per_img < want)
+    per_img = MIN (len, (want + N - 1) / N);
+  per_task = (len + per_img - 1) / per_img;
+  if (pointwise && per_task < len)
+    per_task = MIN (len, (per_task + 15) & ~(int64_t) 15);
+  per_img = (len + per_task - 1) / per_task;
+  const int64_t ntask = N * per_img;
+  const int nthr = (int) MIN ((int64_t) nt, ntask);
+
+  /* per-thread tasks need GEMMs wide enough to amortise packing W (Cout x K)
+   * in each; small images with many channels are done as one threaded GEMM
+   * over the columns of all images instead */
+  const gboolean batched = ntask > 1 && (pointwise ? per_task : per_task * Wo) < 256;
+  if (batched) {
+    const int64_t NP = N * P;
+    col = g_try_malloc (sizeof (float) * (size_t) (K * NP));
+    float *tmp = N > 1 ? g_try_malloc (sizeof (float) * (size_t) (Cout * NP)) : NULL;
+    if (!col || (N > 1 && !tmp)) {
+      g_free (tmp);
+      goto done;
+    }
+    if (pointwise) {
+#pragma omp parallel for collapse (2) if (K * NP > 65536) schedule (static)
+      for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < Cin; c++)
+          memcpy (col + c * NP + n * P, px + (n * Cin + c) * P, P * sizeof (float));
+    } else {
+      const int64_t ncb = MIN (Cin, 4 * nt);
+#pragma omp parallel for collapse (2) schedule (dynamic)
+      for (int64_t n = 0; n < N; n++)
+        for (int64_t cb = 0; cb < ncb; cb++) {
+          const int64_t c0 = cb * Cin / ncb, c1 = (cb + 1) * Cin / ncb;
+          im2col_rows (col + c0 * kh * kw * NP + n * P, NP, px + (n * Cin + c0) * H * W, c1 - c0, H, W, kh, kw, sh,
+                       sw, ph, pw, Wo, 0, Ho);
+        }
+    }
+    float *dst = N > 1 ? tmp : o;
+    if (bias && N == 1)
+      for (int64_t c = 0; c < Cout; c++)
+        for (int64_t i = 0; i < P; i++)
+          dst[c * P + i] = bias[c];
+    cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) Cout, (int) NP, (int) K, 1.0f, pwt, (int) K, col,
+                 (int) NP, (bias && N == 1) ? 1.0f : 0.0f, dst, (int) NP);
+    if (N > 1) {
+#pragma omp parallel for collapse (2) if (Cout * NP > 65536) schedule (static)
+      for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < Cout; c++) {
+          const float *sr = tmp + c * NP + n * P;
+          float *dr = o + (n * Cout + c) * P;
+          const float bv = bias ? bias[c] : 0.0f;
+          for (int64_t i = 0; i < P; i++)
+            dr[i] = sr[i] + bv;
+        }
+      g_free (tmp);
+    }
+    ok = TRUE;
+    goto done;
+  }
+
+  if (!pointwise) {
+    col = g_try_malloc (sizeof (float) * (size_t) (K * per_task * Wo) * nthr);
     if (!col)
       goto done;
   }
 
-  for (int64_t n = 0; n < N; n++) {
-    const float *xn = px + n * Cin * H * W;
-    float *on = o + n * Cout * P;
-    if (bias) {
-#pragma omp parallel for if (Cout * P > 65536) schedule (static)
+  if (nthr <= 1 && ntask == 1) {
+    /* one task: let OpenBLAS use its threads */
+    float *on = o;
+    const int64_t cols = P;
+    if (bias)
       for (int64_t c = 0; c < Cout; c++)
         for (int64_t i = 0; i < P; i++)
           on[c * P + i] = bias[c];
+    const float *bm = px;
+    if (!pointwise) {
+      im2col_rows (col, P, px, Cin, H, W, kh, kw, sh, sw, ph, pw, Wo, 0, Ho);
+      bm = col;
     }
-    if (pointwise) {
-      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) Cout, (int) P, (int) Cin, 1.0f, pwt, (int) Cin,
-                   xn, (int) P, bias ? 1.0f : 0.0f, on, (int) P);
-      continue;
-    }
-    for (int64_t r0 = 0; r0 < Ho; r0 += rows_per_block) {
-      const int64_t nr = MIN (rows_per_block, Ho - r0);
-      const int64_t cols = nr * Wo;
-#pragma omp parallel for collapse (2) schedule (static)
-      for (int64_t c = 0; c < Cin; c++)
-        for (int64_t ky = 0; ky < kh; ky++) {
-          for (int64_t kx = 0; kx < kw; kx++) {
-            float *dst = col + ((c * kh + ky) * kw + kx) * cols;
-            for (int64_t oy = 0; oy < nr; oy++) {
-              int64_t iy = (r0 + oy) * sh - ph + ky;
-              float *d = dst + oy * Wo;
-              if (iy < 0 || iy >= H) {
-                memset (d, 0, Wo * sizeof (float));
-                continue;
-              }
-              const float *srow = xn + (c * H + iy) * W;
-              if (sw == 1) {
-                int64_t ox0 = MAX (0, pw - kx), ox1 = MIN (Wo, W + pw - kx);
-                for (int64_t ox = 0; ox < ox0 && ox < Wo; ox++) d[ox] = 0.0f;
-                if (ox1 > ox0)
-                  memcpy (d + ox0, srow + ox0 - pw + kx, (ox1 - ox0) * sizeof (float));
-                for (int64_t ox = MAX (ox1, ox0); ox < Wo; ox++) d[ox] = 0.0f;
-              } else {
-                for (int64_t ox = 0; ox < Wo; ox++) {
-                  int64_t ix = ox * sw - pw + kx;
-                  d[ox] = (ix >= 0 && ix < W) ? srow[ix] : 0.0f;
-                }
-              }
-            }
-          }
-        }
+    cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) Cout, (int) cols, (int) K, 1.0f, pwt, (int) K, bm,
+                 (int) cols, bias ? 1.0f : 0.0f, on, (int) P);
+  } else {
+#pragma omp parallel for schedule (dynamic) num_threads (nthr)
+    for (int64_t task = 0; task < ntask; task++) {
+      int tid = 0;
+#ifdef _OPENMP
+      tid = omp_get_thread_num ();
+#endif
+      const int64_t n = task / per_img, u0 = (task % per_img) * per_task, nu = MIN (per_task, len - u0);
+      const float *xn = px + n * Cin * H * W;
+      /* output columns [c0, c0 + cols) of image n */
+      const int64_t c0 = pointwise ? u0 : u0 * Wo, cols = pointwise ? nu : nu * Wo;
+      float *on = o + n * Cout * P + c0;
+      if (bias)
+        for (int64_t c = 0; c < Cout; c++)
+          for (int64_t i = 0; i < cols; i++)
+            on[c * P + i] = bias[c];
+      const float *bm;
+      int64_t ldb;
+      if (pointwise) {
+        bm = xn + c0;
+        ldb = P;
+      } else {
+        float *cl = col + (size_t) tid * K * per_task * Wo;
+        im2col_rows (cl, cols, xn, Cin, H, W, kh, kw, sh, sw, ph, pw, Wo, u0, nu);
+        bm = cl;
+        ldb = cols;
+      }
       cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) Cout, (int) cols, (int) K, 1.0f, pwt, (int) K,
-                   col, (int) cols, bias ? 1.0f : 0.0f, on + r0 * Wo, (int) P);
+                   bm, (int) ldb, bias ? 1.0f : 0.0f, on, (int) P);
     }
   }
   ok = TRUE;

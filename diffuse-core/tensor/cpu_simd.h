@@ -27,3 +27,7 @@ double dk_sum (const float *x, int64_t n);
 double dk_sqdev (const float *x, int64_t n, float mean);
 /* o[i] = x[i] * scale[i] + shift[i] */
 void dk_mul_add (float *o, const float *x, int64_t n, const float *scale, const float *shift);
+/* o[i] = GELU (x[i]) with the exact (erf) form; erf to about 1e-7 */
+void dk_gelu (float *o, const float *x, int64_t n);
+/* o[i] = h[i] * GELU (g[i]) (GEGLU) */
+void dk_geglu (float *o, const float *h, const float *g, int64_t n);

@@ -1,7 +1,11 @@
 /* gst-diffuse — tensor records, storage, devices, views. */
 #include "tensor-private.h"
+#include "diffuse-config.h"
 #include <string.h>
 #include <stdio.h>
+#if DIFFUSE_HAVE_CUDA
+#include "diffuse-cuda.h"
+#endif
 
 /* ---- dtypes ------------------------------------------------------------ */
 
@@ -113,11 +117,26 @@ open_backend_device (BackendEntry *e, int index, GError **error)
   return dev;
 }
 
+/* Accelerator backends built into this library register themselves once,
+ * the first time a device is asked for by name. */
+static void
+register_builtin_backends (void)
+{
+#if DIFFUSE_HAVE_CUDA
+  static gsize done;
+  if (g_once_init_enter (&done)) {
+    _diffuse_cuda_register ();
+    g_once_init_leave (&done, 1);
+  }
+#endif
+}
+
 DiffuseDevice *
 diffuse_device_get (const char *name, GError **error)
 {
   if (!name || !*name || g_ascii_strcasecmp (name, "cpu") == 0)
     return diffuse_device_cpu ();
+  register_builtin_backends ();
 
   DiffuseDevice *dev = NULL;
   g_mutex_lock (&backends_lock);

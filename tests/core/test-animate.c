@@ -20,6 +20,8 @@
 #include <diffuse/sd.h>
 #include <json-glib/json-glib.h>
 #include <string.h>
+#include <stdio.h>
+#include <unistd.h>
 
 static DiffuseComponentCache *cache;
 static DiffusePipelineModel *sd_pm;      /* tiny-sd in `cache` */
@@ -269,6 +271,81 @@ test_missing_weight (void)
   g_free (cfg_dst);
   g_free (src);
   g_free (dir);
+}
+
+/* The full-size v1-5-2 configuration: a weight file with diffusers' keys and
+ * shapes (v1-5-2-state.json; a sparse file of zeros, F16, never read), loaded
+ * without a missing or unused key, with diffusers' parameter count. */
+static void
+test_full_size (void)
+{
+  GError *err = NULL;
+  char *path = tu_fixture ("animatediff/v1-5-2-state.json");
+  JsonParser *parser = json_parser_new ();
+  json_parser_load_from_file (parser, path, &err);
+  g_assert_no_error (err);
+  g_free (path);
+  JsonObject *root = json_node_get_object (json_parser_get_root (parser));
+  JsonArray *tensors = json_object_get_array_member (root, "tensors");
+  GString *h = g_string_new ("{");
+  guint64 off = 0;
+  for (guint i = 0; i < json_array_get_length (tensors); i++) {
+    JsonArray *e = json_array_get_array_element (tensors, i);
+    JsonArray *shape = json_array_get_array_element (e, 1);
+    guint64 numel = 1;
+    g_string_append_printf (h, "%s\"%s\":{\"dtype\":\"F16\",\"shape\":[", i ? "," : "",
+                            json_array_get_string_element (e, 0));
+    for (guint d = 0; d < json_array_get_length (shape); d++) {
+      gint64 v = json_array_get_int_element (shape, d);
+      numel *= (guint64) v;
+      g_string_append_printf (h, "%s%" G_GINT64_FORMAT, d ? "," : "", v);
+    }
+    g_string_append_printf (h, "],\"data_offsets\":[%" G_GUINT64_FORMAT ",%" G_GUINT64_FORMAT "]}", off,
+                            off + 2 * numel);
+    off += 2 * numel;
+  }
+  g_string_append (h, "}");
+  while (h->len % 8)
+    g_string_append_c (h, ' ');
+  char *dir = tu_mkdtemp ();
+  char *cfg_path = g_build_filename (dir, "config.json", NULL);
+  JsonGenerator *gen = json_generator_new ();
+  json_generator_set_root (gen, json_object_get_member (root, "config"));
+  g_assert_true (json_generator_to_file (gen, cfg_path, &err));
+  g_assert_no_error (err);
+  g_object_unref (gen);
+  char *w_path = g_build_filename (dir, "diffusion_pytorch_model.safetensors", NULL);
+  FILE *f = fopen (w_path, "wb");
+  g_assert_nonnull (f);
+  guint64 hl = GUINT64_TO_LE ((guint64) h->len);
+  g_assert_cmpuint (fwrite (&hl, 8, 1, f), ==, 1);
+  g_assert_cmpuint (fwrite (h->str, 1, h->len, f), ==, h->len);
+  g_assert_cmpint (fflush (f), ==, 0);
+  g_assert_cmpint (ftruncate (fileno (f), (off_t) (8 + h->len + off)), ==, 0);   /* sparse: no disk, no RAM */
+  fclose (f);
+
+  DiffuseMotionAdapterParams mp;
+  diffuse_motion_adapter_default_params (&mp);
+  mp.dtype = DIFFUSE_DTYPE_F16;        /* the file's dtype: tensors borrow the mapping */
+  DiffuseMotionAdapter *a = diffuse_motion_adapter_new_from_dir (dir, &mp, &err);
+  g_assert_no_error (err);
+  JsonObject *v152 = json_object_get_object_member (params_json, "v1-5-2");
+  guint64 want = (guint64) json_object_get_int_member (v152, "adapter");
+  g_test_message ("v1-5-2: %" G_GUINT64_FORMAT " parameters (diffusers %" G_GUINT64_FORMAT "), %u tensors, "
+                  "%" G_GUINT64_FORMAT " bytes", diffuse_motion_adapter_n_params (a), want,
+                  json_array_get_length (tensors), off);
+  g_assert_cmpuint (diffuse_motion_adapter_n_params (a), ==, want);
+  g_assert_null (diffuse_motion_adapter_unused_keys (a)[0]);
+  g_assert_cmpint (diffuse_motion_adapter_max_seq_length (a), ==, 32);
+  g_assert_true (diffuse_motion_adapter_has_mid_block (a));
+  diffuse_motion_adapter_unref (a);
+
+  tu_rm_rf (dir);
+  g_free (w_path);
+  g_free (cfg_path);
+  g_free (dir);
+  g_string_free (h, TRUE);
+  g_object_unref (parser);
 }
 
 /* ---- the pipeline ------------------------------------------------------------ */
@@ -562,6 +639,7 @@ main (int argc, char **argv)
   }
   g_test_add_func ("/animate/forward-errors", test_forward_errors);
   g_test_add_func ("/animate/missing-weight", test_missing_weight);
+  g_test_add_func ("/animate/full-size-params", test_full_size);
   JsonArray *cases = json_object_get_array_member (json_node_get_object (json_parser_get_root (parser)), "cases");
   for (guint i = 0; i < json_array_get_length (cases); i++) {
     JsonObject *c = json_array_get_object_element (cases, i);

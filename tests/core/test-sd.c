@@ -6,6 +6,8 @@
 #include "testutil.h"
 #include <diffuse/sd.h>
 #include <diffuse/scheduler.h>
+#include <diffuse/clip_text.h>
+#include <diffuse/clip_tokenizer.h>
 #include <json-glib/json-glib.h>
 #include <string.h>
 
@@ -21,7 +23,10 @@ get_model (const char *rel)
     return pm;
   GError *err = NULL;
   char *path = tu_fixture (rel);
-  pm = diffuse_pipeline_model_load (path, NULL, cache, &err);
+  /* DIFFUSE_TEST_DEVICE=cuda:0 runs the same cases on a GPU (tests/bench/gpu/run.sh) */
+  DiffuseLoadParams lp = diffuse_load_default_params ();
+  lp.device = g_getenv ("DIFFUSE_TEST_DEVICE");
+  pm = diffuse_pipeline_model_load (path, &lp, cache, &err);
   g_assert_no_error (err);
   g_free (path);
   g_hash_table_insert (models, g_strdup (rel), pm);
@@ -46,8 +51,23 @@ run_case (gconstpointer data)
   JsonObject *c = (JsonObject *) data;
   const char *id = json_object_get_string_member (c, "id");
   const char *task = json_object_get_string_member (c, "task");
-  DiffusePipelineModel *pm = get_model (json_object_get_string_member (c, "model"));
+  DiffusePipelineModel *pm = diffuse_pipeline_model_ref (get_model (json_object_get_string_member (c, "model")));
   GError *err = NULL;
+  if (json_object_has_member (c, "scheduler_from")) {
+    /* Scheduler.from_pretrained(other_repo, subfolder="scheduler") passed as the pipeline's scheduler */
+    char *other = tu_fixture (json_object_get_string_member (c, "scheduler_from"));
+    DiffuseComponent *sc = diffuse_component_load (cache, other, "scheduler", "scheduler", NULL, &err);
+    g_assert_no_error (err);
+    g_free (other);
+    GHashTable *ov = g_hash_table_new (g_str_hash, g_str_equal);
+    g_hash_table_insert (ov, (gpointer) "scheduler", sc);
+    DiffusePipelineModel *derived = diffuse_pipeline_model_derive (pm, NULL, ov, &err);
+    g_assert_no_error (err);
+    g_hash_table_unref (ov);
+    diffuse_component_unref (sc);
+    diffuse_pipeline_model_unref (pm);
+    pm = derived;
+  }
   DiffuseSD *sd = diffuse_sd_new (pm, strcmp (task, "img2img") == 0 ? DIFFUSE_SD_IMG2IMG : DIFFUSE_SD_TEXT2IMG, &err);
   g_assert_no_error (err);
 
@@ -70,14 +90,18 @@ run_case (gconstpointer data)
     /* the checkpoint's scheduler config with the options on top (from_config(config, **kwargs)) */
     JsonObject *base = diffuse_config_object (diffuse_component_config (diffuse_pipeline_model_get (pm, "scheduler")));
     JsonObject *o = json_object_get_object_member (c, "scheduler_options");
-    JsonNode *copy = json_node_copy (json_node_init_object (json_node_alloc (), base));
-    JsonObject *merged = json_node_get_object (copy);
-    GList *keys = json_object_get_members (o);
+    /* a new object: the component's config is shared and must not change */
+    JsonObject *merged = json_object_new ();
+    GList *keys = json_object_get_members (base);
+    for (GList *l = keys; l; l = l->next)
+      json_object_set_member (merged, l->data, json_node_copy (json_object_get_member (base, l->data)));
+    g_list_free (keys);
+    keys = json_object_get_members (o);
     for (GList *l = keys; l; l = l->next)
       json_object_set_member (merged, l->data, json_node_copy (json_object_get_member (o, l->data)));
     g_list_free (keys);
     opts = diffuse_config_from_object (merged, "scheduler_options");
-    json_node_unref (copy);
+    json_object_unref (merged);
     p.scheduler_config = opts;
   }
   DiffuseImage *init = NULL;
@@ -117,6 +141,7 @@ run_case (gconstpointer data)
   if (opts)
     diffuse_config_unref (opts);
   diffuse_sd_unref (sd);
+  diffuse_pipeline_model_unref (pm);
 }
 
 static void
@@ -129,6 +154,7 @@ test_shared_components (void)
   diffuse_component_cache_get_stats (cache, &before);
   DiffuseLoadParams lp = diffuse_load_default_params ();
   lp.pipeline_class = "StableDiffusionImg2ImgPipeline";
+  lp.device = g_getenv ("DIFFUSE_TEST_DEVICE");
   char *path = tu_fixture ("pipelines/tiny-sd");
   DiffusePipelineModel *pm2 = diffuse_pipeline_model_load (path, &lp, cache, &err);
   g_free (path);
@@ -146,6 +172,53 @@ test_shared_components (void)
   diffuse_sd_unref (a);
   diffuse_sd_unref (b);
   diffuse_pipeline_model_unref (pm2);
+}
+
+/* Precomputed prompt embeddings give the same image as the prompt: the
+ * clip-skip case (diffusers made it from prompt_embeds) through both paths. */
+static void
+test_prompt_embeds (void)
+{
+  GError *err = NULL;
+  DiffusePipelineModel *pm = get_model ("pipelines/tiny-sd");
+  DiffuseSD *sd = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
+  g_assert_no_error (err);
+  DiffuseComponent *tc = diffuse_pipeline_model_get (pm, "text_encoder");
+  DiffuseClipText *te = diffuse_clip_text_new (diffuse_component_config (tc), diffuse_component_weights (tc),
+                                               diffuse_device_cpu (), DIFFUSE_DTYPE_F32, &err);
+  char *tdir = tu_fixture ("pipelines/tiny-sd/tokenizer");
+  DiffuseClipTokenizer *tok = diffuse_clip_tokenizer_load (tdir, &err);
+  g_assert_no_error (err);
+  g_free (tdir);
+  int32_t ids[77];
+  int n = diffuse_clip_tokenizer_encode (tok, "a small blue square at the top left", TRUE, ids, 77, &err);
+  DiffuseClipTextParams tp;
+  diffuse_clip_text_default_params (&tp);
+  tp.clip_skip = 1;
+  DiffuseClipTextOutput out = { 0 };
+  g_assert_true (diffuse_clip_text_forward (te, ids, 1, n, &tp, &out, &err));
+  DiffuseSDParams p;
+  diffuse_sd_default_params (&p);
+  p.prompt_embeds = out.prompt_embeds;
+  p.num_inference_steps = 4;
+  p.seed = 123;
+  p.width = p.height = 32;
+  GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+  g_assert_no_error (err);
+  int nn, h, w;
+  const guint8 *want = expected ("A-clipskip", &nn, &h, &w);
+  guint8 *got = g_malloc ((size_t) h * w * 3);
+  diffuse_image_to_rgb8 (g_ptr_array_index (imgs, 0), got, w * 3);
+  int worst = 0;
+  for (int i = 0; i < h * w * 3; i++)
+    worst = MAX (worst, abs ((int) got[i] - (int) want[i]));
+  g_assert_cmpint (worst, <=, 1);
+  g_free (got);
+  g_ptr_array_unref (imgs);
+  diffuse_clip_text_output_clear (&out);
+  diffuse_clip_text_unref (te);
+  diffuse_clip_tokenizer_unref (tok);
+  diffuse_sd_unref (sd);
 }
 
 static gboolean
@@ -231,6 +304,7 @@ main (int argc, char **argv)
     g_free (name);
   }
   g_test_add_func ("/sd/shared-components", test_shared_components);
+  g_test_add_func ("/sd/prompt-embeds", test_prompt_embeds);
   g_test_add_func ("/sd/cancel-and-errors", test_cancel_and_errors);
   int rc = g_test_run ();
   g_object_unref (parser);

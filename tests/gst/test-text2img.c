@@ -296,7 +296,7 @@ wait_steps (StepLog *log, int n)
 GST_START_TEST (test_cancel_on_ready)
 {
   /* a large frame with many steps: minutes if not interrupted */
-  GstHarness *h = new_src ("video/x-raw,format=RGB,width=64,height=64", 1000, 1);
+  GstHarness *h = new_src ("video/x-raw,format=RGB,width=64,height=64", 500, 1);
   StepLog log;
   memset (&log, 0, sizeof log);
   GstBus *bus = gst_bus_new ();
@@ -308,7 +308,7 @@ GST_START_TEST (test_cancel_on_ready)
   fail_unless_equals_int (gst_element_set_state (h->element, GST_STATE_READY), GST_STATE_CHANGE_SUCCESS);
   GstClockTime took = gst_util_get_timestamp () - t0;
   GST_INFO ("one step %" GST_TIME_FORMAT ", READY took %" GST_TIME_FORMAT, GST_TIME_ARGS (step), GST_TIME_ARGS (took));
-  fail_unless (took < 2 * step + 200 * GST_MSECOND, "READY took %" GST_TIME_FORMAT " (a step is %" GST_TIME_FORMAT ")",
+  fail_unless (took < 3 * step + 500 * GST_MSECOND, "READY took %" GST_TIME_FORMAT " (a step is %" GST_TIME_FORMAT ")",
                GST_TIME_ARGS (took), GST_TIME_ARGS (step));
   fail_unless (log.last_step < log.total);
   fail_unless_equals_int (gst_harness_buffers_received (h), 0);
@@ -320,7 +320,7 @@ GST_END_TEST;
 
 GST_START_TEST (test_flushing_seek)
 {
-  GstHarness *h = new_src ("video/x-raw,format=RGB,width=64,height=64", 1000, 40);
+  GstHarness *h = new_src ("video/x-raw,format=RGB,width=64,height=64", 500, 40);
   StepLog log;
   memset (&log, 0, sizeof log);
   GstBus *bus = gst_bus_new ();
@@ -334,7 +334,7 @@ GST_START_TEST (test_flushing_seek)
   GstClockTime t0 = gst_util_get_timestamp ();
   fail_unless (gst_element_seek_simple (h->element, GST_FORMAT_TIME, GST_SEEK_FLAG_FLUSH, 3 * GST_SECOND));
   GstClockTime took = gst_util_get_timestamp () - t0;
-  fail_unless (took < 2 * step + 200 * GST_MSECOND, "seek took %" GST_TIME_FORMAT, GST_TIME_ARGS (took));
+  fail_unless (took < 3 * step + 500 * GST_MSECOND, "seek took %" GST_TIME_FORMAT, GST_TIME_ARGS (took));
 
   GstBuffer *buf = gst_harness_pull (h);
   fail_unless (buf != NULL);
@@ -398,6 +398,35 @@ GST_START_TEST (test_error_missing_component)
   assert_error_message (msg, GST_RESOURCE_ERROR, GST_RESOURCE_ERROR_NOT_FOUND, "vae");
   gst_message_unref (msg);
   gst_object_unref (el);
+}
+GST_END_TEST;
+
+/* Broken checkpoints: each one an element error of the right kind naming
+ * what is wrong, never a crash. */
+GST_START_TEST (test_error_broken_checkpoints)
+{
+  struct {
+    const char *fixture;
+    GQuark domain;
+    gint code;
+    const char *needle;
+  } cases[] = {
+    { "tiny-sd-unknown-class", GST_LIBRARY_ERROR, GST_LIBRARY_ERROR_INIT, "AutoencoderFooBar" },
+    { "tiny-sd-unknown-pipeline-class", GST_LIBRARY_ERROR, GST_LIBRARY_ERROR_INIT, "NoSuchPipeline" },
+    { "tiny-sd-binonly", GST_LIBRARY_ERROR, GST_LIBRARY_ERROR_INIT, "vae" },
+    { "tiny-sd-missing-unet-key", GST_LIBRARY_ERROR, GST_LIBRARY_ERROR_INIT, "unet" },
+    { "tiny-sd-null-unet", GST_LIBRARY_ERROR, GST_LIBRARY_ERROR_INIT, "unet" },
+    { "tiny-sd-no-model-index", GST_RESOURCE_ERROR, GST_RESOURCE_ERROR_NOT_FOUND, "model_index.json" },
+  };
+  for (guint i = 0; i < G_N_ELEMENTS (cases); i++) {
+    GstElement *el = new_element (cases[i].fixture);
+    GstMessage *msg = start_and_get_error (el, GST_STATE_PAUSED);
+    fail_unless (msg != NULL, "%s: no error", cases[i].fixture);
+    fail_unless (GST_MESSAGE_TYPE (msg) == GST_MESSAGE_ERROR);
+    assert_error_message (msg, cases[i].domain, cases[i].code, cases[i].needle);
+    gst_message_unref (msg);
+    gst_object_unref (el);
+  }
 }
 GST_END_TEST;
 
@@ -558,6 +587,7 @@ diffusetext2img_suite (void)
   tcase_add_test (tc, test_flushing_seek);
   tcase_add_test (tc, test_error_missing_model);
   tcase_add_test (tc, test_error_missing_component);
+  tcase_add_test (tc, test_error_broken_checkpoints);
   tcase_add_test (tc, test_error_variant);
   tcase_add_test (tc, test_error_device);
   tcase_add_test (tc, test_error_bundled_model_missing);

@@ -22,7 +22,8 @@ tests/fixtures/animatediff/<cfg>/.  Outputs:
                        frames, output_type="np", as 8-bit (round(x * 255))
   cases.json           the parameters of each pipeline run
   params.json          parameter counts of the adapters (and of the full-size
-                       v1-5-2 configuration, built here with random weights)
+                       v1-5-2 configuration, built here on the meta device)
+  v1-5-2-state.json    that configuration's state-dict names and shapes
 
 Run from the repository root:  python3 tests/reference/make_animatediff_fixtures.py
 """
@@ -172,6 +173,11 @@ def main():
                             buffers=sum(b.numel() for b in big.buffers()))
     with open(os.path.join(OUT, "params.json"), "w") as f:
         json.dump(params, f, indent=1)
+    # its state-dict names and shapes, so the C test can lay out a (sparse) weight file
+    # with diffusers' keys and check the loader reads every one of them
+    with open(os.path.join(OUT, "v1-5-2-state.json"), "w") as f:
+        json.dump(dict(config=dict(full, _class_name="MotionAdapter"),
+                       tensors=[[k, list(v.shape)] for k, v in big.state_dict().items()]), f, separators=(",", ":"))
     print(json.dumps(params))
 
 

@@ -184,6 +184,20 @@ def main():
             record(f"{cname}-{vname}", img, meta)
             base.scheduler = PNDMScheduler.from_config(base.scheduler.config)
 
+    # a scheduler loaded from another repo's scheduler/ subfolder (the seed's HeunDiscreteScheduler.from_pretrained(
+    # repo, subfolder="scheduler") example), as the checkpoint's class and swapped for Euler
+    a = StableDiffusionPipeline.from_pretrained(configs["A"])
+    a.set_progress_bar_config(disable=True)
+    for sid, cls in (("sched-from-B", PNDMScheduler), ("euler-from-B", EulerDiscreteScheduler)):
+        a.scheduler = cls.from_pretrained(configs["B"], subfolder="scheduler")
+        meta = dict(model=os.path.relpath(configs["A"], FIX), scheduler=cls.__name__, steps=4, seed=5, width=32,
+                    height=32, prompt="a green triangle", negative_prompt=None, guidance=7.5, num_images=1,
+                    clip_skip=0, guidance_rescale=0.0, task="text2img",
+                    scheduler_from=os.path.relpath(configs["B"], FIX))
+        img = a(meta["prompt"], num_inference_steps=4, guidance_scale=7.5, height=32, width=32,
+                generator=torch.Generator("cpu").manual_seed(5), output_type="np").images
+        record(f"A-{sid}", img, meta)
+
     save_file(tensors, os.path.join(OUT, "images.safetensors"))
     with open(os.path.join(OUT, "cases.json"), "w") as f:
         json.dump({"diffusers": diffusers.__version__, "torch": torch.__version__, "cases": cases}, f, indent=1)

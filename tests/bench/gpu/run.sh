@@ -1,0 +1,130 @@
+#!/bin/bash
+# The GPU check of issue 7, in one call on an H100/H200 (docs/gpu-check.md).
+#
+# Before the call, HERE (no GPU needed):   tests/bench/gpu/prepare.sh
+#   (builds the CUDA build, stages binaries + runtime libraries in .gpu/,
+#    downloads the diffusers wheel into .whl/ with
+#      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#        -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 )
+# The call:  run(command="bash tests/bench/gpu/run.sh", carry=[".gpu", ".whl"], timeout_s=600)
+#
+# Steps (ONLY="ops,bench" runs a subset; each step has its own timeout so a
+# hang costs one step, not the call):
+#   info      nvidia-smi, library check, test-cuda-fallback (GPU parts run)
+#   ops       gpu-ops: every torch op case on cuda:0, native/f16/bf16, + CUDA graph check
+#   bench     full-size SD 1.5, random fp16 weights: diffusers eager fp16 SDPA vs ours,
+#             512x512, 20 steps, CFG 7.5, batch 1, median of 5 after warm-up; PSNR
+#   sd        test-sd (tiny pipelines vs diffusers fixtures) with DIFFUSE_TEST_DEVICE=cuda:0
+#   sanitize  compute-sanitizer memcheck on one tiny-sd generate (f16)
+# Files under $OUT (8 at most): run.log, gpu-ops.txt, sanitizer.log, ours.json,
+# diffusers.json, psnr.json, ours.ppm, diffusers.ppm.  A summary table ends the output.
+set -u
+ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
+cd "$ROOT"
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+ONLY=${ONLY:-info,ops,bench,sd,sanitize}
+LOG=$OUT/run.log
+exec > >(tee -a "$LOG") 2>&1
+want () { case ",$ONLY," in *",$1,"*) return 0 ;; esac; return 1; }
+T0=$(date +%s)
+stamp () { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+declare -A RES
+
+# ---- environment ------------------------------------------------------------
+W=/tmp/gpucheck
+mkdir -p $W/lib
+tar -xJf .gpu/libs.tar.xz -C $W/lib || { echo "no .gpu/libs.tar.xz: run tests/bench/gpu/prepare.sh here first"; exit 1; }
+CUBLAS_DIR=""
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-13*/lib64 \
+         /usr/local/cuda-13*/targets/x86_64-linux/lib $(python3 -c 'import nvidia,os;print(" ".join(os.path.join(p,s,"lib") for p in nvidia.__path__ for s in os.listdir(p)))' 2>/dev/null); do
+  if [ -e "$d/libcublas.so.13" ]; then CUBLAS_DIR="$CUBLAS_DIR:$d"; fi
+done
+[ -z "$CUBLAS_DIR" ] && CUBLAS_DIR=":$(dirname "$(find / -name 'libcublas.so.13' -not -path '/proc/*' 2>/dev/null | head -1)")"
+export LD_LIBRARY_PATH=$W/lib${CUBLAS_DIR}:${LD_LIBRARY_PATH:-}
+export DIFFUSE_FIXTURES=$ROOT/tests/fixtures
+export OMP_NUM_THREADS=8
+BIN=$ROOT/.gpu/bin
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1
+
+if want info; then
+  stamp "info"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  ldd $BIN/gpu-ops | grep -E "not found|cublas|cudart|diffuse" 
+  timeout 60 $BIN/test-cuda-fallback; RES[fallback]=$?
+fi
+
+if want ops; then
+  stamp "ops: gpu-ops (every torch op case on cuda:0, native/f16/bf16, graph check)"
+  timeout 120 $BIN/gpu-ops --device cuda:0 --report $OUT/gpu-ops.txt > /dev/null 2>$W/gpu-ops.err; RES[ops]=$?
+  grep -E "^FAIL" $OUT/gpu-ops.txt | head -40
+  tail -c 2000 $W/gpu-ops.err
+  grep -E "^SUMMARY|graph" $OUT/gpu-ops.txt
+fi
+
+if want bench; then
+  stamp "bench: make full-size SD 1.5 (random fp16 weights)"
+  M=$W/sd15
+  if [ ! -f $M/model_index.json ]; then
+    timeout 150 python3 tests/bench/gpu/sd15_diffusers.py make $M tests/fixtures/clip-tokenizer 2>&1 | grep -v Warning | tail -3
+  fi
+  du -sh $M
+  stamp "bench: diffusers eager fp16 SDPA"
+  timeout 150 python3 tests/bench/gpu/sd15_diffusers.py bench $M --out $OUT/diffusers.ppm --json $OUT/diffusers.json \
+    2>&1 | grep -vE "Loading|it/s\]" | tail -5; RES[bench_diffusers]=$?
+  stamp "bench: ours (sd-bench-gpu, f16)"
+  timeout 200 $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 --size 512 --runs 5 \
+    --out $OUT/ours.ppm --json $OUT/ours.json 2>&1 | tail -5; RES[bench_ours]=${PIPESTATUS[0]}
+  if [ -f $OUT/ours.ppm ] && [ -f $OUT/diffusers.ppm ]; then
+    python3 tests/bench/gpu/sd15_diffusers.py psnr $OUT/diffusers.ppm $OUT/ours.ppm | tee $OUT/psnr.json
+  fi
+fi
+
+if want sd; then
+  stamp "sd: test-sd on cuda:0 (tiny pipelines vs diffusers fixtures)"
+  DIFFUSE_TEST_DEVICE=cuda:0 timeout 120 $BIN/test-sd 2>&1 | grep -vE "^# (Start|End)" | tail -40; RES[sd]=${PIPESTATUS[0]}
+fi
+
+if want sanitize; then
+  stamp "sanitize: compute-sanitizer memcheck, tiny-sd generate f16 on cuda:0"
+  CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -n "$CS" ]; then
+    timeout 200 $CS --tool memcheck --leak-check full --error-exitcode 3 --log-file $OUT/sanitizer.log \
+      $BIN/sd-bench-gpu tests/fixtures/pipelines/tiny-sd --device cuda:0 --dtype f16 --steps 2 --size 64 --runs 1 \
+      2>&1 | tail -3; RES[sanitize]=${PIPESTATUS[0]}
+    grep -E "ERROR SUMMARY|LEAK SUMMARY|Invalid|out of bounds" $OUT/sanitizer.log | head -20
+  else
+    echo "compute-sanitizer not found"; RES[sanitize]=127
+  fi
+fi
+
+stamp "summary"
+for k in "${!RES[@]}"; do printf "  %-16s exit %s\n" "$k" "${RES[$k]}"; done
+python3 - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def load(n):
+    try:
+        return json.load(open(os.path.join(out, n)))
+    except Exception:
+        return None
+d, o, p = load("diffusers.json"), load("ours.json"), load("psnr.json")
+if d and o:
+    print(f"card: {d.get('card')} | ours: {o.get('card')}")
+    print(f"{'metric':24s} {'diffusers':>12s} {'ours':>12s} {'ours/diffusers':>15s}")
+    for k in ("total_s", "unet_step_ms", "vae_decode_ms", "text_encode_ms", "load_to_first_step_s",
+              "peak_bytes", "peak_reserved_bytes"):
+        a, b = d.get(k), o.get(k)
+        r = (b / a) if a and b else float("nan")
+        print(f"{k:24s} {a!s:>12} {b!s:>12} {r:15.3f}")
+    print("targets: total <= 0.67x, peak <= 1.0x, load_to_first_step <= 1 s")
+if p:
+    print(f"PSNR ours vs diffusers: {p['psnr_db']:.2f} dB (target >= 35)")
+PY
+stamp "done"
