@@ -10,10 +10,12 @@
  * Semantics are the CPU backend's: scores = scale * q.k + mask, causal keys
  * after the query masked, a row with every key masked gives zeros.
  *
- * This is the simple correct kernel (CUDA cores, f32 FMA).  A tensor-core
- * version (mma.sync / wgmma on f16/bf16 tiles) is what makes attention
- * cheaper than diffusers' SDPA; see docs/gpu-check.md. */
+ * Two kernels: the simple one below (CUDA cores, f32 FMA, any dtype, head
+ * dims up to what shared memory holds) and a tensor-core one (WMMA,
+ * f16/bf16 with D == Dv <= 256), used for f16/bf16 unless
+ * DIFFUSE_CUDA_ATTN=simple. */
 #include "common.cuh"
+#include <string.h>
 
 #define BM 64
 #define BN 32
@@ -127,6 +129,218 @@ k_attention (AttnArgs a)
     stf (a.o, a.odt, ob + d, acc[d * BM + t] * inv);
 }
 
+/* ---- tensor-core path (f16/bf16, WMMA 16x16x16, f32 accumulation) ----------
+ *
+ * A block of 4 warps owns WM = 64 query rows (16 per warp) of one (b, h)
+ * and walks the keys in tiles of WN = 64.  Per tile: S = Q K^T on the tensor
+ * cores (f32 accumulators, stored to shared memory), then each warp's lanes
+ * 0..15 run the online softmax of its 16 rows (running max m, sum l in f32;
+ * P rounded to the input type, as FlashAttention does), then P V on the
+ * tensor cores, added into the f32 output tile O after O is rescaled by the
+ * row's correction.  Head dims are padded with zeros to DP, a multiple of
+ * 16 (SD 1.5's 40 -> 48); D == Dv <= 256 (191 KiB of shared memory at 256).  Every shared-memory region's
+ * offset is a multiple of 256 bytes, and every WMMA pointer a multiple of 32
+ * bytes (rows of 16, column blocks of 16). */
+#include <mma.h>
+
+#define WM 64
+#define WN 64
+#define WT 128   /* threads: 4 warps */
+#define SP (WN + 4)   /* row stride of S (floats): lanes walking rows hit 8 banks, not 1 */
+#define PP (WN + 8)   /* row stride of P (16-bit elements), same reason */
+
+template <typename T>
+__device__ __forceinline__ T from_f (float v);
+template <>
+__device__ __forceinline__ __half
+from_f<__half> (float v)
+{
+  return __float2half_rn (v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16
+from_f<__nv_bfloat16> (float v)
+{
+  return __float2bfloat16_rn (v);
+}
+
+static size_t
+wmma_smem (int64_t DP)
+{
+  return (size_t) (WM * DP * 2 + 2 * WN * DP * 2 + WM * SP * 4 + WM * PP * 2 + WM * DP * 4 + 3 * WM * 4);
+}
+
+template <typename T>
+__global__ void __launch_bounds__ (WT)
+k_attention_wmma (AttnArgs a, int DP)
+{
+  using namespace nvcuda;
+  extern __shared__ __align__ (128) unsigned char sm[];
+  T *Qs = (T *) sm;                                   /* [WM][DP] */
+  T *Ks = Qs + WM * DP;                               /* [WN][DP] */
+  T *Vs = Ks + WN * DP;                               /* [WN][DP] */
+  float *S = (float *) (Vs + WN * DP);                /* [WM][SP] */
+  T *P = (T *) (S + WM * SP);                         /* [WM][PP] */
+  float *O = (float *) (P + WM * PP);                 /* [WM][DP] */
+  float *mrow = O + WM * DP, *lrow = mrow + WM, *crow = lrow + WM;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t bh = blockIdx.y;
+  const int64_t b = bh / a.H, h = bh - b * a.H;
+  const int64_t q0 = (int64_t) blockIdx.x * WM;
+  const int64_t qb = b * a.qs[0] + h * a.qs[1];
+  const int64_t kb = b * a.ks[0] + h * a.ks[1];
+  const int64_t vb = b * a.vs[0] + h * a.vs[1];
+  const T *qp = (const T *) a.q, *kp = (const T *) a.k, *vp = (const T *) a.v;
+  const T zero = from_f<T> (0.0f);
+
+  for (int i = tid; i < WM * DP; i += WT) {
+    int r = i / DP, d = i - r * DP;
+    int64_t row = q0 + r;
+    Qs[i] = (row < a.Lq && d < a.D) ? qp[qb + row * a.qs[2] + d * a.qs[3]] : zero;
+    O[i] = 0.0f;
+  }
+  for (int i = tid; i < WM; i += WT) {
+    mrow[i] = -INFINITY;
+    lrow[i] = 0.0f;
+  }
+
+  int64_t kv_end = a.Lk;
+  if (a.causal)
+    kv_end = MIN (a.Lk, MIN (q0 + WM - 1, a.Lq - 1) + 1);
+
+  const int ktiles = DP / 16;
+  for (int64_t kv0 = 0; kv0 < kv_end; kv0 += WN) {
+    __syncthreads ();   /* previous K/V consumed (and Q/O/stats written, first time) */
+    for (int i = tid; i < WN * DP; i += WT) {
+      int j = i / DP, d = i - j * DP;
+      int64_t key = kv0 + j;
+      bool in = key < a.Lk && d < a.D;
+      Ks[i] = in ? kp[kb + key * a.ks[2] + d * a.ks[3]] : zero;
+      Vs[i] = in ? vp[vb + key * a.vs[2] + d * a.vs[3]] : zero;
+    }
+    __syncthreads ();
+
+    /* S[warp rows][0..WN) = Q K^T */
+    for (int n = 0; n < WN / 16; n++) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment (acc, 0.0f);
+      for (int k = 0; k < ktiles; k++) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+        wmma::load_matrix_sync (fa, Qs + (warp * 16) * DP + k * 16, DP);
+        wmma::load_matrix_sync (fb, Ks + (n * 16) * DP + k * 16, DP);
+        wmma::mma_sync (acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync (S + (warp * 16) * SP + n * 16, acc, SP, wmma::mem_row_major);
+    }
+    __syncwarp ();
+
+    /* online softmax of the warp's 16 rows */
+    if (lane < 16) {
+      const int r = warp * 16 + lane;
+      const int64_t row = q0 + r;
+      float *sr = S + r * SP;
+      T *pr = P + r * PP;
+      float m = mrow[r], mt = -INFINITY;
+      const int64_t mb = b * a.ms[0] + h * a.ms[1] + row * a.ms[2];
+      for (int j = 0; j < WN; j++) {
+        const int64_t key = kv0 + j;
+        float v = sr[j] * a.scale;
+        if (row >= a.Lq || key >= a.Lk || (a.causal && key > row))
+          v = -INFINITY;
+        else if (a.mask)
+          v += ldf (a.mask, a.mdt, mb + key * a.ms[3]);
+        sr[j] = v;
+        mt = fmaxf (mt, v);
+      }
+      const float mn = fmaxf (m, mt);
+      if (mn == -INFINITY) {
+        for (int j = 0; j < WN; j++)
+          pr[j] = zero;
+        crow[r] = 1.0f;
+      } else {
+        const float corr = expf (m - mn);
+        float ps = 0.0f;
+        for (int j = 0; j < WN; j++) {
+          float pj = expf (sr[j] - mn);
+          ps += pj;
+          pr[j] = from_f<T> (pj);
+        }
+        lrow[r] = lrow[r] * corr + ps;
+        mrow[r] = mn;
+        crow[r] = corr;
+      }
+    }
+    __syncwarp ();
+
+    /* O = O * corr + P V, one 16-column block of the head dim at a time */
+    float *scratch = S + (warp * 16) * SP;   /* this warp's S rows are consumed */
+    for (int dt = 0; dt < ktiles; dt++) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment (acc, 0.0f);
+      for (int k = 0; k < WN / 16; k++) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+        wmma::load_matrix_sync (fa, P + (warp * 16) * PP + k * 16, PP);
+        wmma::load_matrix_sync (fb, Vs + (k * 16) * DP + dt * 16, DP);
+        wmma::mma_sync (acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync (scratch, acc, SP, wmma::mem_row_major);
+      __syncwarp ();
+      for (int e = lane; e < 256; e += 32) {
+        int rr = e >> 4, cc = e & 15;
+        int r = warp * 16 + rr;
+        float *o = O + r * DP + dt * 16 + cc;
+        *o = *o * crow[r] + scratch[rr * SP + cc];
+      }
+      __syncwarp ();
+    }
+  }
+  __syncthreads ();
+
+  T *op = (T *) a.o;
+  for (int i = tid; i < WM * a.D; i += WT) {
+    int r = (int) (i / a.D);
+    int64_t d = i - (int64_t) r * a.D, row = q0 + r;
+    if (row >= a.Lq)
+      continue;
+    float l = lrow[r];
+    float v = l > 0.0f ? O[r * DP + d] / l : 0.0f;
+    op[(bh * a.Lq + row) * a.Dv + d] = from_f<T> (v);
+  }
+}
+
+static gboolean
+use_wmma (CudaCtx *c, DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor *v)
+{
+  if (out->dtype == DIFFUSE_DTYPE_F32 || q->dtype != out->dtype || k->dtype != out->dtype || v->dtype != out->dtype)
+    return FALSE;
+  if (q->shape[3] != v->shape[3] || q->shape[3] > 256 || wmma_smem ((q->shape[3] + 15) / 16 * 16) > c->smem_optin)
+    return FALSE;
+  const char *e = g_getenv ("DIFFUSE_CUDA_ATTN");
+  return !(e && strcmp (e, "simple") == 0);
+}
+
+template <typename T>
+static gboolean
+launch_wmma (CudaCtx *c, const AttnArgs &a, int64_t BH, GError **error)
+{
+  const int DP = (int) ((a.D + 15) / 16 * 16);
+  const size_t smem = wmma_smem (DP);
+  if (smem > c->smem_optin) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "attention: %zu bytes of shared memory needed",
+                 smem);
+    return FALSE;
+  }
+  if (smem > 48 * 1024)
+    DCU_TRY (cudaFuncSetAttribute (k_attention_wmma<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem),
+             "attention smem");
+  dim3 grid ((unsigned) ((a.Lq + WM - 1) / WM), (unsigned) BH);
+  k_attention_wmma<T><<<grid, WT, smem, c->stream>>> (a, DP);
+  return dcu_check_launch (error, "attention (tensor cores)");
+}
+
 gboolean
 dcu_sdpa (DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor *v, DiffuseTensor *mask,
           gboolean causal, float scale, GError **error)
@@ -134,6 +348,7 @@ dcu_sdpa (DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor 
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "sdpa");
   AttnArgs a;
   a.q = dcu_ptr (q);
   a.k = dcu_ptr (k);
@@ -161,6 +376,11 @@ dcu_sdpa (DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor 
   a.odt = out->dtype;
   if (B * a.H * a.Lq * a.Dv == 0)
     return TRUE;
+  if (B * a.H <= 65535 && use_wmma (c, out, q, k, v)) {
+    if (out->dtype == DIFFUSE_DTYPE_F16)
+      return launch_wmma<__half> (c, a, B * a.H, error);
+    return launch_wmma<__nv_bfloat16> (c, a, B * a.H, error);
+  }
   const size_t smem = sizeof (float) * (size_t) ((BM + BN) * (a.D + a.Dv));
   if (smem > c->smem_optin || B * a.H > 65535) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,

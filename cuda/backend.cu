@@ -46,6 +46,7 @@ dcu_upload (CudaCtx *c, void *dst, const void *src, size_t nbytes, GError **erro
   }
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "upload");
   g_mutex_lock (&c->stage_lock);
   if (!c->stage[0] && !c->stage_failed) {
     gboolean ok = TRUE;
@@ -107,6 +108,7 @@ cuda_download (DiffuseDevice *dev, void *dst, gconstpointer src, size_t nbytes, 
   }
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "download");
   DCU_TRY (cudaMemcpyAsync (dst, src, nbytes, cudaMemcpyDeviceToHost, c->stream), "download");
   /* also where an earlier asynchronous kernel failure surfaces */
   DCU_TRY (cudaStreamSynchronize (c->stream), "download (an earlier kernel may have failed)");
@@ -170,6 +172,7 @@ cuda_open (int index, GError **error)
   CudaCtx *c = g_new0 (CudaCtx, 1);
   c->index = index;
   g_mutex_init (&c->stage_lock);
+  g_mutex_init (&c->blas_lock);
   cudaError_t e;
   cublasStatus_t bs;
   cudaDeviceProp prop;
@@ -199,6 +202,10 @@ cuda_open (int index, GError **error)
   cublasSetMathMode (c->blas, tf32 && strcmp (tf32, "1") == 0 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH);
   dcu_pool_init (c, NULL);
   {
+    const char *prof = g_getenv ("DIFFUSE_CUDA_PROFILE");
+    dcu_profile_on = prof && strcmp (prof, "0") != 0;
+  }
+  {
     char *name = g_strdup_printf ("cuda:%d", index);
     c->dev = diffuse_device_new (cuda_ops (), name, index, c);
     g_free (name);
@@ -217,6 +224,7 @@ fail:
   if (c->stream)
     cudaStreamDestroy (c->stream);
   g_mutex_clear (&c->stage_lock);
+  g_mutex_clear (&c->blas_lock);
   g_free (c);
   return NULL;
 }

@@ -36,6 +36,7 @@ struct CudaCtx {
   DiffuseDevice *dev;
   cudaStream_t stream;
   cublasHandle_t blas;
+  GMutex blas_lock;            /* one host thread at a time in the handle */
   void *blas_ws;               /* cuBLAS workspace (fixed: graph capture) */
   size_t blas_ws_size;
   int sm_count;
@@ -90,6 +91,38 @@ gboolean dcu_enter (CudaCtx *c, GError **error);
       return dcu_fail (error, e_, (what));          \
   } G_STMT_END
 
+/* ---- per-op profile (DIFFUSE_CUDA_PROFILE=1, memory.cu) ------------------
+ * Each op synchronises the stream before and after itself and adds the
+ * wall time to a table by op name, printed to stderr at exit: a breakdown
+ * of where a UNet step goes (slower than a normal run: no overlap of host
+ * and device).  An op called inside another (a cast inside conv2d) counts
+ * in the outer one.  Off while a graph is being captured. */
+extern int dcu_profile_on;
+void dcu_profile_add (const char *op, double ms);
+
+extern __thread int dcu_profile_depth;   /* only the outermost op of a nest is counted */
+
+struct DcuProf {
+  CudaCtx *c;
+  const char *op;
+  gint64 t0;
+  DcuProf (CudaCtx *ctx, const char *name) : c (ctx), op (name), t0 (0)
+  {
+    if (dcu_profile_depth++ == 0 && dcu_profile_on && !c->capturing) {
+      cudaStreamSynchronize (c->stream);
+      t0 = g_get_monotonic_time ();
+    }
+  }
+  ~DcuProf ()
+  {
+    if (--dcu_profile_depth == 0 && t0) {
+      cudaStreamSynchronize (c->stream);
+      dcu_profile_add (op, (g_get_monotonic_time () - t0) / 1000.0);
+    }
+  }
+};
+#define DCU_PROF(c, name) DcuProf dcu_prof_ (c, name)
+
 /* ---- memory (memory.cu) ------------------------------------------------ */
 
 gboolean dcu_pool_init (CudaCtx *c, GError **error);
@@ -140,6 +173,20 @@ tview (const DiffuseTensor *t)
   for (int i = 0; i < DCU_MAX_DIMS; i++) {
     v.shape[i] = i < t->ndim ? t->shape[i] : 1;
     v.stride[i] = i < t->ndim ? t->stride[i] : 0;
+  }
+  return v;
+}
+
+/* For element-wise kernels (row-major index -> element): a contiguous
+ * tensor as one flat dim, so the offset costs one division, not ndim. */
+static inline TView
+tview_flat (const DiffuseTensor *t)
+{
+  TView v = tview (t);
+  if (t->ndim > 1 && diffuse_tensor_is_contiguous (t)) {
+    v.nd = 1;
+    v.shape[0] = diffuse_tensor_numel (t);
+    v.stride[0] = 1;
   }
   return v;
 }

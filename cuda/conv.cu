@@ -44,6 +44,7 @@ dcu_conv2d (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "conv2d");
   const int dt = out->dtype;
   const size_t es = diffuse_dtype_size ((DiffuseDType) dt);
   ConvGeom g;

@@ -26,6 +26,7 @@ dcu_copy (DiffuseTensor *dst, DiffuseTensor *src, GError **error)
   CudaCtx *c = dcu_ctx_of (dst);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "copy");
   int64_t n = diffuse_tensor_numel (dst);
   if (n == 0)
     return TRUE;
@@ -39,11 +40,7 @@ dcu_copy (DiffuseTensor *dst, DiffuseTensor *src, GError **error)
     k_cast_contig<<<dcu_blocks (c, n), 256, 0, c->stream>>> (dcu_ptr (dst), dst->dtype, dcu_ptr (src), src->dtype, n);
     return dcu_check_launch (error, "cast");
   }
-  TView d = tview (dst), s = tview (src);
-  if (dst->ndim == 0) {
-    d.nd = 0;
-    s.nd = 0;
-  }
+  TView d = tview_flat (dst), s = tview_flat (src);
   k_copy<<<dcu_blocks (c, n), 256, 0, c->stream>>> (dcu_ptr (dst), d, s, n);
   return dcu_check_launch (error, "copy");
 }
@@ -102,9 +99,7 @@ launch_binary (CudaCtx *c, DiffuseTensor *out, DiffuseTensor *a, DiffuseTensor *
     k_binary_contig<OP><<<g, 256, 0, c->stream>>> (dcu_ptr (out), out->dtype, dcu_ptr (a), a->dtype, dcu_ptr (b),
                                                     b->dtype, n);
   else {
-    TView va = tview (a), vb = tview (b);
-    if (out->ndim == 0)
-      va.nd = vb.nd = 0;
+    TView va = tview_flat (a), vb = tview_flat (b);
     k_binary<OP><<<g, 256, 0, c->stream>>> (dcu_ptr (out), out->dtype, va, vb, n);
   }
 }
@@ -115,6 +110,7 @@ dcu_binary (DiffuseBinaryOp op, DiffuseTensor *out, DiffuseTensor *a, DiffuseTen
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "binary");
   int64_t n = diffuse_tensor_numel (out);
   if (n == 0)
     return TRUE;
@@ -142,10 +138,11 @@ dcu_scale (DiffuseTensor *out, DiffuseTensor *x, float s, float b, GError **erro
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "scale");
   int64_t n = diffuse_tensor_numel (out);
   if (n == 0)
     return TRUE;
-  TView v = tview (x);
+  TView v = tview_flat (x);
   k_scale<<<dcu_blocks (c, n), 256, 0, c->stream>>> (dcu_ptr (out), out->dtype, v, s, b, n);
   return dcu_check_launch (error, "scale");
 }
@@ -163,10 +160,11 @@ dcu_axpy (DiffuseTensor *a, float alpha, DiffuseTensor *b, GError **error)
   CudaCtx *c = dcu_ctx_of (a);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "axpy");
   int64_t n = diffuse_tensor_numel (a);
   if (n == 0)
     return TRUE;
-  TView v = tview (b);
+  TView v = tview_flat (b);
   k_axpy<<<dcu_blocks (c, n), 256, 0, c->stream>>> (dcu_ptr (a), a->dtype, alpha, v, n);
   return dcu_check_launch (error, "axpy");
 }
@@ -184,10 +182,11 @@ dcu_activation (DiffuseTensor *out, DiffuseTensor *x, DiffuseActivation act, GEr
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "activation");
   int64_t n = diffuse_tensor_numel (out);
   if (n == 0)
     return TRUE;
-  TView v = tview (x);
+  TView v = tview_flat (x);
   k_activation<<<dcu_blocks (c, n), 256, 0, c->stream>>> (dcu_ptr (out), out->dtype, v, (int) act, n);
   return dcu_check_launch (error, "activation");
 }
@@ -219,6 +218,7 @@ dcu_geglu (DiffuseTensor *out, DiffuseTensor *x, GError **error)
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "geglu");
   int64_t n = diffuse_tensor_numel (out);
   if (n == 0)
     return TRUE;

@@ -43,6 +43,7 @@ dcu_gemm (CudaCtx *c, int dt, gboolean ta, gboolean tb, int64_t m, int64_t n, in
   cublasStatus_t s;
   lda = MAX (lda, 1);
   ldb = MAX (ldb, 1);
+  g_mutex_lock (&c->blas_lock);
   if (batch == 1)
     s = cublasGemmEx (c->blas, opa, opb, (int) m, (int) n, (int) k, &alpha, A, t, (int) lda, B, t, (int) ldb, &beta, C,
                       t, (int) ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
@@ -50,10 +51,9 @@ dcu_gemm (CudaCtx *c, int dt, gboolean ta, gboolean tb, int64_t m, int64_t n, in
     s = cublasGemmStridedBatchedEx (c->blas, opa, opb, (int) m, (int) n, (int) k, &alpha, A, t, (int) lda, sA, B, t,
                                     (int) ldb, sB, &beta, C, t, (int) ldc, sC, (int) batch, CUBLAS_COMPUTE_32F,
                                     CUBLAS_GEMM_DEFAULT);
-  else {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "GEMM batch over 2^31");
-    return FALSE;
-  }
+  else
+    s = CUBLAS_STATUS_INVALID_VALUE;   /* batch over 2^31 */
+  g_mutex_unlock (&c->blas_lock);
   if (s != CUBLAS_STATUS_SUCCESS)
     return dcu_fail_blas (error, s, "cublasGemmEx");
   return TRUE;
@@ -115,6 +115,7 @@ dcu_matmul (DiffuseTensor *out, DiffuseTensor *a, DiffuseTensor *b, gboolean tra
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "matmul");
   int nd = out->ndim, nb = nd - 2;
   int64_t M = out->shape[nd - 2], N = out->shape[nd - 1];
   int64_t K = trans_a ? a->shape[nd - 2] : a->shape[nd - 1];
@@ -160,6 +161,7 @@ dcu_linear (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "linear");
   int64_t M = out->shape[0], N = out->shape[1], K = x->shape[1];
   DiffuseTensor *xc = NULL, *wc = NULL;
   gboolean ok = FALSE;

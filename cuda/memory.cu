@@ -15,6 +15,8 @@
  * device record (diffuse_device_get_mem_stats); the pool adds what it
  * reserves from the driver (diffuse_cuda_get_pool_stats). */
 #include "common.cuh"
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- errors ----------------------------------------------------------- */
@@ -53,6 +55,51 @@ dcu_enter (CudaCtx *c, GError **error)
     return TRUE;
   DCU_TRY (cudaSetDevice (c->index), "cudaSetDevice");
   return TRUE;
+}
+
+/* ---- per-op profile ---------------------------------------------------- */
+
+int dcu_profile_on;
+__thread int dcu_profile_depth;
+static GMutex prof_lock;
+static GHashTable *prof;   /* op -> double[2] (count, ms) */
+
+static void
+profile_print (void)
+{
+  g_mutex_lock (&prof_lock);
+  if (prof) {
+    GList *keys = g_list_sort (g_hash_table_get_keys (prof), (GCompareFunc) g_strcmp0);
+    double total = 0;
+    for (GList *l = keys; l; l = l->next)
+      total += ((double *) g_hash_table_lookup (prof, l->data))[1];
+    fprintf (stderr, "CUDA op profile (synchronised per op): %.1f ms in all\n", total);
+    for (GList *l = keys; l; l = l->next) {
+      double *v = (double *) g_hash_table_lookup (prof, l->data);
+      fprintf (stderr, "  %-20s %8.0f calls %10.2f ms %5.1f%%\n", (const char *) l->data, v[0], v[1],
+               total > 0 ? 100.0 * v[1] / total : 0.0);
+    }
+    g_list_free (keys);
+  }
+  g_mutex_unlock (&prof_lock);
+}
+
+void
+dcu_profile_add (const char *op, double ms)
+{
+  g_mutex_lock (&prof_lock);
+  if (!prof) {
+    prof = g_hash_table_new_full (g_str_hash, g_str_equal, NULL, g_free);
+    atexit (profile_print);
+  }
+  double *v = (double *) g_hash_table_lookup (prof, op);
+  if (!v) {
+    v = g_new0 (double, 2);
+    g_hash_table_insert (prof, (gpointer) op, v);
+  }
+  v[0] += 1;
+  v[1] += ms;
+  g_mutex_unlock (&prof_lock);
 }
 
 /* ---- pool -------------------------------------------------------------- */

@@ -34,6 +34,7 @@ dcu_pad2d (DiffuseTensor *out, DiffuseTensor *x, int left, int top, GError **err
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "pad2d");
   int64_t n = diffuse_tensor_numel (out);
   if (n == 0)
     return TRUE;
@@ -66,6 +67,7 @@ dcu_upsample_nearest (DiffuseTensor *out, DiffuseTensor *x, GError **error)
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "upsample_nearest");
   int64_t n = diffuse_tensor_numel (out);
   if (n == 0)
     return TRUE;
@@ -101,6 +103,7 @@ dcu_avg_pool2d (DiffuseTensor *out, DiffuseTensor *x, int k, int stride, GError 
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "avg_pool2d");
   int64_t n = diffuse_tensor_numel (out);
   if (n == 0)
     return TRUE;
@@ -144,6 +147,7 @@ dcu_timestep_embedding (DiffuseTensor *out, DiffuseTensor *t, gboolean flip, flo
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "timestep_embedding");
   const int64_t N = out->shape[0], dim = out->shape[1];
   if (N * dim == 0)
     return TRUE;
@@ -172,6 +176,7 @@ dcu_embedding (DiffuseTensor *out, DiffuseTensor *table, const int32_t *ids, int
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "embedding");
   const int64_t D = table->shape[1];
   if (n * D == 0)
     return TRUE;

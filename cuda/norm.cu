@@ -157,6 +157,7 @@ dcu_group_norm (DiffuseTensor *out, DiffuseTensor *x, int groups, DiffuseTensor 
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "group_norm");
   const int64_t N = x->shape[0], C = x->shape[1];
   int64_t S = 1;
   for (int d = 2; d < x->ndim; d++)
@@ -238,6 +239,7 @@ dcu_layer_norm (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *gamma, Diff
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "layer_norm");
   const int64_t D = x->ndim ? x->shape[x->ndim - 1] : 1;
   const int64_t rows = D ? diffuse_tensor_numel (x) / D : 0;
   if (rows == 0 || D == 0)
@@ -297,6 +299,7 @@ dcu_softmax (DiffuseTensor *out, DiffuseTensor *x, GError **error)
   CudaCtx *c = dcu_ctx_of (out);
   if (!dcu_enter (c, error))
     return FALSE;
+  DCU_PROF (c, "softmax");
   const int64_t D = x->ndim ? x->shape[x->ndim - 1] : 1;
   const int64_t rows = D ? diffuse_tensor_numel (x) / D : 0;
   if (rows == 0 || D == 0)

@@ -2,7 +2,7 @@
  * the C side of tests/bench/bench-sd15-cpu.sh (bench_sd15_torch.py is the
  * torch side; same inputs' shapes, same thread count).
  *
- *   bench-sd15 unet|vae|clip <dir> [--threads N] [--reps N]
+ *   bench-sd15 unet|vae|clip <dir> [--threads N] [--reps N] [--warmup N (1)]
  *
  *   unet: <dir>/unet (tests/reference/check_unet_sd15.py), inputs from
  *         <dir>/io.safetensors: sample [2, 4, 64, 64], 2 timesteps,
@@ -75,11 +75,13 @@ open_weights (const char *dir, const char *file, DiffuseConfig **config)
 int
 main (int argc, char **argv)
 {
-  int threads = 2, reps = 3;
+  int threads = 2, reps = 3, warmup = 1;
   const char *what = NULL, *dir = NULL;
   for (int i = 1; i < argc; i++) {
     if (!strcmp (argv[i], "--threads") && i + 1 < argc)
       threads = atoi (argv[++i]);
+    else if (!strcmp (argv[i], "--warmup") && i + 1 < argc)
+      warmup = atoi (argv[++i]);
     else if (!strcmp (argv[i], "--reps") && i + 1 < argc)
       reps = atoi (argv[++i]);
     else if (!what)
@@ -157,7 +159,7 @@ main (int argc, char **argv)
   diffuse_device_get_mem_stats (cpu, &m0);
   diffuse_device_reset_peak (cpu);
   double *ms = g_new (double, reps);
-  for (int rep = -1; rep < reps; rep++) {
+  for (int rep = -MAX (0, warmup); rep < reps; rep++) {
     gint64 t0 = g_get_monotonic_time ();
     if (unet) {
       DiffuseTensor *out = diffuse_unet_forward (unet, sample, diffuse_tensor_f32 (ts), (int) diffuse_tensor_numel (ts),

@@ -297,37 +297,35 @@ GST_START_TEST (test_cancel_on_ready)
 {
   /* a large frame with many steps: minutes if not interrupted */
   GstHarness *h = new_src ("video/x-raw,format=RGB,width=64,height=64", 500, 1);
-  StepLog log;
-  memset (&log, 0, sizeof log);
+  StepLog *log = g_new0 (StepLog, 1);
   GstBus *bus = gst_bus_new ();
-  gst_bus_set_sync_handler (bus, log_steps, &log, NULL);
+  gst_bus_set_sync_handler (bus, log_steps, log, g_free);
   gst_element_set_bus (h->element, bus);
   gst_harness_play (h);
-  GstClockTime step = wait_steps (&log, 2);
+  GstClockTime step = wait_steps (log, 2);
   GstClockTime t0 = gst_util_get_timestamp ();
   fail_unless_equals_int (gst_element_set_state (h->element, GST_STATE_READY), GST_STATE_CHANGE_SUCCESS);
   GstClockTime took = gst_util_get_timestamp () - t0;
   GST_INFO ("one step %" GST_TIME_FORMAT ", READY took %" GST_TIME_FORMAT, GST_TIME_ARGS (step), GST_TIME_ARGS (took));
   fail_unless (took < 3 * step + 500 * GST_MSECOND, "READY took %" GST_TIME_FORMAT " (a step is %" GST_TIME_FORMAT ")",
                GST_TIME_ARGS (took), GST_TIME_ARGS (step));
-  fail_unless (log.last_step < log.total);
+  fail_unless (log->last_step < log->total);
   fail_unless_equals_int (gst_harness_buffers_received (h), 0);
-  gst_element_set_bus (h->element, NULL);
-  gst_object_unref (bus);
   gst_harness_teardown (h);
+  gst_object_unref (bus); /* frees log with the sync handler */
 }
 GST_END_TEST;
+
 
 GST_START_TEST (test_flushing_seek)
 {
   GstHarness *h = new_src ("video/x-raw,format=RGB,width=64,height=64", 500, 40);
-  StepLog log;
-  memset (&log, 0, sizeof log);
+  StepLog *log = g_new0 (StepLog, 1);
   GstBus *bus = gst_bus_new ();
-  gst_bus_set_sync_handler (bus, log_steps, &log, NULL);
+  gst_bus_set_sync_handler (bus, log_steps, log, g_free);
   gst_element_set_bus (h->element, bus);
   gst_harness_play (h);
-  GstClockTime step = wait_steps (&log, 2);
+  GstClockTime step = wait_steps (log, 2);
 
   /* the next frame is a fast one, 3 s in: frame 3, seed 40 + 3 */
   g_object_set (h->element, "num-inference-steps", 2, NULL);
@@ -347,9 +345,8 @@ GST_START_TEST (test_flushing_seek)
   fail_unless (gst_buffer_memcmp (buf, 0, ref, 64 * 64 * 3) == 0, "frame after seek is not frame 3's");
   g_free (ref);
   gst_buffer_unref (buf);
-  gst_element_set_bus (h->element, NULL);
-  gst_object_unref (bus);
   gst_harness_teardown (h);
+  gst_object_unref (bus); /* frees log with the sync handler */
 }
 GST_END_TEST;
 
@@ -502,11 +499,11 @@ GST_START_TEST (test_error_size_not_multiple_of_8)
   assert_error_message (msg, GST_CORE_ERROR, GST_CORE_ERROR_NEGOTIATION, "multiples of 8");
   gst_message_unref (msg);
   fail_unless_equals_int (gst_harness_buffers_received (h), 0);
-  gst_element_set_bus (h->element, NULL);
-  gst_object_unref (bus);
   gst_harness_teardown (h);
+  gst_object_unref (bus);
 }
 GST_END_TEST;
+
 
 GST_START_TEST (test_mutable_ready_refused_when_playing)
 {

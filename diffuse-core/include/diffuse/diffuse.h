@@ -14,3 +14,5 @@
 #include <diffuse/unet.h>
 #include <diffuse/vae.h>
 #include <diffuse/sd.h>
+#include <diffuse/motion.h>
+#include <diffuse/animate.h>

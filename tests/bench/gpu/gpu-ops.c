@@ -16,6 +16,9 @@
  *           round the output): limit = 5e-3 * max(1, max|cpu|)
  *   bf16    the same in bfloat16: limit = 2e-2 * max(1, max|cpu|)
  *
+ * sdpa cases also run f16s/bf16s: the same with DIFFUSE_CUDA_ATTN=simple
+ * (the CUDA-core kernel instead of the tensor-core one).
+ *
  * Every line also prints the error against torch's f32 result (for f16/bf16
  * that includes the input rounding: softmax_large, with inputs of ~100,
  * loses everything in f16 on any backend).  timestep_embedding, cast, chunk
@@ -476,10 +479,10 @@ graph_check (void)
 int
 main (int argc, char **argv)
 {
-  const char *device = "cuda:0", *fixtures = NULL, *report_path = NULL, *filter = NULL;
+  g_autofree char *device_s = NULL, *fixtures_s = NULL, *report_path = NULL, *filter = NULL;
   GOptionEntry entries[] = {
-    { "device", 0, 0, G_OPTION_ARG_STRING, &device, "device (cuda:0)", "DEV" },
-    { "fixtures", 0, 0, G_OPTION_ARG_STRING, &fixtures, "tests/fixtures folder", "DIR" },
+    { "device", 0, 0, G_OPTION_ARG_STRING, &device_s, "device (cuda:0)", "DEV" },
+    { "fixtures", 0, 0, G_OPTION_ARG_STRING, &fixtures_s, "tests/fixtures folder", "DIR" },
     { "report", 0, 0, G_OPTION_ARG_STRING, &report_path, "also write the lines here", "FILE" },
     { "filter", 0, 0, G_OPTION_ARG_STRING, &filter, "only cases whose name contains this", "S" },
     { NULL },
@@ -491,8 +494,8 @@ main (int argc, char **argv)
     fprintf (stderr, "%s\n", err->message);
     return 2;
   }
-  if (!fixtures)
-    fixtures = g_getenv ("DIFFUSE_FIXTURES");
+  const char *device = device_s ? device_s : "cuda:0";
+  const char *fixtures = fixtures_s ? fixtures_s : g_getenv ("DIFFUSE_FIXTURES");
   if (!fixtures) {
     fprintf (stderr, "--fixtures or DIFFUSE_FIXTURES needed\n");
     return 2;
@@ -530,6 +533,13 @@ main (int argc, char **argv)
     }
     run_variant (c, DIFFUSE_DTYPE_F16, "f16", 5e-3);
     run_variant (c, DIFFUSE_DTYPE_BF16, "bf16", 2e-2);
+    if (g_str_equal (op, "sdpa")) {
+      /* f16/bf16 attention runs on the tensor-core kernel; the simple one too */
+      g_setenv ("DIFFUSE_CUDA_ATTN", "simple", TRUE);
+      run_variant (c, DIFFUSE_DTYPE_F16, "f16s", 5e-3);
+      run_variant (c, DIFFUSE_DTYPE_BF16, "bf16s", 2e-2);
+      g_unsetenv ("DIFFUSE_CUDA_ATTN");
+    }
   }
 #if DIFFUSE_HAVE_CUDA
   if (!filter)

@@ -24,7 +24,7 @@ B=${BUILD:-/tmp/build-gpu-stage}
 if [ ! -f "$B/build.ninja" ]; then
   meson setup "$B" "$ROOT" -Dcuda=enabled -Dgst=disabled -Dhub=disabled -Dexamples=false -Dgpu_targets=90
 fi
-ninja -C "$B" -j2 diffuse-core/libdiffuse-core.so tests/bench/gpu-ops tests/bench/sd-bench-gpu \
+ninja -C "$B" -j2 diffuse-core/libdiffuse-core.so.0.1.0 tests/bench/gpu-ops tests/bench/sd-bench-gpu \
   tests/core/test-sd tests/core/test-cuda-fallback
 
 rm -rf .gpu

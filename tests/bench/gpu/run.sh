@@ -42,7 +42,9 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/loc
   if [ -e "$d/libcublas.so.13" ]; then CUBLAS_DIR="$CUBLAS_DIR:$d"; fi
 done
 [ -z "$CUBLAS_DIR" ] && CUBLAS_DIR=":$(dirname "$(find / -name 'libcublas.so.13' -not -path '/proc/*' 2>/dev/null | head -1)")"
-export LD_LIBRARY_PATH=$W/lib${CUBLAS_DIR}:${LD_LIBRARY_PATH:-}
+# only our programs get the carried libraries (python/torch keep the image's own)
+OURLIB=$W/lib${CUBLAS_DIR}:${LD_LIBRARY_PATH:-}
+ours () { LD_LIBRARY_PATH=$OURLIB "$@"; }
 export DIFFUSE_FIXTURES=$ROOT/tests/fixtures
 export OMP_NUM_THREADS=8
 BIN=$ROOT/.gpu/bin
@@ -55,17 +57,17 @@ export PYTHONUNBUFFERED=1
 if want info; then
   stamp "info"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
-  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-  ldd $BIN/gpu-ops | grep -E "not found|cublas|cudart|diffuse" 
-  timeout 60 $BIN/test-cuda-fallback; RES[fallback]=$?
+  echo "our LD_LIBRARY_PATH=$OURLIB"
+  ours ldd $BIN/gpu-ops | grep -E "not found|cublas|cudart|diffuse"
+  ours timeout 60 $BIN/test-cuda-fallback; RES[fallback]=$?
 fi
 
 if want ops; then
   stamp "ops: gpu-ops (every torch op case on cuda:0, native/f16/bf16, graph check)"
-  timeout 120 $BIN/gpu-ops --device cuda:0 --report $OUT/gpu-ops.txt > /dev/null 2>$W/gpu-ops.err; RES[ops]=$?
-  grep -E "^FAIL" $OUT/gpu-ops.txt | head -40
+  ours timeout 120 $BIN/gpu-ops --device cuda:0 --report $OUT/gpu-ops.txt > $W/gpu-ops.out 2>$W/gpu-ops.err; RES[ops]=$?
+  grep -E "^FAIL" $W/gpu-ops.out | head -40
   tail -c 2000 $W/gpu-ops.err
-  grep -E "^SUMMARY|graph" $OUT/gpu-ops.txt
+  grep -E "^SUMMARY|^SKIP|graph" $W/gpu-ops.out
 fi
 
 if want bench; then
@@ -79,7 +81,7 @@ if want bench; then
   timeout 150 python3 tests/bench/gpu/sd15_diffusers.py bench $M --out $OUT/diffusers.ppm --json $OUT/diffusers.json \
     2>&1 | grep -vE "Loading|it/s\]" | tail -5; RES[bench_diffusers]=$?
   stamp "bench: ours (sd-bench-gpu, f16)"
-  timeout 200 $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 --size 512 --runs 5 \
+  ours timeout 200 $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 --size 512 --runs 5 \
     --out $OUT/ours.ppm --json $OUT/ours.json 2>&1 | tail -5; RES[bench_ours]=${PIPESTATUS[0]}
   if [ -f $OUT/ours.ppm ] && [ -f $OUT/diffusers.ppm ]; then
     python3 tests/bench/gpu/sd15_diffusers.py psnr $OUT/diffusers.ppm $OUT/ours.ppm | tee $OUT/psnr.json
@@ -88,14 +90,14 @@ fi
 
 if want sd; then
   stamp "sd: test-sd on cuda:0 (tiny pipelines vs diffusers fixtures)"
-  DIFFUSE_TEST_DEVICE=cuda:0 timeout 120 $BIN/test-sd 2>&1 | grep -vE "^# (Start|End)" | tail -40; RES[sd]=${PIPESTATUS[0]}
+  DIFFUSE_TEST_DEVICE=cuda:0 ours timeout 120 $BIN/test-sd 2>&1 | grep -vE "^# (Start|End)" | tail -40; RES[sd]=${PIPESTATUS[0]}
 fi
 
 if want sanitize; then
   stamp "sanitize: compute-sanitizer memcheck, tiny-sd generate f16 on cuda:0"
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [ -n "$CS" ]; then
-    timeout 200 $CS --tool memcheck --leak-check full --error-exitcode 3 --log-file $OUT/sanitizer.log \
+    ours timeout 200 $CS --tool memcheck --leak-check full --error-exitcode 3 --log-file $OUT/sanitizer.log \
       $BIN/sd-bench-gpu tests/fixtures/pipelines/tiny-sd --device cuda:0 --dtype f16 --steps 2 --size 64 --runs 1 \
       2>&1 | tail -3; RES[sanitize]=${PIPESTATUS[0]}
     grep -E "ERROR SUMMARY|LEAK SUMMARY|Invalid|out of bounds" $OUT/sanitizer.log | head -20

@@ -105,19 +105,18 @@ write_ppm (const char *path, const DiffuseImage *img)
 int
 main (int argc, char **argv)
 {
-  const char *device = "cuda:0", *dtype_s = "f16", *prompt = "a photograph of an astronaut riding a horse";
-  const char *out_path = NULL, *json_path = NULL;
+  g_autofree char *device_o = NULL, *dtype_o = NULL, *prompt_o = NULL, *out_path = NULL, *json_path = NULL;
   int steps = 20, size = 512, runs = 5, seed = 0;
   double guidance = 7.5;
   GOptionEntry entries[] = {
-    { "device", 0, 0, G_OPTION_ARG_STRING, &device, "device", "DEV" },
-    { "dtype", 0, 0, G_OPTION_ARG_STRING, &dtype_s, "f16, bf16 or f32", "D" },
+    { "device", 0, 0, G_OPTION_ARG_STRING, &device_o, "device (cuda:0)", "DEV" },
+    { "dtype", 0, 0, G_OPTION_ARG_STRING, &dtype_o, "f16 (default), bf16 or f32", "D" },
     { "steps", 0, 0, G_OPTION_ARG_INT, &steps, "denoising steps", "N" },
     { "guidance", 0, 0, G_OPTION_ARG_DOUBLE, &guidance, "CFG scale", "G" },
     { "size", 0, 0, G_OPTION_ARG_INT, &size, "width = height", "PX" },
     { "runs", 0, 0, G_OPTION_ARG_INT, &runs, "timed runs", "N" },
     { "seed", 0, 0, G_OPTION_ARG_INT, &seed, "seed", "S" },
-    { "prompt", 0, 0, G_OPTION_ARG_STRING, &prompt, "prompt", "P" },
+    { "prompt", 0, 0, G_OPTION_ARG_STRING, &prompt_o, "prompt", "P" },
     { "out", 0, 0, G_OPTION_ARG_STRING, &out_path, "image of the first timed run (PPM)", "FILE" },
     { "json", 0, 0, G_OPTION_ARG_STRING, &json_path, "results", "FILE" },
     { NULL },
@@ -130,6 +129,9 @@ main (int argc, char **argv)
     return 2;
   }
   g_option_context_free (oc);
+  const char *device = device_o ? device_o : "cuda:0";
+  const char *dtype_s = dtype_o ? dtype_o : "f16";
+  const char *prompt = prompt_o ? prompt_o : "a photograph of an astronaut riding a horse";
   DiffuseDType dt;
   if (!diffuse_dtype_from_string (dtype_s, &dt)) {
     fprintf (stderr, "bad dtype %s\n", dtype_s);
