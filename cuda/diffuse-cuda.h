@@ -21,7 +21,9 @@
  * freed they go back to that pool only (never to other users), so a replay
  * cannot overwrite tensors allocated between replays.  diffuse_cuda_graph_free
  * returns them to the general pool.  Tensors still alive from the capture
- * (the output) stay valid until unref'd. */
+ * (the output) stay valid until unref'd.  Tensors made before the capture
+ * and read inside it (inputs, weights) must stay alive until the graph is
+ * freed: their blocks are not the graph's. */
 #pragma once
 
 #include <diffuse/backend.h>

@@ -66,6 +66,7 @@ def main():
     ap.add_argument("--guidance", type=float)
     ap.add_argument("--scheduler", help="override the bundle's scheduler class")
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--every", type=int, default=1, help="take every k-th held-out prompt (quick checks)")
     ap.add_argument("--images", help="analyse DIR/NNN.png instead of generating")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--sheet", help="write a contact sheet PNG here")
@@ -73,7 +74,7 @@ def main():
     ap.add_argument("--write-prompts", help="write the held-out prompts (JSON list) and exit")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    items = heldout()[:a.n]
+    items = heldout()[::a.every][:a.n]
     prompts = [p for p, _ in items]
     if a.write_prompts:
         json.dump(prompts, open(a.write_prompts, "w"), indent=1)

@@ -12,55 +12,8 @@
 #include <string.h>
 
 #include "models/blocks.h"
+#include "models/unet2d_condition_private.h"   /* the layout of DiffuseUNet, shared with motion_unet.c */
 
-typedef struct {
-  int n_layers;
-  gboolean has_attn;
-  DiffuseBlkResnet *resnets;           /* n_layers */
-  DiffuseBlkTransformer2D *attns;      /* n_layers when has_attn */
-  gboolean has_sampler;
-  DiffuseBlkDownsample down;           /* down blocks */
-  DiffuseBlkUpsample up;               /* up blocks */
-  int cross_attention_dim;             /* when has_attn */
-} UNetBlock;
-
-typedef struct {
-  gboolean present;
-  gboolean has_attn;
-  DiffuseBlkResnet resnets[2];         /* 1 without attention */
-  DiffuseBlkTransformer2D attn;
-  int cross_attention_dim;
-} UNetMid;
-
-struct _DiffuseUNet {
-  gint ref_count;
-  DiffuseConfig *config;
-  char *label;
-  DiffuseDType dtype;
-  DiffuseDevice *dev;
-
-  int in_channels, out_channels, n_blocks, sample_size;
-  int *block_out;
-  gboolean center_input_sample;
-  gboolean flip_sin_to_cos;
-  float freq_shift;
-  int time_embed_dim;
-  int time_cond_proj_dim;
-  gboolean has_time_embed_act;
-  DiffuseActivation time_embed_act;
-  DiffuseActivation act;
-  int num_upsamplers;
-
-  DiffuseBlkConv2d conv_in, conv_out;
-  DiffuseBlkGroupNorm conv_norm_out;
-  DiffuseBlkTimestepEmbedding time_embedding;
-  UNetBlock *down;
-  UNetMid mid;
-  UNetBlock *up;
-
-  guint64 n_params;
-  char **unused_keys;
-};
 
 /* ---- config helpers ---------------------------------------------------- */
 

@@ -6,11 +6,8 @@
  * motion modules interleaved.  It runs the blocks of the very DiffuseUNet the
  * text2img pipeline built (same tensors, no copy), so it needs this layout.
  *
- * These definitions must stay identical to those in unet2d_condition.c
- * (C11 6.2.7: same tag and members in order = compatible types across
- * translation units).  The intended end state is that unet2d_condition.c
- * includes this header instead of defining them itself;
- * motion_unet.c checks the layout at run time against the public accessors. */
+ * unet2d_condition.c defines its functions over these types; motion_unet.c
+ * also checks the layout at run time against the public accessors. */
 #pragma once
 
 #include <diffuse/unet.h>

@@ -573,6 +573,8 @@ conv3x3_winograd (float *o, const float *px, const float *pwt, const float *bias
                   int64_t H, int64_t W, int64_t Cout, int nt)
 {
   const int64_t th = (H + 1) / 2, tw = (W + 1) / 2, tpi = th * tw, ntiles = N * tpi;
+  if (ntiles == 0 || Cout == 0)
+    return TRUE;
   /* tiles per task: V and M of one task within ~16 MiB */
   int64_t per = MAX (16, (4 * 1024 * 1024) / (16 * (Cin + Cout)));
   int64_t ntask = (ntiles + per - 1) / per;

@@ -7,7 +7,9 @@
 #
 #   tests/bench/bench-sd15-cpu.sh [BUILD_DIR] [MODEL_DIR]
 #       BUILD_DIR default build; MODEL_DIR default /tmp/sd15-bench
-#   env: THREADS (2), REPS (3: timed forwards per process, after one warm-up),
+#   env: THREADS (2), REPS (3: op repetitions, and timed text-encoder forwards
+#        per process after one warm-up), MODEL_REPS (1: the same for the UNet
+#        and the VAE: a forward there takes a minute on 2 busy cores),
 #        ROUNDS (2: alternating processes per side; the table shows the median
 #        of all timed forwards and the minimum), PARTS ("ops unet vae clip"),
 #        PYTHON (python3), OMP_WAIT_POLICY (passive, for both sides)
@@ -34,6 +36,7 @@ build=${1:-build}
 models=${2:-/tmp/sd15-bench}
 threads=${THREADS:-2}
 reps=${REPS:-3}
+model_reps=${MODEL_REPS:-1}
 rounds=${ROUNDS:-2}
 parts=${PARTS:-ops unet vae clip}
 python=${PYTHON:-python3}
@@ -71,21 +74,24 @@ for what in unet vae clip; do
   case " $parts " in *" $what "*) ;; *) continue ;; esac
   : > "$tmp/$what.c"
   : > "$tmp/$what.t"
+  n=$reps
+  [ "$what" = clip ] || n=$model_reps
+  echo "$n" > "$tmp/$what.n"
   r=0
   while [ "$r" -lt "$rounds" ]; do
     l0=$(cut -d' ' -f1 /proc/loadavg)
     OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads \
-      "$bench" "$what" "$models" --threads "$threads" --reps "$reps" | sed "s/\$/\t$l0/" >> "$tmp/$what.c"
+      "$bench" "$what" "$models" --threads "$threads" --reps "$n" | sed "s/\$/\t$l0/" >> "$tmp/$what.c"
     l1=$(cut -d' ' -f1 /proc/loadavg)
     OMP_NUM_THREADS=$threads \
-      "$python" "$here/bench_sd15_torch.py" "$what" "$models" --threads "$threads" --reps "$reps" 2>/dev/null |
+      "$python" "$here/bench_sd15_torch.py" "$what" "$models" --threads "$threads" --reps "$n" 2>/dev/null |
       grep "^$what" | sed "s/\$/\t$l1/" >> "$tmp/$what.t"
     r=$((r + 1))
   done
 done
 
 echo
-echo "## models (median of the per-process medians of $reps timed forwards x $rounds processes per side; min over all)"
+echo "## models ($rounds processes per side, alternating; each: 1 warm-up + N timed forwards (N: $model_reps UNet/VAE, $reps text encoder); ms = median of the per-process medians, min = over all)"
 printf "| %-26s | %10s | %10s | %6s | %10s | %10s | %6s | %20s | %20s | %13s | %9s |\n" "forward" "diffuse ms" "torch ms" \
   "ratio" "diff. min" "torch min" "ratio" "weights MiB (d / t)" "fwd peak MiB (d / t)" "VmHWM MiB (d / t)" "load 1m"
 echo "|----------------------------|------------|------------|--------|------------|------------|--------|----------------------|----------------------|---------------|-----------|"

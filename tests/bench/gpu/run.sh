@@ -15,6 +15,8 @@
 #   ops       gpu-ops: every torch op case on cuda:0, native/f16/bf16, + CUDA graph check
 #   bench     full-size SD 1.5, random fp16 weights: diffusers eager fp16 SDPA vs ours,
 #             512x512, 20 steps, CFG 7.5, batch 1, median of 5 after warm-up; PSNR
+#   profile   DIFFUSE_CUDA_PROFILE=1: time per op kind (synchronised per op) over a short
+#             sd-bench-gpu run (4 steps: 3 generates, 6 VAE decodes, 6 text encodes)
 #   sd        test-sd (tiny pipelines vs diffusers fixtures) with DIFFUSE_TEST_DEVICE=cuda:0
 #   sanitize  compute-sanitizer memcheck on one tiny-sd generate (f16)
 # Files under $OUT (8 at most): run.log, gpu-ops.txt, sanitizer.log, ours.json,
@@ -24,12 +26,16 @@ ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$ROOT"
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
-ONLY=${ONLY:-info,ops,bench,sd,sanitize}
+ONLY=${ONLY:-info,ops,bench,profile,sd,sanitize}
 LOG=$OUT/run.log
 exec > >(tee -a "$LOG") 2>&1
 want () { case ",$ONLY," in *",$1,"*) return 0 ;; esac; return 1; }
 T0=$(date +%s)
 stamp () { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
+# a step's timeout: its own limit, cut so the whole script ends by BUDGET s
+# (the call's timeout_s is 600: the summary must still print)
+BUDGET=${BUDGET:-560}
+tmo () { local left=$(( BUDGET - ($(date +%s) - T0) )); [ $left -lt $1 ] && echo $(( left > 5 ? left : 5 )) || echo $1; }
 declare -A RES
 
 # ---- environment ------------------------------------------------------------
@@ -59,12 +65,12 @@ if want info; then
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   echo "our LD_LIBRARY_PATH=$OURLIB"
   ours ldd $BIN/gpu-ops | grep -E "not found|cublas|cudart|diffuse"
-  ours timeout 60 $BIN/test-cuda-fallback; RES[fallback]=$?
+  ours timeout $(tmo 60) $BIN/test-cuda-fallback; RES[fallback]=$?
 fi
 
 if want ops; then
   stamp "ops: gpu-ops (every torch op case on cuda:0, native/f16/bf16, graph check)"
-  ours timeout 120 $BIN/gpu-ops --device cuda:0 --report $OUT/gpu-ops.txt > $W/gpu-ops.out 2>$W/gpu-ops.err; RES[ops]=$?
+  ours timeout $(tmo 120) $BIN/gpu-ops --device cuda:0 --report $OUT/gpu-ops.txt > $W/gpu-ops.out 2>$W/gpu-ops.err; RES[ops]=$?
   grep -E "^FAIL" $W/gpu-ops.out | head -40
   tail -c 2000 $W/gpu-ops.err
   grep -E "^SUMMARY|^SKIP|graph" $W/gpu-ops.out
@@ -74,30 +80,40 @@ if want bench; then
   stamp "bench: make full-size SD 1.5 (random fp16 weights)"
   M=$W/sd15
   if [ ! -f $M/model_index.json ]; then
-    timeout 150 python3 tests/bench/gpu/sd15_diffusers.py make $M tests/fixtures/clip-tokenizer 2>&1 | grep -v Warning | tail -3
+    timeout $(tmo 150) python3 tests/bench/gpu/sd15_diffusers.py make $M tests/fixtures/clip-tokenizer 2>&1 | grep -v Warning | tail -3
   fi
   du -sh $M
   stamp "bench: diffusers eager fp16 SDPA"
-  timeout 150 python3 tests/bench/gpu/sd15_diffusers.py bench $M --out $OUT/diffusers.ppm --json $OUT/diffusers.json \
-    2>&1 | grep -vE "Loading|it/s\]" | tail -5; RES[bench_diffusers]=$?
+  timeout $(tmo 150) python3 tests/bench/gpu/sd15_diffusers.py bench $M --out $OUT/diffusers.ppm --json $OUT/diffusers.json \
+    2>&1 | grep -vE "Loading|it/s\]" | tail -5; RES[bench_diffusers]=${PIPESTATUS[0]}
   stamp "bench: ours (sd-bench-gpu, f16)"
-  ours timeout 200 $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 --size 512 --runs 5 \
+  ours timeout $(tmo 200) $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 --size 512 --runs 5 \
     --out $OUT/ours.ppm --json $OUT/ours.json 2>&1 | tail -5; RES[bench_ours]=${PIPESTATUS[0]}
   if [ -f $OUT/ours.ppm ] && [ -f $OUT/diffusers.ppm ]; then
     python3 tests/bench/gpu/sd15_diffusers.py psnr $OUT/diffusers.ppm $OUT/ours.ppm | tee $OUT/psnr.json
   fi
 fi
 
+if want profile; then
+  stamp "profile: per-op time of ours (DIFFUSE_CUDA_PROFILE=1, sd-bench-gpu 4 steps)"
+  if [ -f $W/sd15/model_index.json ]; then
+    DIFFUSE_CUDA_PROFILE=1 ours timeout $(tmo 120) $BIN/sd-bench-gpu $W/sd15 --device cuda:0 --dtype f16 --steps 4 \
+      --size 512 --runs 1 2>&1 | tail -30; RES[profile]=${PIPESTATUS[0]}
+  else
+    echo "no model (run the bench step first)"
+  fi
+fi
+
 if want sd; then
   stamp "sd: test-sd on cuda:0 (tiny pipelines vs diffusers fixtures)"
-  DIFFUSE_TEST_DEVICE=cuda:0 ours timeout 120 $BIN/test-sd 2>&1 | grep -vE "^# (Start|End)" | tail -40; RES[sd]=${PIPESTATUS[0]}
+  DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 120) $BIN/test-sd 2>&1 | grep -vE "^# (Start|End)" | tail -40; RES[sd]=${PIPESTATUS[0]}
 fi
 
 if want sanitize; then
   stamp "sanitize: compute-sanitizer memcheck, tiny-sd generate f16 on cuda:0"
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [ -n "$CS" ]; then
-    ours timeout 200 $CS --tool memcheck --leak-check full --error-exitcode 3 --log-file $OUT/sanitizer.log \
+    ours timeout $(tmo 200) $CS --tool memcheck --leak-check full --error-exitcode 3 --log-file $OUT/sanitizer.log \
       $BIN/sd-bench-gpu tests/fixtures/pipelines/tiny-sd --device cuda:0 --dtype f16 --steps 2 --size 64 --runs 1 \
       2>&1 | tail -3; RES[sanitize]=${PIPESTATUS[0]}
     grep -E "ERROR SUMMARY|LEAK SUMMARY|Invalid|out of bounds" $OUT/sanitizer.log | head -20
