@@ -6,6 +6,7 @@
 #include <gst/gst.h>
 #include "gstdiffusetext2img.h"
 #include "gstdiffuseimg2img.h"
+#include "gstdiffuseanimate.h"
 #include "diffuse-config.h"
 
 static gboolean
@@ -14,6 +15,7 @@ plugin_init (GstPlugin *plugin)
   gboolean ret = FALSE;
   ret |= GST_ELEMENT_REGISTER (diffusetext2img, plugin);
   ret |= GST_ELEMENT_REGISTER (diffuseimg2img, plugin);
+  ret |= GST_ELEMENT_REGISTER (diffuseanimate, plugin);
   return ret;
 }
 
