@@ -7,7 +7,7 @@ pkgs=(
   libglib2.0-dev libjson-glib-dev libopenblas-openmp-dev libsoup-3.0-dev
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
   gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
-  gstreamer1.0-plugins-ugly
+  gstreamer1.0-plugins-ugly gstreamer1.0-plugins-base-apps
   clang libclang-rt-14-dev valgrind
 )
 missing=()

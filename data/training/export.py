@@ -66,6 +66,15 @@ def main():
         os.remove(os.path.join(tdir, f))
     for f in TOKENIZER_FILES:
         shutil.copyfile(os.path.join(TOKENIZER_DIR, f), os.path.join(tdir, f))
+    for sub in ("vae", "unet", "text_encoder", "scheduler"):
+        for cfg_name in ("config.json", "scheduler_config.json"):
+            cp = os.path.join(a.out, sub, cfg_name)
+            if os.path.exists(cp):
+                cfg = json.load(open(cp))
+                if cfg.pop("_name_or_path", None) is not None:
+                    with open(cp, "w") as f:
+                        json.dump(cfg, f, indent=2, sort_keys=True)
+                        f.write("\n")
     defaults = dict(DEFAULTS, num_inference_steps=a.steps, guidance_scale=a.guidance)
     with open(os.path.join(a.out, "gst-diffuse.json"), "w") as f:
         json.dump(defaults, f, indent=2)
