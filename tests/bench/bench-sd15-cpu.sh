@@ -118,4 +118,11 @@ for what in unet vae clip; do
              sprintf("%.0f / %.0f", ch, th), loads
     }' "$tmp/$what.c" "$tmp/$what.t"
 done
-echo "(ratio = diffuse / torch: below 1 means diffuse-core is faster; load 1m: load average before each run)"
+echo "(ratio = diffuse / torch: below 1 means diffuse-core is faster; load 1m: load average before each run, diffuse's runs first)"
+echo
+echo "## per process (what, median ms, min ms, weights MiB, fwd peak MiB, VmHWM MiB, load 1m)"
+for what in unet vae clip; do
+  case " $parts " in *" $what "*) ;; *) continue ;; esac
+  sed 's/^/diffuse\t/' "$tmp/$what.c"
+  sed 's/^/torch\t/' "$tmp/$what.t"
+done
