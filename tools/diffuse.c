@@ -137,17 +137,26 @@ on_step (int step, int total, gpointer user_data)
   return TRUE;
 }
 
-/* Defaults a bundled model can suggest in its gst_diffuse_defaults.json. */
+/* Generation defaults a model folder can suggest in gst-diffuse.json
+ * (num_inference_steps, guidance_scale, width, height, scheduler), as the
+ * bundled model does. */
+static char *default_scheduler;
+
 static void
 model_defaults (DiffusePipelineModel *pm, DiffuseSDParams *p)
 {
-  char *path = g_build_filename (diffuse_pipeline_model_folder (pm), "gst_diffuse_defaults.json", NULL);
+  char *path = g_build_filename (diffuse_pipeline_model_folder (pm), "gst-diffuse.json", NULL);
   DiffuseConfig *c = g_file_test (path, G_FILE_TEST_EXISTS) ? diffuse_config_load (path, NULL) : NULL;
   g_free (path);
   if (!c)
     return;
   p->num_inference_steps = (int) diffuse_config_get_int (c, "num_inference_steps", p->num_inference_steps);
   p->guidance_scale = (float) diffuse_config_get_double (c, "guidance_scale", p->guidance_scale);
+  p->width = (int) diffuse_config_get_int (c, "width", p->width);
+  p->height = (int) diffuse_config_get_int (c, "height", p->height);
+  g_free (default_scheduler);
+  default_scheduler = g_strdup (diffuse_config_get_string (c, "scheduler", NULL));
+  p->scheduler = default_scheduler;
   diffuse_config_unref (c);
 }
 
@@ -171,9 +180,12 @@ generate (DiffusePipelineModel *pm)
   if (opt_guidance >= 0)
     p.guidance_scale = (float) opt_guidance;
   p.seed = (guint64) opt_seed;
-  p.width = opt_width;
-  p.height = opt_height;
-  p.scheduler = opt_scheduler;
+  if (opt_width)
+    p.width = opt_width;
+  if (opt_height)
+    p.height = opt_height;
+  if (opt_scheduler)
+    p.scheduler = opt_scheduler;
   p.clip_skip = opt_clip_skip;
   p.num_images = opt_num_images;
   p.on_step = on_step;

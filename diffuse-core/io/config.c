@@ -241,9 +241,52 @@ diffuse_config_from_object (JsonObject *obj, const char *label)
   return c;
 }
 
-DiffuseConfig *
-diffuse_config_from_string (const char *json, const char *label, GError **error)
+/* Python's json module writes the non-standard literals NaN, Infinity and
+ * -Infinity (diffusers' DPMSolverMultistepScheduler config has
+ * "lambda_min_clipped": -Infinity); json-glib rejects them.  Outside strings,
+ * Infinity becomes 1e999 (parsed as inf) and NaN becomes null (the key's
+ * default).  Returns NULL when there is nothing to rewrite. */
+static char *
+py_json_literals (const char *json)
 {
+  if (!strstr (json, "Infinity") && !strstr (json, "NaN"))
+    return NULL;
+  GString *out = g_string_sized_new (strlen (json) + 16);
+  gboolean in_str = FALSE;
+  for (const char *p = json; *p; p++) {
+    if (in_str) {
+      g_string_append_c (out, *p);
+      if (*p == '\\' && p[1]) {
+        g_string_append_c (out, *++p);
+      } else if (*p == '"') {
+        in_str = FALSE;
+      }
+      continue;
+    }
+    if (*p == '"') {
+      in_str = TRUE;
+      g_string_append_c (out, *p);
+      continue;
+    }
+    gboolean boundary = p == json || !(g_ascii_isalnum (p[-1]) || p[-1] == '_');
+    if (boundary && strncmp (p, "Infinity", 8) == 0 && !g_ascii_isalnum (p[8])) {
+      g_string_append (out, "1e999");
+      p += 7;
+    } else if (boundary && strncmp (p, "NaN", 3) == 0 && !g_ascii_isalnum (p[3])) {
+      g_string_append (out, "null");
+      p += 2;
+    } else {
+      g_string_append_c (out, *p);
+    }
+  }
+  return g_string_free (out, FALSE);
+}
+
+DiffuseConfig *
+diffuse_config_from_string (const char *json_in, const char *label, GError **error)
+{
+  char *rewritten = json_in ? py_json_literals (json_in) : NULL;
+  const char *json = rewritten ? rewritten : json_in;
   g_return_val_if_fail (json != NULL, NULL);
   g_return_val_if_fail (error == NULL || *error == NULL, NULL);
   if (!label)
@@ -254,21 +297,25 @@ diffuse_config_from_string (const char *json, const char *label, GError **error)
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "%s: invalid JSON: %s", label, err->message);
     g_error_free (err);
     g_object_unref (parser);
+    g_free (rewritten);
     return NULL;
   }
   JsonNode *root = json_parser_get_root (parser);
   if (!root) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "%s: invalid JSON: empty document", label);
     g_object_unref (parser);
+    g_free (rewritten);
     return NULL;
   }
   if (!JSON_NODE_HOLDS_OBJECT (root)) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG, "%s: the top level is not a JSON object", label);
     g_object_unref (parser);
+    g_free (rewritten);
     return NULL;
   }
   DiffuseConfig *c = diffuse_config_from_object (json_node_get_object (root), label);
   g_object_unref (parser);
+  g_free (rewritten);
   return c;
 }
 

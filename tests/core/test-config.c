@@ -314,6 +314,26 @@ test_load_errors (void)
   g_free (dir);
 }
 
+/* Python's json writes -Infinity / NaN: a real DPMSolverMultistepScheduler
+ * config has "lambda_min_clipped": -Infinity.  It must load (inf; NaN as
+ * absent), and the literals inside strings stay untouched. */
+static void
+test_python_literals_in (void)
+{
+  GError *err = NULL;
+  DiffuseConfig *c = diffuse_config_from_string (
+      "{\"lambda_min_clipped\": -Infinity, \"hi\": Infinity, \"n\": NaN, \"s\": \"-Infinity NaN\", \"k\": 2}",
+      "sched", &err);
+  g_assert_no_error (err);
+  g_assert_true (isinf (diffuse_config_get_double (c, "lambda_min_clipped", 0)));
+  g_assert_cmpfloat (diffuse_config_get_double (c, "lambda_min_clipped", 0), <, 0);
+  g_assert_true (isinf (diffuse_config_get_double (c, "hi", 0)));
+  g_assert_cmpfloat (diffuse_config_get_double (c, "n", 7.0), ==, 7.0);
+  g_assert_cmpstr (diffuse_config_get_string (c, "s", NULL), ==, "-Infinity NaN");
+  g_assert_cmpint (diffuse_config_get_int (c, "k", 0), ==, 2);
+  diffuse_config_unref (c);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -321,6 +341,7 @@ main (int argc, char **argv)
   g_test_add_func ("/config/unet-config", test_unet_config);
   g_test_add_func ("/config/python-json-bytes", test_python_json_bytes);
   g_test_add_func ("/config/python-json-special", test_python_json_special);
+  g_test_add_func ("/config/python-literals-in", test_python_literals_in);
   g_test_add_func ("/config/wrong-types", test_wrong_types);
   g_test_add_func ("/config/load-errors", test_load_errors);
   return g_test_run ();

@@ -311,8 +311,12 @@ GST_START_TEST (test_cancel_on_ready)
                GST_TIME_ARGS (took), GST_TIME_ARGS (step));
   fail_unless (log->last_step < log->total);
   fail_unless_equals_int (gst_harness_buffers_received (h), 0);
+  /* stop streaming, then drop the bus (its queued messages hold refs on
+   * the element, which holds the bus), then free log with the handler */
+  gst_element_set_state (h->element, GST_STATE_NULL);
+  gst_element_set_bus (h->element, NULL);
   gst_harness_teardown (h);
-  gst_object_unref (bus); /* frees log with the sync handler */
+  gst_object_unref (bus);
 }
 GST_END_TEST;
 
@@ -345,8 +349,12 @@ GST_START_TEST (test_flushing_seek)
   fail_unless (gst_buffer_memcmp (buf, 0, ref, 64 * 64 * 3) == 0, "frame after seek is not frame 3's");
   g_free (ref);
   gst_buffer_unref (buf);
+  /* stop streaming, then drop the bus (its queued messages hold refs on
+   * the element, which holds the bus), then free log with the handler */
+  gst_element_set_state (h->element, GST_STATE_NULL);
+  gst_element_set_bus (h->element, NULL);
   gst_harness_teardown (h);
-  gst_object_unref (bus); /* frees log with the sync handler */
+  gst_object_unref (bus);
 }
 GST_END_TEST;
 
@@ -499,6 +507,8 @@ GST_START_TEST (test_error_size_not_multiple_of_8)
   assert_error_message (msg, GST_CORE_ERROR, GST_CORE_ERROR_NEGOTIATION, "multiples of 8");
   gst_message_unref (msg);
   fail_unless_equals_int (gst_harness_buffers_received (h), 0);
+  gst_element_set_state (h->element, GST_STATE_NULL);
+  gst_element_set_bus (h->element, NULL);
   gst_harness_teardown (h);
   gst_object_unref (bus);
 }
