@@ -19,9 +19,16 @@ build/tools/diffuse generate "$model" --prompt "$prompt" --seed 33 --output out/
 
 if [ -f build/gst/libgstdiffuse.so ]; then
   export GST_PLUGIN_PATH="$PWD/build/gst${GST_PLUGIN_PATH:+:$GST_PLUGIN_PATH}"
-  gst-launch-1.0 -q diffusetext2img model="$model" prompt="$prompt" num-buffers=1 \
+  steps="num-inference-steps=20 guidance-scale=5.0"
+  gst-launch-1.0 -q diffusetext2img model="$model" prompt="$prompt" $steps num-buffers=1 \
     ! pngenc ! filesink location=out/quickstart-gst.png
-  gst-launch-1.0 -q diffusetext2img model="$model" prompt="$prompt" num-buffers=8 seed=33 seed-increment=1 \
+  gst-launch-1.0 -q diffusetext2img model="$model" prompt="$prompt" $steps num-buffers=4 seed=33 seed-increment=1 \
     ! videoconvert ! x264enc ! mp4mux ! filesink location=out/quickstart.mp4
-  echo "wrote out/quickstart-gst.png and out/quickstart.mp4"
+  echo "wrote out/quickstart-gst.png and out/quickstart.mp4 (4 frames, one seed each)"
+  if [ -f data/tiny-motion-adapter/config.json ]; then
+    gst-launch-1.0 -q diffuseanimate model="$model" motion-adapter=data/tiny-motion-adapter \
+      prompt="a small red circle moving right on a blue background" $steps clips=1 \
+      ! videoconvert ! x264enc ! mp4mux ! filesink location=out/quickstart-animate.mp4
+    echo "wrote out/quickstart-animate.mp4"
+  fi
 fi
