@@ -8,6 +8,7 @@
  *   per step: UNetMotionModel on [2, C, F, h, w], guidance, scheduler.step
  *   decode: latents / scaling_factor, frames in chunks of decode_chunk_size,
  *           (x / 2 + 0.5).clamp(0, 1). */
+#include "pipelines-private.h"
 #include <diffuse/animate.h>
 #include <diffuse/unet.h>
 #include <diffuse/vae.h>
@@ -44,19 +45,8 @@ diffuse_animate_default_params (DiffuseAnimateParams *p)
 
 /* ---- components ------------------------------------------------------------ */
 
-/* The builders make the same objects as the text2img pipeline's (sd.c), under
- * the same key, so whichever pipeline comes first builds them for both. */
-static gpointer
-build_unet (DiffuseComponent *c, gpointer user_data, GError **error)
-{
-  DiffuseUNetParams p;
-  diffuse_unet_default_params (&p);
-  p.dtype = diffuse_component_dtype (c);
-  p.device = diffuse_component_device (c);
-  p.component = diffuse_component_name (c);
-  return diffuse_unet_new (diffuse_component_config (c), diffuse_component_weights (c), &p, error);
-}
-
+/* The shared models come from pipelines-private.h (the same objects text2img
+ * uses); the adapter is built here. */
 static gpointer
 build_adapter (DiffuseComponent *c, gpointer user_data, GError **error)
 {
@@ -68,44 +58,6 @@ build_adapter (DiffuseComponent *c, gpointer user_data, GError **error)
   return diffuse_motion_adapter_new (diffuse_component_config (c), diffuse_component_weights (c), &p, error);
 }
 
-static gpointer
-build_vae (DiffuseComponent *c, gpointer user_data, GError **error)
-{
-  return diffuse_vae_new (diffuse_component_config (c), diffuse_component_weights (c), diffuse_component_device (c),
-                          diffuse_component_dtype (c), error);
-}
-
-static gpointer
-build_text (DiffuseComponent *c, gpointer user_data, GError **error)
-{
-  return diffuse_clip_text_new (diffuse_component_config (c), diffuse_component_weights (c),
-                                diffuse_component_device (c), diffuse_component_dtype (c), error);
-}
-
-static gpointer
-build_tokenizer (DiffuseComponent *c, gpointer user_data, GError **error)
-{
-  return diffuse_clip_tokenizer_load (diffuse_component_folder (c), error);
-}
-
-static gpointer
-component_object (DiffusePipelineModel *pm, const char *name, const char *want_class, DiffuseComponentBuildFunc build,
-                  GDestroyNotify destroy, GError **error)
-{
-  DiffuseComponent *c = diffuse_pipeline_model_get (pm, name);
-  if (!c) {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "%s: the %s pipeline has no %s",
-                 diffuse_pipeline_model_folder (pm), diffuse_pipeline_model_class (pm), name);
-    return NULL;
-  }
-  if (want_class && !g_str_has_prefix (diffuse_component_class (c), want_class)) {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "%s: component '%s' is a %s; expected a %s",
-                 diffuse_pipeline_model_folder (pm), name, diffuse_component_class (c), want_class);
-    return NULL;
-  }
-  return diffuse_component_get_object (c, "model", build, NULL, destroy, error);
-}
-
 DiffuseAnimate *
 diffuse_animate_new (DiffusePipelineModel *pm, GError **error)
 {
@@ -114,10 +66,9 @@ diffuse_animate_new (DiffusePipelineModel *pm, GError **error)
   a->ref_count = 1;
   a->pm = diffuse_pipeline_model_ref (pm);
   g_mutex_init (&a->lock);
-  a->unet = component_object (pm, "unet", "UNet2DConditionModel", build_unet, (GDestroyNotify) diffuse_unet_unref,
-                              error);
+  a->unet = _diffuse_pipeline_unet (pm, error);
   if (a->unet)
-    a->adapter = component_object (pm, "motion_adapter", "MotionAdapter", build_adapter,
+    a->adapter = _diffuse_pipeline_object (pm, "motion_adapter", "MotionAdapter", build_adapter,
                                    (GDestroyNotify) diffuse_motion_adapter_unref, error);
   if (a->adapter && diffuse_motion_adapter_conv_in_channels (a->adapter) > 0) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
@@ -129,13 +80,11 @@ diffuse_animate_new (DiffusePipelineModel *pm, GError **error)
   if (a->adapter)
     a->motion = diffuse_unet_motion_new (a->unet, a->adapter, error);
   if (a->motion)
-    a->vae = component_object (pm, "vae", "AutoencoderKL", build_vae, (GDestroyNotify) diffuse_vae_unref, error);
+    a->vae = _diffuse_pipeline_vae (pm, error);
   if (a->vae)
-    a->text_encoder = component_object (pm, "text_encoder", "CLIPTextModel", build_text,
-                                        (GDestroyNotify) diffuse_clip_text_unref, error);
+    a->text_encoder = _diffuse_pipeline_text_encoder (pm, error);
   if (a->text_encoder)
-    a->tokenizer = component_object (pm, "tokenizer", "CLIPTokenizer", build_tokenizer,
-                                     (GDestroyNotify) diffuse_clip_tokenizer_unref, error);
+    a->tokenizer = _diffuse_pipeline_tokenizer (pm, error);
   if (!a->tokenizer) {
     diffuse_animate_unref (a);
     return NULL;

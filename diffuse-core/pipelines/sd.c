@@ -5,6 +5,7 @@
  * prepare_latents, get_timesteps, rescale_noise_cfg,
  * get_guidance_scale_embedding) so that one seed gives one picture. */
 #include <diffuse/sd.h>
+#include "pipelines-private.h"
 #include <diffuse/unet.h>
 #include <diffuse/vae.h>
 #include <diffuse/clip_text.h>
@@ -79,55 +80,6 @@ diffuse_sd_default_params (DiffuseSDParams *p)
   p->strength = 0.8f;
 }
 
-static gpointer
-build_unet (DiffuseComponent *c, gpointer user_data, GError **error)
-{
-  DiffuseUNetParams p;
-  diffuse_unet_default_params (&p);
-  p.dtype = diffuse_component_dtype (c);
-  p.device = diffuse_component_device (c);
-  p.component = diffuse_component_name (c);
-  return diffuse_unet_new (diffuse_component_config (c), diffuse_component_weights (c), &p, error);
-}
-
-static gpointer
-build_vae (DiffuseComponent *c, gpointer user_data, GError **error)
-{
-  return diffuse_vae_new (diffuse_component_config (c), diffuse_component_weights (c), diffuse_component_device (c),
-                          diffuse_component_dtype (c), error);
-}
-
-static gpointer
-build_text (DiffuseComponent *c, gpointer user_data, GError **error)
-{
-  return diffuse_clip_text_new (diffuse_component_config (c), diffuse_component_weights (c),
-                                diffuse_component_device (c), diffuse_component_dtype (c), error);
-}
-
-static gpointer
-build_tokenizer (DiffuseComponent *c, gpointer user_data, GError **error)
-{
-  return diffuse_clip_tokenizer_load (diffuse_component_folder (c), error);
-}
-
-static gpointer
-component_object (DiffusePipelineModel *pm, const char *name, const char *want_class, DiffuseComponentBuildFunc build,
-                  GDestroyNotify destroy, GError **error)
-{
-  DiffuseComponent *c = diffuse_pipeline_model_get (pm, name);
-  if (!c) {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "%s: the pipeline has no %s",
-                 diffuse_pipeline_model_folder (pm), name);
-    return NULL;
-  }
-  if (want_class && !g_str_has_prefix (diffuse_component_class (c), want_class)) {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "%s: component '%s' is a %s; expected a %s",
-                 diffuse_pipeline_model_folder (pm), name, diffuse_component_class (c), want_class);
-    return NULL;
-  }
-  return diffuse_component_get_object (c, "model", build, NULL, destroy, error);
-}
-
 DiffuseSD *
 diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error)
 {
@@ -136,16 +88,13 @@ diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error)
   sd->task = task;
   sd->pm = diffuse_pipeline_model_ref (pm);
   g_mutex_init (&sd->lock);
-  sd->unet = component_object (pm, "unet", "UNet2DConditionModel", build_unet,
-                               (GDestroyNotify) diffuse_unet_unref, error);
+  sd->unet = _diffuse_pipeline_unet (pm, error);
   if (sd->unet)
-    sd->vae = component_object (pm, "vae", "AutoencoderKL", build_vae, (GDestroyNotify) diffuse_vae_unref, error);
+    sd->vae = _diffuse_pipeline_vae (pm, error);
   if (sd->vae)
-    sd->text_encoder = component_object (pm, "text_encoder", "CLIPTextModel", build_text,
-                                         (GDestroyNotify) diffuse_clip_text_unref, error);
+    sd->text_encoder = _diffuse_pipeline_text_encoder (pm, error);
   if (sd->text_encoder)
-    sd->tokenizer = component_object (pm, "tokenizer", "CLIPTokenizer", build_tokenizer,
-                                      (GDestroyNotify) diffuse_clip_tokenizer_unref, error);
+    sd->tokenizer = _diffuse_pipeline_tokenizer (pm, error);
   if (!sd->tokenizer) {
     diffuse_sd_unref (sd);
     return NULL;

@@ -1,0 +1,80 @@
+/* gst-diffuse — building the models of a pipeline's components, once per
+ * component, for every task pipeline (see pipelines-private.h). */
+#include "pipelines-private.h"
+#include <diffuse/error.h>
+
+static gpointer
+build_unet (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  DiffuseUNetParams p;
+  diffuse_unet_default_params (&p);
+  p.dtype = diffuse_component_dtype (c);
+  p.device = diffuse_component_device (c);
+  p.component = diffuse_component_name (c);
+  return diffuse_unet_new (diffuse_component_config (c), diffuse_component_weights (c), &p, error);
+}
+
+static gpointer
+build_vae (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return diffuse_vae_new (diffuse_component_config (c), diffuse_component_weights (c), diffuse_component_device (c),
+                          diffuse_component_dtype (c), error);
+}
+
+static gpointer
+build_text (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return diffuse_clip_text_new (diffuse_component_config (c), diffuse_component_weights (c),
+                                diffuse_component_device (c), diffuse_component_dtype (c), error);
+}
+
+static gpointer
+build_tokenizer (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return diffuse_clip_tokenizer_load (diffuse_component_folder (c), error);
+}
+
+gpointer
+_diffuse_pipeline_object (DiffusePipelineModel *pm, const char *name, const char *want_class, DiffuseComponentBuildFunc build,
+                  GDestroyNotify destroy, GError **error)
+{
+  DiffuseComponent *c = diffuse_pipeline_model_get (pm, name);
+  if (!c) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "%s: the %s has no %s",
+                 diffuse_pipeline_model_folder (pm), diffuse_pipeline_model_class (pm), name);
+    return NULL;
+  }
+  if (want_class && !g_str_has_prefix (diffuse_component_class (c), want_class)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "%s: component '%s' is a %s; expected a %s",
+                 diffuse_pipeline_model_folder (pm), name, diffuse_component_class (c), want_class);
+    return NULL;
+  }
+  return diffuse_component_get_object (c, "model", build, NULL, destroy, error);
+}
+
+DiffuseUNet *
+_diffuse_pipeline_unet (DiffusePipelineModel *pm, GError **error)
+{
+  return _diffuse_pipeline_object (pm, "unet", "UNet2DConditionModel", build_unet, (GDestroyNotify) diffuse_unet_unref,
+                                   error);
+}
+
+DiffuseVae *
+_diffuse_pipeline_vae (DiffusePipelineModel *pm, GError **error)
+{
+  return _diffuse_pipeline_object (pm, "vae", "AutoencoderKL", build_vae, (GDestroyNotify) diffuse_vae_unref, error);
+}
+
+DiffuseClipText *
+_diffuse_pipeline_text_encoder (DiffusePipelineModel *pm, GError **error)
+{
+  return _diffuse_pipeline_object (pm, "text_encoder", "CLIPTextModel", build_text,
+                                   (GDestroyNotify) diffuse_clip_text_unref, error);
+}
+
+DiffuseClipTokenizer *
+_diffuse_pipeline_tokenizer (DiffusePipelineModel *pm, GError **error)
+{
+  return _diffuse_pipeline_object (pm, "tokenizer", "CLIPTokenizer", build_tokenizer,
+                                   (GDestroyNotify) diffuse_clip_tokenizer_unref, error);
+}

@@ -1,0 +1,24 @@
+/* Private to the pipelines layer: the model objects every task pipeline
+ * builds from its components.  Each is made once per component (under the
+ * key "model") and shared by text2img, img2img and animate. */
+#pragma once
+
+#include <diffuse/pipeline.h>
+#include <diffuse/unet.h>
+#include <diffuse/vae.h>
+#include <diffuse/clip_text.h>
+#include <diffuse/clip_tokenizer.h>
+
+G_BEGIN_DECLS
+
+/* The object of component `name` of pm (borrowed; NULL + error when the
+ * component is absent or its class does not start with want_class). */
+gpointer _diffuse_pipeline_object (DiffusePipelineModel *pm, const char *name, const char *want_class,
+                                   DiffuseComponentBuildFunc build, GDestroyNotify destroy, GError **error);
+
+DiffuseUNet *_diffuse_pipeline_unet (DiffusePipelineModel *pm, GError **error);
+DiffuseVae *_diffuse_pipeline_vae (DiffusePipelineModel *pm, GError **error);
+DiffuseClipText *_diffuse_pipeline_text_encoder (DiffusePipelineModel *pm, GError **error);
+DiffuseClipTokenizer *_diffuse_pipeline_tokenizer (DiffusePipelineModel *pm, GError **error);
+
+G_END_DECLS
