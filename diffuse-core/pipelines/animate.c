@@ -194,34 +194,6 @@ diffuse_animate_default_size (DiffuseAnimate *a, int *width, int *height)
 
 /* ---- helpers ------------------------------------------------------------------ */
 
-/* [1, L, D] embeddings of one prompt (encode_prompt, num_videos_per_prompt 1). */
-static DiffuseTensor *
-encode_one (DiffuseAnimate *a, const char *text, int clip_skip, GError **error)
-{
-  int max = diffuse_clip_tokenizer_model_max_length (a->tokenizer);
-  int32_t *ids = g_new0 (int32_t, max);
-  int n = diffuse_clip_tokenizer_encode (a->tokenizer, text ? text : "", TRUE, ids, max, error);
-  if (n < 0) {
-    g_free (ids);
-    return NULL;
-  }
-  char *cut = diffuse_clip_tokenizer_truncated_text (a->tokenizer, text ? text : "");
-  if (cut && *cut)
-    g_warning ("The following part of your input was truncated because CLIP can only handle sequences up to %d "
-               "tokens: %s", max, cut);
-  g_free (cut);
-  DiffuseClipTextParams p;
-  diffuse_clip_text_default_params (&p);
-  p.clip_skip = clip_skip;
-  DiffuseClipTextOutput out = { 0 };
-  gboolean ok = diffuse_clip_text_forward (a->text_encoder, ids, 1, n, &p, &out, error);
-  g_free (ids);
-  if (!ok)
-    return NULL;
-  DiffuseTensor *e = diffuse_tensor_ref (out.prompt_embeds);
-  diffuse_clip_text_output_clear (&out);
-  return e;
-}
 
 /* base with the members of over set on top: a new config (json_node_copy
  * shares objects, so the top level is rebuilt; base is never modified). */
@@ -415,12 +387,14 @@ diffuse_animate_generate (DiffuseAnimate *a, const DiffuseAnimateParams *params,
 
   /* 1. prompt embeddings; with CFG [negative, prompt] in one batch (the
    * motion UNet repeats them over the frames, as repeat_interleave) */
-  cond = p.prompt_embeds ? diffuse_tensor_ref (p.prompt_embeds) : encode_one (a, p.prompt, p.clip_skip, error);
+  cond = p.prompt_embeds ? diffuse_tensor_ref (p.prompt_embeds)
+                         : _diffuse_pipeline_encode_prompt (a->tokenizer, a->text_encoder, p.prompt, p.clip_skip, error);
   if (!cond)
     goto out;
   if (cfg) {
     uncond = p.negative_prompt_embeds ? diffuse_tensor_ref (p.negative_prompt_embeds)
-                                      : encode_one (a, p.negative_prompt ? p.negative_prompt : "", 0, error);
+                                      : _diffuse_pipeline_encode_prompt (a->tokenizer, a->text_encoder,
+                                                                         p.negative_prompt ? p.negative_prompt : "", 0, error);
     if (!uncond)
       goto out;
     if (!diffuse_tensor_same_shape (uncond, cond)) {

@@ -78,3 +78,34 @@ _diffuse_pipeline_tokenizer (DiffusePipelineModel *pm, GError **error)
   return _diffuse_pipeline_object (pm, "tokenizer", "CLIPTokenizer", build_tokenizer,
                                    (GDestroyNotify) diffuse_clip_tokenizer_unref, error);
 }
+
+/* [1, L, D] embeddings of one prompt as diffusers' encode_prompt makes them:
+ * padded to model_max_length, clip_skip applied, truncation reported. */
+DiffuseTensor *
+_diffuse_pipeline_encode_prompt (DiffuseClipTokenizer *tokenizer, DiffuseClipText *text_encoder, const char *text,
+                                 int clip_skip, GError **error)
+{
+  int max = diffuse_clip_tokenizer_model_max_length (tokenizer);
+  int32_t *ids = g_new0 (int32_t, max);
+  int n = diffuse_clip_tokenizer_encode (tokenizer, text ? text : "", TRUE, ids, max, error);
+  if (n < 0) {
+    g_free (ids);
+    return NULL;
+  }
+  char *cut = diffuse_clip_tokenizer_truncated_text (tokenizer, text ? text : "");
+  if (cut && *cut)
+    g_warning ("The following part of your input was truncated because CLIP can only handle sequences up to %d "
+               "tokens: %s", max, cut);
+  g_free (cut);
+  DiffuseClipTextParams p;
+  diffuse_clip_text_default_params (&p);
+  p.clip_skip = clip_skip;
+  DiffuseClipTextOutput out = { 0 };
+  gboolean ok = diffuse_clip_text_forward (text_encoder, ids, 1, n, &p, &out, error);
+  g_free (ids);
+  if (!ok)
+    return NULL;
+  DiffuseTensor *e = diffuse_tensor_ref (out.prompt_embeds);
+  diffuse_clip_text_output_clear (&out);
+  return e;
+}

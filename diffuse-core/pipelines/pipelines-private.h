@@ -21,4 +21,8 @@ DiffuseVae *_diffuse_pipeline_vae (DiffusePipelineModel *pm, GError **error);
 DiffuseClipText *_diffuse_pipeline_text_encoder (DiffusePipelineModel *pm, GError **error);
 DiffuseClipTokenizer *_diffuse_pipeline_tokenizer (DiffusePipelineModel *pm, GError **error);
 
+/* [1, L, D] prompt embeddings (diffusers' encode_prompt for one prompt; clip_skip 0 = none). */
+DiffuseTensor *_diffuse_pipeline_encode_prompt (DiffuseClipTokenizer *tokenizer, DiffuseClipText *text_encoder,
+                                                const char *text, int clip_skip, GError **error);
+
 G_END_DECLS

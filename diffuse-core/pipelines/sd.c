@@ -162,34 +162,6 @@ diffuse_sd_default_size (DiffuseSD *sd, int *width, int *height)
 
 /* ---- prompt encoding ------------------------------------------------------ */
 
-/* [1, L, D] embeddings of one prompt; clip_skip as diffusers' encode_prompt. */
-static DiffuseTensor *
-encode_one (DiffuseSD *sd, const char *text, int clip_skip, GError **error)
-{
-  int max = diffuse_clip_tokenizer_model_max_length (sd->tokenizer);
-  int32_t *ids = g_new0 (int32_t, max);
-  int n = diffuse_clip_tokenizer_encode (sd->tokenizer, text ? text : "", TRUE, ids, max, error);
-  if (n < 0) {
-    g_free (ids);
-    return NULL;
-  }
-  char *cut = diffuse_clip_tokenizer_truncated_text (sd->tokenizer, text ? text : "");
-  if (cut && *cut)
-    g_warning ("The following part of your input was truncated because CLIP can only handle sequences up to %d "
-               "tokens: %s", max, cut);
-  g_free (cut);
-  DiffuseClipTextParams p;
-  diffuse_clip_text_default_params (&p);
-  p.clip_skip = clip_skip;
-  DiffuseClipTextOutput out = { 0 };
-  gboolean ok = diffuse_clip_text_forward (sd->text_encoder, ids, 1, n, &p, &out, error);
-  g_free (ids);
-  if (!ok)
-    return NULL;
-  DiffuseTensor *e = diffuse_tensor_ref (out.prompt_embeds);
-  diffuse_clip_text_output_clear (&out);
-  return e;
-}
 
 /* Repeats [1, L, D] (or [k, L, D] with k == n) to [n, L, D]. */
 static DiffuseTensor *
@@ -355,7 +327,7 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   if (p.prompt_embeds)
     cond = diffuse_tensor_ref (p.prompt_embeds);
   else
-    cond = encode_one (sd, p.prompt, p.clip_skip, error);
+    cond = _diffuse_pipeline_encode_prompt (sd->tokenizer, sd->text_encoder, p.prompt, p.clip_skip, error);
   if (!cond)
     goto out;
   {
@@ -367,7 +339,8 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     if (p.negative_prompt_embeds)
       uncond = diffuse_tensor_ref (p.negative_prompt_embeds);
     else
-      uncond = encode_one (sd, p.negative_prompt ? p.negative_prompt : "", 0, error);
+      uncond = _diffuse_pipeline_encode_prompt (sd->tokenizer, sd->text_encoder,
+                                                p.negative_prompt ? p.negative_prompt : "", 0, error);
     if (!uncond)
       goto out;
     DiffuseTensor *r = repeat_batch (uncond, n);
