@@ -6,12 +6,22 @@
  *   diffuse generate MODEL --prompt TEXT [--negative-prompt T] [--steps N] [--guidance G]
  *                    [--seed S] [--width W] [--height H] [--scheduler CLASS] [--clip-skip N]
  *                    [--num-images N] [--output out.png]
+ *                    [--prompts-file P.json --output-dir DIR]
+ *   diffuse animate MODEL --motion-adapter REF --prompt TEXT [--frames N] [the generate options]
+ *                   [--output-dir DIR]
+ *
+ * --prompts-file: a JSON array of prompts, generated in one process with seed
+ * (--seed + index); images go to DIR/NNN.png (animate: DIR/NNN_FF.png).
+ * animate writes a clip's frames as DIR/FF.png (default DIR: frames).
  *
  * MODEL is a local diffusers pipeline folder or a Hub repo id. */
 #include <diffuse/diffuse.h>
 #include <diffuse/pipeline.h>
 #include <diffuse/sd.h>
+#include <diffuse/animate.h>
 #include <gio/gio.h>
+#include <json-glib/json-glib.h>
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -19,7 +29,8 @@ static char *opt_variant, *opt_dtype, *opt_revision, *opt_device, *opt_class;
 static gboolean opt_offline;
 static gint64 opt_shard;
 static char *opt_prompt, *opt_negative, *opt_scheduler, *opt_output;
-static int opt_steps = -1, opt_width, opt_height, opt_clip_skip, opt_num_images = 1;
+static char *opt_prompts_file, *opt_output_dir, *opt_adapter;
+static int opt_steps = -1, opt_width, opt_height, opt_clip_skip, opt_num_images = 1, opt_frames;
 static double opt_guidance = -1;
 static gint64 opt_seed = 0;
 
@@ -42,6 +53,12 @@ static GOptionEntry entries[] = {
   { "clip-skip", 0, 0, G_OPTION_ARG_INT, &opt_clip_skip, "CLIP layers to skip (0)", "N" },
   { "num-images", 0, 0, G_OPTION_ARG_INT, &opt_num_images, "Images to generate (1)", "N" },
   { "output", 'o', 0, G_OPTION_ARG_FILENAME, &opt_output, "Output PNG (out.png; -N suffix for several)", "FILE" },
+  { "prompts-file", 0, 0, G_OPTION_ARG_FILENAME, &opt_prompts_file,
+    "JSON array of prompts, seed --seed + index (generate, animate)", "FILE" },
+  { "output-dir", 0, 0, G_OPTION_ARG_FILENAME, &opt_output_dir,
+    "Folder for NNN.png (generate --prompts-file) or [NNN_]FF.png frames (animate)", "DIR" },
+  { "motion-adapter", 0, 0, G_OPTION_ARG_STRING, &opt_adapter, "MotionAdapter folder or Hub repo id (animate)", "REF" },
+  { "frames", 0, 0, G_OPTION_ARG_INT, &opt_frames, "Frames per clip (animate, default 16)", "N" },
   { NULL },
 };
 
@@ -160,26 +177,100 @@ model_defaults (DiffusePipelineModel *pm, DiffuseSDParams *p)
   diffuse_config_unref (c);
 }
 
+/* The prompts to run: the --prompts-file JSON array, else --prompt (or ""). */
+static GPtrArray *
+load_prompts (GError **error)
+{
+  GPtrArray *out = g_ptr_array_new_with_free_func (g_free);
+  if (!opt_prompts_file) {
+    g_ptr_array_add (out, g_strdup (opt_prompt ? opt_prompt : ""));
+    return out;
+  }
+  JsonParser *parser = json_parser_new ();
+  gboolean ok = json_parser_load_from_file (parser, opt_prompts_file, error);
+  JsonNode *root = ok ? json_parser_get_root (parser) : NULL;
+  if (ok && (!root || !JSON_NODE_HOLDS_ARRAY (root))) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG, "%s: expected a JSON array of prompts",
+                 opt_prompts_file);
+    ok = FALSE;
+  }
+  if (ok) {
+    JsonArray *arr = json_node_get_array (root);
+    for (guint i = 0; ok && i < json_array_get_length (arr); i++) {
+      JsonNode *n = json_array_get_element (arr, i);
+      if (!JSON_NODE_HOLDS_VALUE (n) || json_node_get_value_type (n) != G_TYPE_STRING) {
+        g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG, "%s: element %u is not a string",
+                     opt_prompts_file, i);
+        ok = FALSE;
+      } else {
+        g_ptr_array_add (out, g_strdup (json_node_get_string (n)));
+      }
+    }
+  }
+  g_object_unref (parser);
+  if (!ok)
+    g_clear_pointer (&out, g_ptr_array_unref);
+  return out;
+}
+
+static gboolean
+write_image (const DiffuseImage *img, const char *name, GError **error)
+{
+  guint8 *rgb = g_malloc ((gsize) img->width * img->height * 3);
+  diffuse_image_to_rgb8 (img, rgb, img->width * 3);
+  gboolean ok = write_png (name, rgb, img->width, img->height, error);
+  g_free (rgb);
+  return ok;
+}
+
+static gboolean
+make_output_dir (const char *dir, GError **error)
+{
+  if (g_mkdir_with_parents (dir, 0755) != 0) {
+    g_set_error (error, G_FILE_ERROR, g_file_error_from_errno (errno), "cannot create %s: %s", dir,
+                 g_strerror (errno));
+    return FALSE;
+  }
+  return TRUE;
+}
+
+static int
+fail (GError **err)
+{
+  fprintf (stderr, "error: %s\n", (*err)->message);
+  g_clear_error (err);
+  return 1;
+}
+
 static int
 generate (DiffusePipelineModel *pm)
 {
   GError *err = NULL;
+  GPtrArray *prompts = load_prompts (&err);
+  if (!prompts)
+    return fail (&err);
+  if (opt_prompts_file && !opt_output_dir) {
+    fprintf (stderr, "error: --prompts-file needs --output-dir\n");
+    g_ptr_array_unref (prompts);
+    return 2;
+  }
+  if (opt_output_dir && !make_output_dir (opt_output_dir, &err)) {
+    g_ptr_array_unref (prompts);
+    return fail (&err);
+  }
   DiffuseSD *sd = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
   if (!sd) {
-    fprintf (stderr, "error: %s\n", err->message);
-    g_error_free (err);
-    return 1;
+    g_ptr_array_unref (prompts);
+    return fail (&err);
   }
   DiffuseSDParams p;
   diffuse_sd_default_params (&p);
   model_defaults (pm, &p);
-  p.prompt = opt_prompt ? opt_prompt : "";
   p.negative_prompt = opt_negative;
   if (opt_steps > 0)
     p.num_inference_steps = opt_steps;
   if (opt_guidance >= 0)
     p.guidance_scale = (float) opt_guidance;
-  p.seed = (guint64) opt_seed;
   if (opt_width)
     p.width = opt_width;
   if (opt_height)
@@ -188,37 +279,108 @@ generate (DiffusePipelineModel *pm)
     p.scheduler = opt_scheduler;
   p.clip_skip = opt_clip_skip;
   p.num_images = opt_num_images;
-  p.on_step = on_step;
-  gint64 t0 = g_get_monotonic_time ();
-  GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
-  gint64 t1 = g_get_monotonic_time ();
+  p.on_step = opt_prompts_file ? NULL : on_step;
   int rc = 0;
-  if (!imgs) {
-    fprintf (stderr, "error: %s\n", err->message);
-    g_error_free (err);
-    rc = 1;
-  } else {
+  for (guint k = 0; k < prompts->len && rc == 0; k++) {
+    p.prompt = g_ptr_array_index (prompts, k);
+    p.seed = (guint64) (opt_seed + k);
+    gint64 t0 = g_get_monotonic_time ();
+    GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+    gint64 t1 = g_get_monotonic_time ();
+    if (!imgs) {
+      rc = fail (&err);
+      break;
+    }
     const char *out = opt_output ? opt_output : "out.png";
     for (guint i = 0; i < imgs->len && rc == 0; i++) {
       DiffuseImage *img = g_ptr_array_index (imgs, i);
-      guint8 *rgb = g_malloc ((gsize) img->width * img->height * 3);
-      diffuse_image_to_rgb8 (img, rgb, img->width * 3);
-      char *name = imgs->len == 1 ? g_strdup (out) : g_strdup_printf ("%.*s-%u.png",
-                   (int) (g_str_has_suffix (out, ".png") ? strlen (out) - 4 : strlen (out)), out, i);
-      if (!write_png (name, rgb, img->width, img->height, &err)) {
-        fprintf (stderr, "error: %s\n", err->message);
-        g_clear_error (&err);
-        rc = 1;
-      } else {
+      char *name;
+      if (opt_output_dir)
+        name = imgs->len == 1 ? g_strdup_printf ("%s/%03u.png", opt_output_dir, k)
+                              : g_strdup_printf ("%s/%03u-%u.png", opt_output_dir, k, i);
+      else
+        name = imgs->len == 1 ? g_strdup (out) : g_strdup_printf ("%.*s-%u.png",
+               (int) (g_str_has_suffix (out, ".png") ? strlen (out) - 4 : strlen (out)), out, i);
+      if (!write_image (img, name, &err))
+        rc = fail (&err);
+      else
         printf ("wrote %s (%dx%d, \"%s\", seed %" G_GUINT64_FORMAT ", %d steps, %.3f s)\n", name, img->width,
                 img->height, p.prompt, p.seed, p.num_inference_steps, (t1 - t0) / 1e6);
-      }
       g_free (name);
-      g_free (rgb);
     }
     g_ptr_array_unref (imgs);
   }
   diffuse_sd_unref (sd);
+  g_ptr_array_unref (prompts);
+  return rc;
+}
+
+/* text-to-video with a MotionAdapter (AnimateDiffPipeline.from_pipe (pipe, motion_adapter=...)) */
+static int
+animate (DiffusePipelineModel *pm)
+{
+  GError *err = NULL;
+  if (!opt_adapter) {
+    fprintf (stderr, "error: animate needs --motion-adapter (a MotionAdapter folder or Hub repo id)\n");
+    return 2;
+  }
+  GPtrArray *prompts = load_prompts (&err);
+  if (!prompts)
+    return fail (&err);
+  const char *dir = opt_output_dir ? opt_output_dir : "frames";
+  if (!make_output_dir (dir, &err)) {
+    g_ptr_array_unref (prompts);
+    return fail (&err);
+  }
+  DiffuseComponent *ad = diffuse_animate_load_adapter (pm, opt_adapter, NULL, &err);
+  DiffuseAnimate *an = ad ? diffuse_animate_new_from_pipe (pm, ad, &err) : NULL;
+  if (ad)
+    diffuse_component_unref (ad);
+  if (!an) {
+    g_ptr_array_unref (prompts);
+    return fail (&err);
+  }
+  /* the image pipeline's defaults (gst-diffuse.json) apply to its clips too */
+  DiffuseSDParams d;
+  diffuse_sd_default_params (&d);
+  model_defaults (pm, &d);
+  DiffuseAnimateParams p;
+  diffuse_animate_default_params (&p);
+  p.num_inference_steps = opt_steps > 0 ? opt_steps : d.num_inference_steps;
+  p.guidance_scale = opt_guidance >= 0 ? (float) opt_guidance : d.guidance_scale;
+  p.width = opt_width ? opt_width : d.width;
+  p.height = opt_height ? opt_height : d.height;
+  p.scheduler = opt_scheduler ? opt_scheduler : d.scheduler;
+  p.negative_prompt = opt_negative;
+  p.clip_skip = opt_clip_skip;
+  if (opt_frames > 0)
+    p.num_frames = opt_frames;
+  p.on_step = opt_prompts_file ? NULL : on_step;
+  int rc = 0;
+  for (guint k = 0; k < prompts->len && rc == 0; k++) {
+    p.prompt = g_ptr_array_index (prompts, k);
+    p.seed = (guint64) (opt_seed + k);
+    gint64 t0 = g_get_monotonic_time ();
+    GPtrArray *frames = diffuse_animate_generate (an, &p, &err);
+    gint64 t1 = g_get_monotonic_time ();
+    if (!frames) {
+      rc = fail (&err);
+      break;
+    }
+    for (guint f = 0; f < frames->len && rc == 0; f++) {
+      char *name = opt_prompts_file ? g_strdup_printf ("%s/%03u_%02u.png", dir, k, f)
+                                    : g_strdup_printf ("%s/%02u.png", dir, f);
+      if (!write_image (g_ptr_array_index (frames, f), name, &err))
+        rc = fail (&err);
+      g_free (name);
+    }
+    if (rc == 0)
+      printf ("wrote %u frames to %s (\"%s\", seed %" G_GUINT64_FORMAT ", %d steps, %.3f s)\n", frames->len, dir,
+              p.prompt, p.seed, p.num_inference_steps, (t1 - t0) / 1e6);
+    g_ptr_array_unref (frames);
+  }
+  diffuse_animate_unref (an);
+  g_ptr_array_unref (prompts);
   return rc;
 }
 
@@ -271,7 +433,7 @@ int
 main (int argc, char **argv)
 {
   GError *err = NULL;
-  GOptionContext *ctx = g_option_context_new ("inspect|download|save|generate MODEL [OUTDIR]");
+  GOptionContext *ctx = g_option_context_new ("inspect|download|save|generate|animate MODEL [OUTDIR]");
   g_option_context_set_summary (ctx, "Inspect, download and convert diffusers pipelines.");
   g_option_context_add_main_entries (ctx, entries, NULL);
   if (!g_option_context_parse (ctx, &argc, &argv, &err)) {
@@ -302,13 +464,15 @@ main (int argc, char **argv)
   int rc = 0;
   DiffuseComponentCache *cache = diffuse_component_cache_new ();
   if (strcmp (cmd, "inspect") == 0 || strcmp (cmd, "download") == 0 || strcmp (cmd, "save") == 0 ||
-      strcmp (cmd, "generate") == 0) {
+      strcmp (cmd, "generate") == 0 || strcmp (cmd, "animate") == 0) {
     DiffusePipelineModel *pm = diffuse_pipeline_model_load (model, &lp, cache, &err);
     if (!pm) {
       fprintf (stderr, "error: %s\n", err->message);
       rc = 1;
     } else if (strcmp (cmd, "generate") == 0) {
       rc = generate (pm);
+    } else if (strcmp (cmd, "animate") == 0) {
+      rc = animate (pm);
     } else if (strcmp (cmd, "save") == 0) {
       if (argc < 4) {
         fprintf (stderr, "save needs an output folder\n");

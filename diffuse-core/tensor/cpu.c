@@ -16,6 +16,44 @@ extern void openblas_set_num_threads (int num_threads);
 
 static int cpu_threads;
 
+/* Multiply-adds below which an op runs on the calling thread alone: entering a
+ * parallel region costs a few microseconds, and far more when another process
+ * holds the other cores (a helper thread waits for a time slice at every
+ * barrier: the bundled 64x64 model took 30x longer with 2 threads than with
+ * one on a 2-core machine running two other jobs). */
+#define SMALL_WORK ((int64_t) 1 << 20)
+/* Elements below which element-wise and normalisation loops stay serial. */
+#define PAR_ELEMS ((int64_t) 1 << 18)
+/* GEMMs below this many multiply-adds run with one OpenBLAS thread (OpenBLAS's
+ * own cut-off, 2^18, is tuned for an idle machine). */
+#define GEMM_SMALL ((int64_t) 1 << 23)
+
+/* Around a BLAS call outside our parallel regions: small ones on this thread
+ * alone.  Returns the thread count to restore (0: nothing changed). */
+static inline int
+blas_small_begin (int64_t macs)
+{
+#ifdef _OPENMP
+  if (macs < GEMM_SMALL && !omp_in_parallel ()) {
+    int n = omp_get_max_threads ();
+    if (n > 1) {
+      openblas_set_num_threads (1);
+      return n;
+    }
+  }
+#else
+  (void) macs;
+#endif
+  return 0;
+}
+
+static inline void
+blas_small_end (int n)
+{
+  if (n > 0)
+    openblas_set_num_threads (n);
+}
+
 void
 diffuse_cpu_set_threads (int n)
 {
@@ -154,7 +192,7 @@ f32c (DiffuseTensor *t)
   int64_t rows = n_rows (t), cols = last_dim (t), ls = last_stride (t);
   const char *src = base_ptr (t);
   float *dst = diffuse_tensor_f32 (c);
-#pragma omp parallel for if (rows * cols > 32768) schedule (static)
+#pragma omp parallel for if (rows * cols > PAR_ELEMS) schedule (static)
   for (int64_t r = 0; r < rows; r++) {
     int64_t o = row_off (t, r);
     float *d = dst + r * cols;
@@ -212,7 +250,7 @@ cpu_copy (DiffuseTensor *dst, DiffuseTensor *src, GError **error)
     st (d, dst->dtype, 0, ld (s, src->dtype, 0));
     return TRUE;
   }
-#pragma omp parallel for if (rows * cols > 32768) schedule (static)
+#pragma omp parallel for if (rows * cols > PAR_ELEMS) schedule (static)
   for (int64_t r = 0; r < rows; r++) {
     int64_t os = row_off (src, r), od = row_off (dst, r);
     if (ls == 1 && ld_ == 1)
@@ -240,7 +278,7 @@ cpu_binary (DiffuseBinaryOp op, DiffuseTensor *out, DiffuseTensor *a, DiffuseTen
     rows = 1;
     cols = 1;
   }
-#pragma omp parallel for if (rows * cols > 32768) schedule (static)
+#pragma omp parallel for if (rows * cols > PAR_ELEMS) schedule (static)
   for (int64_t r = 0; r < rows; r++) {
     int64_t oa = out->ndim ? row_off (a, r) : 0, ob = out->ndim ? row_off (b, r) : 0;
     float *orow = o + r * cols;
@@ -291,7 +329,7 @@ cpu_scale (DiffuseTensor *out, DiffuseTensor *x, float s, float b, GError **erro
   }
   const float *p = diffuse_tensor_f32 (xc);
   int64_t n = diffuse_tensor_numel (x);
-#pragma omp parallel for if (n > 65536) schedule (static)
+#pragma omp parallel for if (n > PAR_ELEMS) schedule (static)
   for (int64_t i = 0; i < n; i++)
     o[i] = p[i] * s + b;
   out_end (out, o);
@@ -307,7 +345,7 @@ cpu_axpy (DiffuseTensor *a, float alpha, DiffuseTensor *b, GError **error)
   const float *pb = diffuse_tensor_f32 (bc);
   if (a->dtype == DIFFUSE_DTYPE_F32) {
     float *pa = (float *) base_ptr (a);
-#pragma omp parallel for if (n > 65536) schedule (static)
+#pragma omp parallel for if (n > PAR_ELEMS) schedule (static)
     for (int64_t i = 0; i < n; i++)
       pa[i] += alpha * pb[i];
   } else {
@@ -350,7 +388,7 @@ cpu_activation (DiffuseTensor *out, DiffuseTensor *x, DiffuseActivation act, GEr
   if (act == DIFFUSE_ACT_SILU || act == DIFFUSE_ACT_QUICK_GELU || act == DIFFUSE_ACT_SIGMOID ||
       act == DIFFUSE_ACT_GELU) {
     const int64_t blk = 16384, nb = (n + blk - 1) / blk;
-#pragma omp parallel for if (n > 65536) schedule (static)
+#pragma omp parallel for if (n > PAR_ELEMS) schedule (static)
     for (int64_t bi = 0; bi < nb; bi++) {
       const int64_t i0 = bi * blk, m = MIN (blk, n - i0);
       if (act == DIFFUSE_ACT_SIGMOID)
@@ -361,7 +399,7 @@ cpu_activation (DiffuseTensor *out, DiffuseTensor *x, DiffuseActivation act, GEr
         dk_silu (o + i0, p + i0, m, act == DIFFUSE_ACT_SILU ? 1.0f : 1.702f);
     }
   } else {
-#pragma omp parallel for if (n > 16384) schedule (static)
+#pragma omp parallel for if (n > PAR_ELEMS) schedule (static)
     for (int64_t i = 0; i < n; i++)
       o[i] = act_apply (act, p[i]);
   }
@@ -381,7 +419,7 @@ cpu_geglu (DiffuseTensor *out, DiffuseTensor *x, GError **error)
   }
   int64_t rows = n_rows (out), n = last_dim (out);
   const float *p = diffuse_tensor_f32 (xc);
-#pragma omp parallel for if (rows * n > 16384) schedule (static)
+#pragma omp parallel for if (rows * n > PAR_ELEMS) schedule (static)
   for (int64_t r = 0; r < rows; r++) {
     const float *h = p + r * 2 * n, *g = h + n;
     float *orow = o + r * n;
@@ -463,7 +501,8 @@ cpu_matmul (DiffuseTensor *out, DiffuseTensor *a, DiffuseTensor *b, gboolean tra
   const float *pa = (const float *) base_ptr (a), *pb = (const float *) base_ptr (b);
   CBLAS_TRANSPOSE ta = (trans_a ^ la.trans) ? CblasTrans : CblasNoTrans;
   CBLAS_TRANSPOSE tb = (trans_b ^ lb.trans) ? CblasTrans : CblasNoTrans;
-  gboolean par = nbatch >= nthreads () && nbatch > 1;
+  gboolean par = nbatch >= nthreads () && nbatch > 1 && nbatch * M * N * K >= SMALL_WORK;
+  const int rs = par ? 0 : blas_small_begin (M * N * K);
 #pragma omp parallel for if (par) schedule (dynamic)
   for (int64_t bi = 0; bi < nbatch; bi++) {
     int64_t oa = 0, ob = 0, r = bi;
@@ -476,6 +515,7 @@ cpu_matmul (DiffuseTensor *out, DiffuseTensor *a, DiffuseTensor *b, gboolean tra
     cblas_sgemm (CblasRowMajor, ta, tb, (int) M, (int) N, (int) K, alpha, pa + oa, (int) la.ld, pb + ob,
                  (int) lb.ld, 0.0f, o + bi * M * N, (int) N);
   }
+  blas_small_end (rs);
   out_end (out, o);
   diffuse_tensor_clear (&ac);
   diffuse_tensor_clear (&bc);
@@ -506,6 +546,7 @@ cpu_linear (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
    * band); few rows: one sgemm with OpenBLAS's threads */
   const int64_t band = nt > 1 && M >= 512 * nt ? MAX (256, (M + 4 * nt - 1) / (4 * nt)) : MAX (M, 1);
   const int64_t nband = (M + band - 1) / band;
+  const int rs = nband > 1 ? 0 : blas_small_begin (M * N * K);
 #pragma omp parallel for if (nband > 1) schedule (dynamic)
   for (int64_t bi = 0; bi < nband; bi++) {
     const int64_t r0 = bi * band, m = MIN (band, M - r0);
@@ -516,6 +557,7 @@ cpu_linear (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
       cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, (int) m, (int) N, (int) K, 1.0f, px + r0 * K,
                    (int) MAX (K, 1), pw, (int) MAX (K, 1), bias ? 1.0f : 0.0f, o + r0 * N, (int) N);
   }
+  blas_small_end (rs);
   out_end (out, o);
   diffuse_tensor_unref (xc);
   diffuse_tensor_unref (wc);
@@ -584,7 +626,9 @@ conv3x3_winograd (float *o, const float *px, const float *pwt, const float *bias
     ntask = nt;
   per = (ntiles + ntask - 1) / ntask;
   ntask = (ntiles + per - 1) / per;
-  const int nthr = (int) MIN ((int64_t) nt, ntask);
+  /* small convolutions on one thread: a parallel region costs more than it
+   * saves there, and on a busy machine a preempted helper stalls the op */
+  const int nthr = 16 * ntiles * Cin * Cout < SMALL_WORK ? 1 : (int) MIN ((int64_t) nt, ntask);
   float *U = g_try_malloc (sizeof (float) * (size_t) (16 * Cout * Cin));
   float *scratch = g_try_malloc (sizeof (float) * (size_t) (16 * (Cin + Cout) * per) * nthr);
   if (!U || !scratch) {
@@ -592,7 +636,7 @@ conv3x3_winograd (float *o, const float *px, const float *pwt, const float *bias
     g_free (scratch);
     return FALSE;
   }
-#pragma omp parallel for if (Cout * Cin > 4096) schedule (static)
+#pragma omp parallel for if (Cout * Cin > PAR_ELEMS) schedule (static)
   for (int64_t co = 0; co < Cout; co++)
     for (int64_t ci = 0; ci < Cin; ci++) {
       const float *g = pwt + (co * Cin + ci) * 9;
@@ -709,6 +753,7 @@ cpu_conv2d (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
   float *o = out_begin (out);
   float *col = NULL;
   gboolean ok = FALSE;
+  int rs = 0;
   if (!wc || (b && !bc) || !o)
     goto done;
 
@@ -720,6 +765,7 @@ cpu_conv2d (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
   const float *bias = bc ? diffuse_tensor_f32 (bc) : NULL;
   const gboolean pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
   const int nt = nthreads ();
+  rs = blas_small_begin (N * Cout * P * K);
   static int wino_env = -1;
   if (wino_env < 0)
     wino_env = g_getenv ("DIFFUSE_CPU_WINOGRAD") ? atoi (g_getenv ("DIFFUSE_CPU_WINOGRAD")) : 1;
@@ -767,13 +813,13 @@ cpu_conv2d (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
       goto done;
     }
     if (pointwise) {
-#pragma omp parallel for collapse (2) if (K * NP > 65536) schedule (static)
+#pragma omp parallel for collapse (2) if (K * NP > PAR_ELEMS) schedule (static)
       for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < Cin; c++)
           memcpy (col + c * NP + n * P, px + (n * Cin + c) * P, P * sizeof (float));
     } else {
       const int64_t ncb = MIN (Cin, 4 * nt);
-#pragma omp parallel for collapse (2) schedule (dynamic)
+#pragma omp parallel for collapse (2) if (N * K * P > PAR_ELEMS) schedule (dynamic)
       for (int64_t n = 0; n < N; n++)
         for (int64_t cb = 0; cb < ncb; cb++) {
           const int64_t c0 = cb * Cin / ncb, c1 = (cb + 1) * Cin / ncb;
@@ -789,7 +835,7 @@ cpu_conv2d (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
     cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, (int) Cout, (int) NP, (int) K, 1.0f, pwt, (int) K, col,
                  (int) NP, (bias && N == 1) ? 1.0f : 0.0f, dst, (int) NP);
     if (N > 1) {
-#pragma omp parallel for collapse (2) if (Cout * NP > 65536) schedule (static)
+#pragma omp parallel for collapse (2) if (Cout * NP > PAR_ELEMS) schedule (static)
       for (int64_t n = 0; n < N; n++)
         for (int64_t c = 0; c < Cout; c++) {
           const float *sr = tmp + c * NP + n * P;
@@ -859,6 +905,7 @@ cpu_conv2d (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
   ok = TRUE;
 
 done:
+  blas_small_end (rs);
   g_free (col);
   if (o)
     out_end (out, o);
@@ -884,7 +931,7 @@ cpu_pad2d (DiffuseTensor *out, DiffuseTensor *x, int left, int top, GError **err
   int64_t Ho = out->shape[nd - 2], Wo = out->shape[nd - 1];
   int64_t planes = diffuse_tensor_numel (x) / MAX (1, H * W);
   const float *p = diffuse_tensor_f32 (xc);
-#pragma omp parallel for if (planes * Ho * Wo > 65536) schedule (static)
+#pragma omp parallel for if (planes * Ho * Wo > PAR_ELEMS) schedule (static)
   for (int64_t pl = 0; pl < planes; pl++) {
     float *op = o + pl * Ho * Wo;
     memset (op, 0, Ho * Wo * sizeof (float));
@@ -913,7 +960,7 @@ cpu_upsample_nearest (DiffuseTensor *out, DiffuseTensor *x, GError **error)
   int64_t *xmap = g_new (int64_t, Wo);
   for (int64_t ox = 0; ox < Wo; ox++)
     xmap[ox] = MIN ((int64_t) floorf ((float) ox * sx), W - 1);
-#pragma omp parallel for if (planes * Ho * Wo > 65536) schedule (static)
+#pragma omp parallel for if (planes * Ho * Wo > PAR_ELEMS) schedule (static)
   for (int64_t pl = 0; pl < planes; pl++)
     for (int64_t oy = 0; oy < Ho; oy++) {
       int64_t iy = MIN ((int64_t) floorf ((float) oy * sy), H - 1);
@@ -941,7 +988,7 @@ cpu_avg_pool2d (DiffuseTensor *out, DiffuseTensor *x, int k, int stride, GError 
   int64_t planes = x->shape[0] * x->shape[1];
   const float *p = diffuse_tensor_f32 (xc);
   const float inv = 1.0f / (float) (k * k);
-#pragma omp parallel for if (planes * Ho * Wo > 16384) schedule (static)
+#pragma omp parallel for if (planes * Ho * Wo > PAR_ELEMS) schedule (static)
   for (int64_t pl = 0; pl < planes; pl++)
     for (int64_t oy = 0; oy < Ho; oy++)
       for (int64_t ox = 0; ox < Wo; ox++) {
@@ -978,7 +1025,7 @@ cpu_group_norm (DiffuseTensor *out, DiffuseTensor *x, int groups, DiffuseTensor 
   const int64_t cpg = C / groups;
   const float *p = diffuse_tensor_f32 (xc);
   const float *g = gc ? diffuse_tensor_f32 (gc) : NULL, *bb = bc ? diffuse_tensor_f32 (bc) : NULL;
-#pragma omp parallel for collapse (2) schedule (dynamic)
+#pragma omp parallel for collapse (2) if (N * C * S > PAR_ELEMS) schedule (dynamic)
   for (int64_t n = 0; n < N; n++)
     for (int64_t gi = 0; gi < groups; gi++) {
       const float *src = p + (n * C + gi * cpg) * S;
@@ -1022,7 +1069,7 @@ cpu_layer_norm (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *gamma, Diff
   int64_t rows = n_rows (x), D = last_dim (x);
   const float *p = diffuse_tensor_f32 (xc);
   const float *g = gc ? diffuse_tensor_f32 (gc) : NULL, *bb = bc ? diffuse_tensor_f32 (bc) : NULL;
-#pragma omp parallel for if (rows * D > 16384) schedule (static)
+#pragma omp parallel for if (rows * D > PAR_ELEMS) schedule (static)
   for (int64_t r = 0; r < rows; r++) {
     const float *s = p + r * D;
     float *d = o + r * D;
@@ -1071,7 +1118,7 @@ cpu_softmax (DiffuseTensor *out, DiffuseTensor *x, GError **error)
   }
   int64_t rows = n_rows (x), D = last_dim (x);
   memcpy (o, diffuse_tensor_f32 (xc), sizeof (float) * rows * D);
-#pragma omp parallel for if (rows * D > 16384) schedule (static)
+#pragma omp parallel for if (rows * D > PAR_ELEMS) schedule (static)
   for (int64_t r = 0; r < rows; r++)
     softmax_row (o + r * D, D);
   out_end (out, o);
@@ -1103,7 +1150,8 @@ cpu_sdpa (DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor 
    * OpenBLAS's per-call packing of K and V dominate (measured slower) */
   const int64_t chunk = MIN (Lq, 256);
   const int64_t nchunks = (Lq + chunk - 1) / chunk;
-  const int nt = nthreads ();
+  const int nt = B * Hh * Lq * Lk * (D + Dv) < SMALL_WORK ? 1 : nthreads ();
+  const int rs = nt == 1 ? blas_small_begin (B * Hh * Lq * Lk * (D + Dv)) : 0;
   float *scratch = g_try_malloc (sizeof (float) * (size_t) (chunk * Lk) * nt);
   float *rinv = g_try_malloc (sizeof (float) * (size_t) chunk * nt);
   gboolean ok = qc && kc && vc && o && scratch && rinv;
@@ -1161,6 +1209,7 @@ cpu_sdpa (DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor 
         dk_scale (op + i * Dv, Dv, inv[i]);
     }
   }
+  blas_small_end (rs);
   g_free (rinv);
   g_free (scratch);
   if (o)
