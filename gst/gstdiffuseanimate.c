@@ -14,6 +14,16 @@
  * gst-launch-1.0 diffuseanimate prompt="waves on a beach" clips=1 ! videoconvert ! x264enc ! mp4mux ! filesink location=clip.mp4
  * ]|
  *
+ * "model" may also be an AnimateDiff pipeline (model_index.json class
+ * AnimateDiffPipeline, e.g. a folder diffusers' save_pretrained wrote): with
+ * "motion-adapter" unset it runs as AnimateDiffPipeline.from_pretrained
+ * (model) does: when its unet is a UNetMotionModel, with the unet's own
+ * motion modules (its motion_adapter/ is not used), else with its
+ * motion_adapter.  Setting "motion-adapter" as well does what
+ * AnimateDiffPipeline.from_pipe (pipe, motion_adapter=...) does: the
+ * adapter replaces a 2-D unet's motion_adapter, and is ignored (a warning
+ * says so) when the unet is a UNetMotionModel.
+ *
  * A clip is generated (all its frames at once) when the frames of the
  * previous one have all been pushed; clip k uses seed + k * seed-increment
  * and the prompt current when it starts.  "clips" = N > 0 makes N clips and
@@ -443,42 +453,23 @@ adapter_progress (const DiffuseLoadProgress *p, gpointer user_data)
   return !gst_diffuse_state_is_flushing (&self->st);
 }
 
-static gboolean
-gst_diffuse_animate_start (GstBaseSrc *bsrc)
+/* The motion modules of a model that is an AnimateDiff pipeline itself (a
+ * folder AnimateDiffPipeline.save_pretrained wrote): diffuse_animate_new ()
+ * on it, as diffusers' AnimateDiffPipeline.from_pretrained. */
+static DiffuseAnimate *
+animate_from_model (GstDiffuseAnimate *self, GError **error)
 {
-  GstDiffuseAnimate *self = GST_DIFFUSE_ANIMATE (bsrc);
-  GError *err = NULL;
+  gst_diffuse_global_lock ();
+  DiffuseAnimate *anim = diffuse_animate_new (self->st.pm, error);
+  gst_diffuse_global_unlock ();
+  return anim;
+}
 
-  GST_OBJECT_LOCK (self);
-  gst_video_info_init (&self->info);
-  clear_queue (self);
-  self->n_frames = 0;
-  self->live_base = GST_CLOCK_TIME_NONE;
-  self->live_base_frame = 0;
-  self->live_next_pts = GST_CLOCK_TIME_NONE;
-  self->latency = 0;
-  self->clip_frames = self->num_frames;
-  gchar *adapter = self->motion_adapter ? g_strdup (self->motion_adapter) : default_adapter ();
-  GST_OBJECT_UNLOCK (self);
-
-  if (!adapter) {
-    gchar *a = g_build_filename (DIFFUSE_DATADIR, BUNDLED_ADAPTER, NULL);
-    gchar *b = g_build_filename (DIFFUSE_SRC_DATADIR, BUNDLED_ADAPTER, NULL);
-    GST_ELEMENT_ERROR (self, RESOURCE, NOT_FOUND,
-        ("No motion adapter is set (property \"motion-adapter\": a MotionAdapter folder or Hub repository id) "
-         "and the bundled adapter is not installed"),
-        ("looked for the bundled adapter in %s and %s", a, b));
-    g_free (a);
-    g_free (b);
-    return FALSE;
-  }
-
-  gst_diffuse_state_set_flushing (&self->st, FALSE);
-  if (!gst_diffuse_state_load (&self->st)) {
-    g_free (adapter);
-    return FALSE;
-  }
-
+/* An SD pipeline (or an AnimateDiff one whose unet is 2-D) plus the adapter
+ * `adapter`: AnimateDiffPipeline.from_pipe (pipe, motion_adapter=adapter). */
+static DiffuseAnimate *
+animate_from_pipe (GstDiffuseAnimate *self, const gchar *adapter, GError **error)
+{
   /* the adapter goes into the same component cache as the SD model, in
    * the dtype and on the device of its UNet (as the core's default), with
    * progress messages and cancellation as the model's load */
@@ -496,28 +487,102 @@ gst_diffuse_animate_start (GstBaseSrc *bsrc)
   GST_OBJECT_UNLOCK (self);
   GstClockTime t0 = gst_util_get_timestamp ();
   gst_diffuse_global_lock ();
-  DiffuseComponent *ad = diffuse_animate_load_adapter (self->st.pm, adapter, &lp, &err);
+  DiffuseComponent *ad = diffuse_animate_load_adapter (self->st.pm, adapter, &lp, error);
   gst_diffuse_global_unlock ();
   g_object_unref (lp.cancellable);
   DiffuseAnimate *anim = NULL;
   if (ad) {
-    anim = diffuse_animate_new_from_pipe (self->st.pm, ad, &err);
+    anim = diffuse_animate_new_from_pipe (self->st.pm, ad, error);
     GST_INFO_OBJECT (self, "motion adapter %s: %" G_GUINT64_FORMAT " bytes, loaded in %" GST_TIME_FORMAT, adapter,
                      diffuse_component_bytes (ad), GST_TIME_ARGS (gst_util_get_timestamp () - t0));
     diffuse_component_unref (ad);
   }
+  return anim;
+}
+
+static gboolean
+gst_diffuse_animate_start (GstBaseSrc *bsrc)
+{
+  GstDiffuseAnimate *self = GST_DIFFUSE_ANIMATE (bsrc);
+  GError *err = NULL;
+
+  GST_OBJECT_LOCK (self);
+  gst_video_info_init (&self->info);
+  clear_queue (self);
+  self->n_frames = 0;
+  self->live_base = GST_CLOCK_TIME_NONE;
+  self->live_base_frame = 0;
+  self->live_next_pts = GST_CLOCK_TIME_NONE;
+  self->latency = 0;
+  self->clip_frames = self->num_frames;
+  gchar *adapter = self->motion_adapter ? g_strdup (self->motion_adapter) : NULL;
+  GST_OBJECT_UNLOCK (self);
+
+  gst_diffuse_state_set_flushing (&self->st, FALSE);
+  if (!gst_diffuse_state_load (&self->st)) {
+    g_free (adapter);
+    return FALSE;
+  }
+
+  /* Which motion modules, as diffusers decides:
+   *  - the model is an AnimateDiff pipeline and no motion-adapter is set:
+   *    AnimateDiffPipeline.from_pretrained (model), i.e. the unet's own motion
+   *    modules (unet a UNetMotionModel) or the model's motion_adapter;
+   *  - its unet is a UNetMotionModel and motion-adapter is set as well:
+   *    from_pipe (pipe, motion_adapter=...) keeps the unet's motion modules and
+   *    never uses the adapter, so it is not loaded;
+   *  - otherwise (a Stable Diffusion model, or an AnimateDiff one with a 2-D
+   *    unet): from_pipe with the motion-adapter, or the bundled adapter. */
+  const gboolean ad_model = g_strcmp0 (diffuse_pipeline_model_class (self->st.pm), "AnimateDiffPipeline") == 0;
+  const gboolean own_motion = diffuse_animate_model_has_motion_unet (self->st.pm);
+  if (own_motion && adapter) {
+    GST_WARNING_OBJECT (self,
+        "motion-adapter \"%s\" is not used: the model %s is an AnimateDiff pipeline whose unet is a "
+        "UNetMotionModel with its own motion modules (diffusers' AnimateDiffPipeline.from_pipe (pipe, "
+        "motion_adapter=...) keeps them too)", adapter, diffuse_pipeline_model_folder (self->st.pm));
+    g_clear_pointer (&adapter, g_free);
+  }
+  DiffuseAnimate *anim = NULL;
+  gchar *source = NULL;          /* the motion modules' origin, for messages */
+  if (ad_model && !adapter) {
+    source = g_strdup_printf ("the model's own %s", own_motion ? "UNetMotionModel" : "motion_adapter");
+    GST_INFO_OBJECT (self, "AnimateDiff pipeline %s: using %s", diffuse_pipeline_model_folder (self->st.pm),
+                     source);
+    anim = animate_from_model (self, &err);
+  } else {
+    if (!adapter)
+      adapter = default_adapter ();
+    if (!adapter) {
+      gchar *a = g_build_filename (DIFFUSE_DATADIR, BUNDLED_ADAPTER, NULL);
+      gchar *b = g_build_filename (DIFFUSE_SRC_DATADIR, BUNDLED_ADAPTER, NULL);
+      GST_ELEMENT_ERROR (self, RESOURCE, NOT_FOUND,
+          ("No motion adapter is set (property \"motion-adapter\": a MotionAdapter folder or Hub repository id) "
+           "and the bundled adapter is not installed"),
+          ("looked for the bundled adapter in %s and %s", a, b));
+      g_free (a);
+      g_free (b);
+      gst_diffuse_state_unload (&self->st);
+      return FALSE;
+    }
+    if (ad_model)
+      GST_INFO_OBJECT (self, "AnimateDiff pipeline %s: its motion_adapter replaced by %s (from_pipe)",
+                       diffuse_pipeline_model_folder (self->st.pm), adapter);
+    source = g_strdup_printf ("motion adapter \"%s\"", adapter);
+    anim = animate_from_pipe (self, adapter, &err);
+  }
+  g_free (adapter);
   if (!anim) {
     if (gst_diffuse_state_is_flushing (&self->st)) {
       GST_DEBUG_OBJECT (self, "adapter load cancelled");
     } else {
-      gchar *what = g_strdup_printf ("Could not load motion adapter \"%s\"", adapter);
+      gchar *what = g_strdup_printf ("Could not load %s", source);
       gchar *dbg = g_strdup_printf ("model=%s", diffuse_pipeline_model_folder (self->st.pm));
       gst_diffuse_post_error (self, err, what, dbg);
       g_free (what);
       g_free (dbg);
     }
     g_clear_error (&err);
-    g_free (adapter);
+    g_free (source);
     gst_diffuse_state_unload (&self->st);
     return FALSE;
   }
@@ -525,16 +590,16 @@ gst_diffuse_animate_start (GstBaseSrc *bsrc)
   int max = diffuse_animate_max_frames (anim);
   if (self->clip_frames > max) {
     GST_ELEMENT_ERROR (self, LIBRARY, SETTINGS,
-        ("num-frames is %d but motion adapter \"%s\" takes at most %d frames per clip", self->clip_frames, adapter,
-         max), ("motion_max_seq_length %d", max));
+        ("num-frames is %d but %s takes at most %d frames per clip", self->clip_frames, source, max),
+        ("motion_max_seq_length %d", max));
     diffuse_animate_unref (anim);
-    g_free (adapter);
+    g_free (source);
     gst_diffuse_state_unload (&self->st);
     return FALSE;
   }
+  g_free (source);
   diffuse_animate_default_size (anim, &self->st.default_width, &self->st.default_height);
   self->anim = anim;
-  g_free (adapter);
   return TRUE;
 }
 
@@ -826,7 +891,9 @@ gst_diffuse_animate_class_init (GstDiffuseAnimateClass *klass)
       g_param_spec_string ("motion-adapter", "Motion adapter",
           "An AnimateDiff MotionAdapter: a local folder or a Hugging Face Hub repository id "
           "(e.g. \"guoyww/animatediff-motion-adapter-v1-5-2\"); the default is the bundled tiny adapter, "
-          "when installed",
+          "when installed.  Unset with a model that is an AnimateDiff pipeline: the model's own motion "
+          "modules; ignored (with a warning) when that model's unet is a UNetMotionModel, as diffusers' "
+          "from_pipe does",
           def_adapter, G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS | GST_PARAM_MUTABLE_READY));
   g_free (def_adapter);
   g_object_class_install_property (gobject_class, PROP_NUM_FRAMES,
@@ -870,6 +937,7 @@ static void
 gst_diffuse_animate_init (GstDiffuseAnimate *self)
 {
   gst_diffuse_state_init (&self->st, GST_ELEMENT (self), DIFFUSE_SD_TEXT2IMG, DEFAULT_SEED_INCREMENT);
+  self->st.model_only = TRUE;     /* the pipeline is a DiffuseAnimate, made in start () */
   self->num_frames = DEFAULT_NUM_FRAMES;
   self->loop = DEFAULT_LOOP;
   self->clips = DEFAULT_CLIPS;

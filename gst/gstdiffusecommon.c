@@ -530,8 +530,8 @@ gst_diffuse_state_load (GstDiffuseState *st)
     goto out;
   }
 
-  DiffuseSD *sd = diffuse_sd_new (pm, st->task, &err);
-  if (!sd) {
+  DiffuseSD *sd = st->model_only ? NULL : diffuse_sd_new (pm, st->task, &err);
+  if (!sd && !st->model_only) {
     gchar *what = g_strdup_printf ("Model \"%s\" cannot run as a Stable Diffusion %s pipeline", s.model,
                                    st->task == DIFFUSE_SD_IMG2IMG ? "image-to-image" : "text-to-image");
     gst_diffuse_post_error (st->element, err, what, dbg);
@@ -541,10 +541,15 @@ gst_diffuse_state_load (GstDiffuseState *st)
   }
   st->pm = pm;
   st->sd = sd;
-  diffuse_sd_default_size (sd, &st->default_width, &st->default_height);
-  GST_INFO_OBJECT (st->element, "loaded %s (%s) in %" GST_TIME_FORMAT "; default size %dx%d, scheduler %s", s.model,
-                   diffuse_pipeline_model_class (pm), GST_TIME_ARGS (gst_util_get_timestamp () - t0),
-                   st->default_width, st->default_height, diffuse_sd_scheduler_class (sd));
+  if (sd) {
+    diffuse_sd_default_size (sd, &st->default_width, &st->default_height);
+    GST_INFO_OBJECT (st->element, "loaded %s (%s) in %" GST_TIME_FORMAT "; default size %dx%d, scheduler %s",
+                     s.model, diffuse_pipeline_model_class (pm), GST_TIME_ARGS (gst_util_get_timestamp () - t0),
+                     st->default_width, st->default_height, diffuse_sd_scheduler_class (sd));
+  } else {
+    GST_INFO_OBJECT (st->element, "loaded %s (%s) in %" GST_TIME_FORMAT, s.model, diffuse_pipeline_model_class (pm),
+                     GST_TIME_ARGS (gst_util_get_timestamp () - t0));
+  }
 
   if (s.seed < 0) {
     st->random_seed = ((guint64) g_random_int () << 31) ^ g_random_int ();

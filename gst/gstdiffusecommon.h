@@ -73,6 +73,8 @@ void gst_diffuse_settings_clear (GstDiffuseSettings *s);
 typedef struct {
   GstElement *element;            /* not owned */
   DiffuseSDTask task;
+  gboolean model_only;            /* load the pipeline model only, no DiffuseSD (diffuseanimate
+                                   * builds its own pipeline: the model may be an AnimateDiff one) */
   GstDiffuseSettings settings;    /* object lock */
   DiffuseComponentCache *cache;   /* object lock; from the context */
   GCancellable *cancellable;      /* object lock; replaced by set_flushing (FALSE) */

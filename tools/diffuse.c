@@ -7,7 +7,8 @@
  *                    [--seed S] [--width W] [--height H] [--scheduler CLASS] [--clip-skip N]
  *                    [--num-images N] [--output out.png]
  *                    [--prompts-file P.json --output-dir DIR]
- *   diffuse animate MODEL --motion-adapter REF --prompt TEXT [--frames N] [the generate options]
+ *   diffuse animate MODEL [--motion-adapter REF] --prompt TEXT [--frames N] [the generate options]
+ *                   (REF needed unless MODEL is an AnimateDiff pipeline folder)
  *                   [--output-dir DIR]
  *
  * --prompts-file: a JSON array of prompts, generated in one process with seed
@@ -320,10 +321,15 @@ static int
 animate (DiffusePipelineModel *pm)
 {
   GError *err = NULL;
-  if (!opt_adapter) {
+  /* an AnimateDiff pipeline folder (unet saved as UNetMotionModel) brings its own motion modules */
+  const gboolean own = diffuse_animate_model_has_motion_unet (pm);
+  if (!opt_adapter && !own) {
     fprintf (stderr, "error: animate needs --motion-adapter (a MotionAdapter folder or Hub repo id)\n");
     return 2;
   }
+  if (opt_adapter && own)
+    fprintf (stderr, "note: %s is an AnimateDiff pipeline; its unet's own motion modules are used and "
+             "--motion-adapter is ignored (as diffusers' from_pipe does)\n", diffuse_pipeline_model_folder (pm));
   GPtrArray *prompts = load_prompts (&err);
   if (!prompts)
     return fail (&err);
@@ -332,10 +338,15 @@ animate (DiffusePipelineModel *pm)
     g_ptr_array_unref (prompts);
     return fail (&err);
   }
-  DiffuseComponent *ad = diffuse_animate_load_adapter (pm, opt_adapter, NULL, &err);
-  DiffuseAnimate *an = ad ? diffuse_animate_new_from_pipe (pm, ad, &err) : NULL;
-  if (ad)
-    diffuse_component_unref (ad);
+  DiffuseAnimate *an = NULL;
+  if (own) {
+    an = diffuse_animate_new (pm, &err);
+  } else {
+    DiffuseComponent *ad = diffuse_animate_load_adapter (pm, opt_adapter, NULL, &err);
+    an = ad ? diffuse_animate_new_from_pipe (pm, ad, &err) : NULL;
+    if (ad)
+      diffuse_component_unref (ad);
+  }
   if (!an) {
     g_ptr_array_unref (prompts);
     return fail (&err);

@@ -38,6 +38,7 @@ struct _DiffuseBlkLoader {
   GHashTable *used;      /* key -> NULL */
   GError *error;
   guint64 n_params;
+  DiffuseBlkKeyFilter owns;   /* NULL: every key is this model's */
 };
 
 DiffuseBlkLoader *
@@ -74,6 +75,12 @@ diffuse_blk_loader_fail (DiffuseBlkLoader *l, GError *error)
     g_error_free (error);
   else
     l->error = error;
+}
+
+void
+diffuse_blk_loader_set_owner (DiffuseBlkLoader *l, DiffuseBlkKeyFilter owns)
+{
+  l->owns = owns;
 }
 
 gboolean
@@ -167,7 +174,7 @@ diffuse_blk_loader_finish (DiffuseBlkLoader *l, char ***unused, GError **error)
   const char **names = diffuse_weights_names (l->weights, &n);
   GPtrArray *extra = g_ptr_array_new ();
   for (guint i = 0; i < n; i++)
-    if (!g_hash_table_contains (l->used, names[i]))
+    if (!g_hash_table_contains (l->used, names[i]) && (!l->owns || l->owns (names[i])))
       g_ptr_array_add (extra, g_strdup (names[i]));
   g_free (names);
   if (extra->len > 0) {

@@ -52,6 +52,12 @@ void diffuse_blk_loader_fail (DiffuseBlkLoader *l, GError *error);
 gboolean diffuse_blk_loader_failed (DiffuseBlkLoader *l);
 /* Number of parameters (elements) of the tensors fetched so far. */
 guint64 diffuse_blk_loader_n_params (DiffuseBlkLoader *l);
+/* Two models loaded from one weight file (a UNetMotionModel's 2-D part and
+ * its motion modules): owns (key) says whether a key belongs to the model
+ * this loader builds.  Keys it does not own are neither warned about nor
+ * listed as unused by finish ().  NULL (the default): every key is its own. */
+typedef gboolean (*DiffuseBlkKeyFilter) (const char *key);
+void diffuse_blk_loader_set_owner (DiffuseBlkLoader *l, DiffuseBlkKeyFilter owns);
 /* Returns FALSE with the recorded error, if any.  Otherwise warns (g_warning)
  * about every key of the weights that was never fetched, and returns TRUE.
  * The sorted list of those keys is returned in *unused when unused is not

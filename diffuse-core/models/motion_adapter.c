@@ -395,6 +395,13 @@ DiffuseMotionAdapter *
 diffuse_motion_adapter_new (DiffuseConfig *config, DiffuseWeights *weights, const DiffuseMotionAdapterParams *params,
                             GError **error)
 {
+  return _diffuse_motion_adapter_new_owned (config, weights, params, NULL, error);
+}
+
+DiffuseMotionAdapter *
+_diffuse_motion_adapter_new_owned (DiffuseConfig *config, DiffuseWeights *weights,
+                                   const DiffuseMotionAdapterParams *params, DiffuseBlkKeyFilter owns, GError **error)
+{
   g_return_val_if_fail (config != NULL && weights != NULL, NULL);
   DiffuseMotionAdapterParams defaults;
   if (!params) {
@@ -416,6 +423,7 @@ diffuse_motion_adapter_new (DiffuseConfig *config, DiffuseWeights *weights, cons
     return NULL;
   }
   Build b = { a, diffuse_blk_loader_new (weights, component, a->dtype, a->dev), 0 };
+  diffuse_blk_loader_set_owner (b.l, owns);
   build (a, &o, &b);
   opts_clear (&o);
   gboolean ok = diffuse_blk_loader_finish (b.l, &a->unused_keys, error);

@@ -59,6 +59,13 @@ struct _DiffuseMotionAdapter {
   char **unused_keys;
 };
 
+/* diffuse_motion_adapter_new () over weights that also hold another model's
+ * tensors (a UNetMotionModel's 2-D part): keys owns () rejects are not the
+ * adapter's and are not reported as unused.  owns NULL: the public function. */
+DiffuseMotionAdapter *_diffuse_motion_adapter_new_owned (DiffuseConfig *config, DiffuseWeights *weights,
+                                                         const DiffuseMotionAdapterParams *params,
+                                                         DiffuseBlkKeyFilter owns, GError **error);
+
 /* x [B * F, C, H, W] -> [B * F, C, H, W] (residual included); the group
  * norm uses `groups` groups.  NULL + thread tensor error on failure. */
 DiffuseTensor *diffuse_motion_module_forward (const MotionModule *m, DiffuseTensor *x, int num_frames, int groups);

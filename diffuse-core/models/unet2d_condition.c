@@ -634,6 +634,13 @@ build (DiffuseUNet *u, const Opts *o, DiffuseBlkLoader *l)
 DiffuseUNet *
 diffuse_unet_new (DiffuseConfig *config, DiffuseWeights *weights, const DiffuseUNetParams *params, GError **error)
 {
+  return _diffuse_unet_new_owned (config, weights, params, NULL, error);
+}
+
+DiffuseUNet *
+_diffuse_unet_new_owned (DiffuseConfig *config, DiffuseWeights *weights, const DiffuseUNetParams *params,
+                         DiffuseBlkKeyFilter owns, GError **error)
+{
   g_return_val_if_fail (config != NULL && weights != NULL, NULL);
   DiffuseUNetParams defaults;
   if (!params) {
@@ -663,6 +670,7 @@ diffuse_unet_new (DiffuseConfig *config, DiffuseWeights *weights, const DiffuseU
     return NULL;
   }
   DiffuseBlkLoader *l = diffuse_blk_loader_new (weights, component, u->dtype, u->dev);
+  diffuse_blk_loader_set_owner (l, owns);
   build (u, &o, l);
   opts_clear (&o);
   gboolean ok = diffuse_blk_loader_finish (l, &u->unused_keys, error);

@@ -65,4 +65,10 @@ struct _DiffuseUNet {
   char **unused_keys;
 };
 
+/* diffuse_unet_new () over weights that also hold another model's tensors
+ * (a UNetMotionModel's motion modules): keys owns () rejects are not the
+ * UNet's and are not reported as unused.  owns NULL: diffuse_unet_new (). */
+DiffuseUNet *_diffuse_unet_new_owned (DiffuseConfig *config, DiffuseWeights *weights, const DiffuseUNetParams *params,
+                                      DiffuseBlkKeyFilter owns, GError **error);
+
 G_END_DECLS

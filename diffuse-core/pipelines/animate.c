@@ -22,9 +22,11 @@
 struct _DiffuseAnimate {
   gint ref_count;
   DiffusePipelineModel *pm;
-  DiffuseUNet *unet;              /* borrowed from the unet component (shared with text2img) */
-  DiffuseMotionAdapter *adapter;  /* borrowed from the motion_adapter component */
-  DiffuseUNetMotion *motion;      /* owned: refs unet + adapter */
+  DiffuseUNet *unet;              /* borrowed from the unet component (shared with text2img),
+                                   * or from motion when the unet is a UNetMotionModel */
+  DiffuseMotionAdapter *adapter;  /* borrowed from the motion_adapter component, or from motion */
+  DiffuseUNetMotion *motion;      /* a reference: refs unet + adapter (the unet component's
+                                   * own object when it is a UNetMotionModel) */
   DiffuseVae *vae;
   DiffuseClipText *text_encoder;
   DiffuseClipTokenizer *tokenizer;
@@ -58,6 +60,28 @@ build_adapter (DiffuseComponent *c, gpointer user_data, GError **error)
   return diffuse_motion_adapter_new (diffuse_component_config (c), diffuse_component_weights (c), &p, error);
 }
 
+/* A unet component that is a UNetMotionModel (AnimateDiffPipeline.save_pretrained
+ * writes one): its 2-D part and its own motion modules, built once per component. */
+static gpointer
+build_unet_motion (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  DiffuseUNetMotionParams p;
+  diffuse_unet_motion_default_params (&p);
+  p.dtype = diffuse_component_dtype (c);
+  p.device = diffuse_component_device (c);
+  p.component = diffuse_component_name (c);
+  return diffuse_unet_motion_new_from_weights (diffuse_component_config (c), diffuse_component_weights (c), &p,
+                                               error);
+}
+
+gboolean
+diffuse_animate_model_has_motion_unet (DiffusePipelineModel *pm)
+{
+  g_return_val_if_fail (pm != NULL, FALSE);
+  DiffuseComponent *u = diffuse_pipeline_model_get (pm, "unet");
+  return u && strcmp (diffuse_component_class (u), "UNetMotionModel") == 0;
+}
+
 DiffuseAnimate *
 diffuse_animate_new (DiffusePipelineModel *pm, GError **error)
 {
@@ -66,19 +90,31 @@ diffuse_animate_new (DiffusePipelineModel *pm, GError **error)
   a->ref_count = 1;
   a->pm = diffuse_pipeline_model_ref (pm);
   g_mutex_init (&a->lock);
-  a->unet = _diffuse_pipeline_unet (pm, error);
-  if (a->unet)
-    a->adapter = _diffuse_pipeline_object (pm, "motion_adapter", "MotionAdapter", build_adapter,
-                                   (GDestroyNotify) diffuse_motion_adapter_unref, error);
-  if (a->adapter && diffuse_motion_adapter_conv_in_channels (a->adapter) > 0) {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                 "%s: the motion adapter has conv_in_channels %d (a PIA adapter): AnimateDiffPipeline cannot use it",
-                 diffuse_pipeline_model_folder (pm), diffuse_motion_adapter_conv_in_channels (a->adapter));
-    diffuse_animate_unref (a);
-    return NULL;
+  if (diffuse_animate_model_has_motion_unet (pm)) {
+    /* diffusers' AnimateDiffPipeline.__init__ converts only a UNet2DConditionModel:
+     * a UNetMotionModel runs its own motion modules and motion_adapter is unused */
+    DiffuseUNetMotion *m = _diffuse_pipeline_object (pm, "unet", "UNetMotionModel", build_unet_motion,
+                                                     (GDestroyNotify) diffuse_unet_motion_unref, error);
+    if (m) {
+      a->motion = diffuse_unet_motion_ref (m);
+      a->unet = diffuse_unet_motion_get_unet (m);
+      a->adapter = diffuse_unet_motion_get_adapter (m);
+    }
+  } else {
+    a->unet = _diffuse_pipeline_unet (pm, error);
+    if (a->unet)
+      a->adapter = _diffuse_pipeline_object (pm, "motion_adapter", "MotionAdapter", build_adapter,
+                                             (GDestroyNotify) diffuse_motion_adapter_unref, error);
+    if (a->adapter && diffuse_motion_adapter_conv_in_channels (a->adapter) > 0) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                   "%s: the motion adapter has conv_in_channels %d (a PIA adapter): AnimateDiffPipeline cannot use it",
+                   diffuse_pipeline_model_folder (pm), diffuse_motion_adapter_conv_in_channels (a->adapter));
+      diffuse_animate_unref (a);
+      return NULL;
+    }
+    if (a->adapter)
+      a->motion = diffuse_unet_motion_new (a->unet, a->adapter, error);
   }
-  if (a->adapter)
-    a->motion = diffuse_unet_motion_new (a->unet, a->adapter, error);
   if (a->motion)
     a->vae = _diffuse_pipeline_vae (pm, error);
   if (a->vae)

@@ -1204,7 +1204,10 @@ diffuse_pipeline_model_load (const char *ref, const DiffuseLoadParams *params_in
     pm_add (pm, pl->name, c);
     done++;
   }
-  if (diffuse_config_get_bool (index, "requires_safety_checker", TRUE) && !diffuse_pipeline_model_get (pm, "safety_checker"))
+  /* only pipelines that take a safety checker (AnimateDiffPipeline has none) */
+  const PipelineClass *loaded_class = find_pipeline_class (class_name);
+  if (loaded_class && g_strv_contains (loaded_class->components, "safety_checker") &&
+      diffuse_config_get_bool (index, "requires_safety_checker", TRUE) && !diffuse_pipeline_model_get (pm, "safety_checker"))
     g_warning ("%s: the safety checker is disabled although the model's configuration asks for it; make sure "
                "generated content is reviewed before it is shown publicly", root.label);
   goto out;

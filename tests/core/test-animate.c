@@ -13,7 +13,14 @@
  *     only the adapter's bytes to the component cache, and its motion UNet
  *     runs the very DiffuseUNet object of the SD pipeline;
  *   - errors: a missing adapter weight, too many frames, a PIA adapter in the
- *     AnimateDiff pipeline, cancellation. */
+ *     AnimateDiff pipeline, cancellation;
+ *   - a pipeline saved by diffusers' AnimateDiffPipeline.save_pretrained
+ *     (saved-pipeline/: unet/ a UNetMotionModel, make_animatediff_saved_fixtures.py):
+ *     AnimateDiffPipeline.from_pretrained frames within one 8-bit level, the
+ *     unet's own motion modules used (motion_adapter/ perturbed: same frames;
+ *     the unet's motion modules perturbed: other frames), the component loaded
+ *     and built once, errors naming key and file for folders whose config
+ *     does not fit the weights, and diffuse_pipeline_model_save round trip. */
 #include "testutil.h"
 #include <diffuse/animate.h>
 #include <diffuse/motion.h>
@@ -22,10 +29,11 @@
 #include <string.h>
 #include <stdio.h>
 #include <unistd.h>
+#include <math.h>
 
 static DiffuseComponentCache *cache;
 static DiffusePipelineModel *sd_pm;      /* tiny-sd in `cache` */
-static DiffuseSafetensors *frames_st, *forward_st;
+static DiffuseSafetensors *frames_st, *forward_st, *saved_frames_st;
 static JsonObject *params_json;
 
 static DiffusePipelineModel *
@@ -377,6 +385,35 @@ config_from_member (JsonObject *o, const char *member)
   return c;
 }
 
+/* Largest difference (8-bit levels) between generated frames and the
+ * fixture's frames `id` of st. */
+static int
+frames_max_diff (DiffuseSafetensors *st, const char *id, GPtrArray *out, guint64 *off_by_one)
+{
+  const DiffuseStEntry *e = diffuse_safetensors_find (st, id);
+  g_assert_nonnull (e);
+  g_assert_cmpint (e->dtype, ==, DIFFUSE_ST_U8);
+  const int n = (int) e->shape[0], h = (int) e->shape[1], w = (int) e->shape[2];
+  g_assert_cmpint (out->len, ==, n);
+  int worst = 0;
+  guint8 *got = g_malloc ((size_t) h * w * 3);
+  for (int f = 0; f < n; f++) {
+    DiffuseImage *img = g_ptr_array_index (out, f);
+    g_assert_cmpint (img->width, ==, w);
+    g_assert_cmpint (img->height, ==, h);
+    diffuse_image_to_rgb8 (img, got, w * 3);
+    const guint8 *ref = (const guint8 *) e->data + (size_t) f * h * w * 3;
+    for (int i = 0; i < h * w * 3; i++) {
+      int d = abs ((int) got[i] - (int) ref[i]);
+      worst = MAX (worst, d);
+      if (off_by_one)
+        *off_by_one += d == 1;
+    }
+  }
+  g_free (got);
+  return worst;
+}
+
 static void
 run_case (gconstpointer data)
 {
@@ -406,30 +443,12 @@ run_case (gconstpointer data)
 
   GPtrArray *out = diffuse_animate_generate (anim, &p, &err);
   g_assert_no_error (err);
-  const DiffuseStEntry *e = diffuse_safetensors_find (frames_st, id);
-  g_assert_nonnull (e);
-  g_assert_cmpint (e->dtype, ==, DIFFUSE_ST_U8);
-  const int n = (int) e->shape[0], h = (int) e->shape[1], w = (int) e->shape[2];
-  g_assert_cmpint (out->len, ==, n);
-  int worst = 0;
   guint64 off_by_one = 0;
-  guint8 *got = g_malloc ((size_t) h * w * 3);
-  for (int f = 0; f < n; f++) {
-    DiffuseImage *img = g_ptr_array_index (out, f);
-    g_assert_cmpint (img->width, ==, w);
-    g_assert_cmpint (img->height, ==, h);
-    diffuse_image_to_rgb8 (img, got, w * 3);
-    const guint8 *ref = (const guint8 *) e->data + (size_t) f * h * w * 3;
-    for (int i = 0; i < h * w * 3; i++) {
-      int d = abs ((int) got[i] - (int) ref[i]);
-      worst = MAX (worst, d);
-      off_by_one += d == 1;
-    }
-  }
-  g_test_message ("%s: %d frames %dx%d, max diff %d levels, %" G_GUINT64_FORMAT " values off by one", id, n, w, h,
-                  worst, off_by_one);
+  int worst = frames_max_diff (frames_st, id, out, &off_by_one);
+  const DiffuseImage *img0 = g_ptr_array_index (out, 0);
+  g_test_message ("%s: %u frames %dx%d, max diff %d levels, %" G_GUINT64_FORMAT " values off by one", id, out->len,
+                  img0->width, img0->height, worst, off_by_one);
   g_assert_cmpint (worst, <=, 1);
-  g_free (got);
   g_ptr_array_unref (out);
   if (p.scheduler_overrides)
     diffuse_config_unref (p.scheduler_overrides);
@@ -608,6 +627,554 @@ test_cancel_and_errors (void)
   g_clear_error (&err);
 }
 
+/* ---- a pipeline saved by diffusers (unet/ a UNetMotionModel) ------------------ *
+ * tests/reference/make_animatediff_saved_fixtures.py: AnimateDiffPipeline
+ * .save_pretrained () of tiny-sd + adapter b (saved-pipeline/), and
+ * AnimateDiffPipeline.from_pretrained (that folder) frames. */
+
+static JsonObject *saved_json;            /* saved-cases.json */
+
+static JsonObject *
+saved_case (const char *id)
+{
+  JsonArray *cases = json_object_get_array_member (saved_json, "cases");
+  for (guint i = 0; i < json_array_get_length (cases); i++) {
+    JsonObject *c = json_array_get_object_element (cases, i);
+    if (strcmp (json_object_get_string_member (c, "id"), id) == 0)
+      return c;
+  }
+  g_error ("no saved case %s", id);
+  return NULL;
+}
+
+/* Generates saved case `id` on anim; returns the largest difference to diffusers' frames. */
+static int
+run_saved_case (DiffuseAnimate *anim, const char *id)
+{
+  JsonObject *c = saved_case (id);
+  DiffuseAnimateParams p;
+  diffuse_animate_default_params (&p);
+  p.prompt = json_object_get_string_member (c, "prompt");
+  JsonNode *neg = json_object_get_member (c, "negative_prompt");
+  p.negative_prompt = JSON_NODE_HOLDS_NULL (neg) ? NULL : json_node_get_string (neg);
+  p.width = (int) json_object_get_int_member (c, "width");
+  p.height = (int) json_object_get_int_member (c, "height");
+  p.num_frames = (int) json_object_get_int_member (c, "num_frames");
+  p.num_inference_steps = (int) json_object_get_int_member (c, "steps");
+  p.guidance_scale = (float) json_object_get_double_member (c, "guidance");
+  p.seed = (guint64) json_object_get_int_member (c, "seed");
+  p.decode_chunk_size = (int) json_object_get_int_member (c, "decode_chunk_size");
+  GError *err = NULL;
+  GPtrArray *out = diffuse_animate_generate (anim, &p, &err);
+  g_assert_no_error (err);
+  guint64 obo = 0;
+  int worst = frames_max_diff (saved_frames_st, id, out, &obo);
+  g_test_message ("%s: %u frames, max diff %d levels, %" G_GUINT64_FORMAT " values off by one", id, out->len, worst,
+                  obo);
+  g_ptr_array_unref (out);
+  return worst;
+}
+
+static gpointer
+probe_build (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  *(gboolean *) user_data = TRUE;
+  g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_FAILED, "probe");
+  return NULL;
+}
+
+/* TRUE when component c has built no object under "model" yet. */
+static gboolean
+never_built (DiffuseComponent *c)
+{
+  gboolean called = FALSE;
+  GError *err = NULL;
+  gpointer obj = diffuse_component_get_object (c, "model", probe_build, &called, NULL, &err);
+  g_clear_error (&err);
+  return obj == NULL && called;
+}
+
+static DiffusePipelineModel *
+load_folder (const char *path, DiffuseComponentCache *c)
+{
+  GError *err = NULL;
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (path, NULL, c, &err);
+  g_assert_no_error (err);
+  g_assert_nonnull (pm);
+  return pm;
+}
+
+static void
+run_saved (gconstpointer data)
+{
+  const char *id = data;
+  char *path = tu_fixture ("animatediff/saved-pipeline");
+  DiffusePipelineModel *pm = load_folder (path, cache);
+  g_free (path);
+  g_assert_cmpstr (diffuse_pipeline_model_class (pm), ==, "AnimateDiffPipeline");
+  g_assert_cmpstr (diffuse_component_class (diffuse_pipeline_model_get (pm, "unet")), ==, "UNetMotionModel");
+  g_assert_true (diffuse_animate_model_has_motion_unet (pm));
+  GError *err = NULL;
+  DiffuseAnimate *anim = diffuse_animate_new (pm, &err);
+  g_assert_no_error (err);
+  g_assert_cmpstr (diffuse_animate_scheduler_class (anim), ==, "DDIMScheduler");
+  DiffuseUNetMotion *m = diffuse_animate_get_unet_motion (anim);
+  /* diffusers' sum (p.numel () for p in pipe.unet.parameters ()) */
+  g_assert_cmpuint (diffuse_unet_motion_n_params (m), ==, (guint64) json_object_get_int_member (saved_json,
+                                                                                                "unet_params"));
+  g_assert_cmpint (diffuse_animate_max_frames (anim), ==, 8);     /* the unet's motion_max_seq_length */
+  /* the motion modules are the unet's: the motion_adapter component is never built */
+  g_assert_true (never_built (diffuse_pipeline_model_get (pm, "motion_adapter")));
+  g_assert_cmpint (run_saved_case (anim, id), <=, 1);
+  diffuse_animate_unref (anim);
+  diffuse_pipeline_model_unref (pm);
+}
+
+/* The split of the saved UNetMotionModel config (checked against adapter b's
+ * config, the one diffusers saved the pipeline from, and tiny-sd's unet). */
+static void
+test_saved_config (void)
+{
+  GError *err = NULL;
+  char *path = tu_fixture ("animatediff/saved-pipeline/unet/config.json");
+  DiffuseConfig *c = diffuse_config_load (path, &err);
+  g_assert_no_error (err);
+  DiffuseConfig *uc = NULL, *ac = NULL;
+  g_assert_true (diffuse_unet_motion_split_config (c, &uc, &ac, &err));
+  g_assert_no_error (err);
+  char **down = diffuse_config_get_string_array (uc, "down_block_types");
+  char **up = diffuse_config_get_string_array (uc, "up_block_types");
+  g_assert_cmpstr (down[0], ==, "CrossAttnDownBlock2D");
+  g_assert_cmpstr (down[1], ==, "DownBlock2D");
+  g_assert_cmpstr (up[0], ==, "UpBlock2D");
+  g_assert_cmpstr (up[1], ==, "CrossAttnUpBlock2D");
+  g_strfreev (down);
+  g_strfreev (up);
+  g_assert_cmpint (diffuse_config_get_int (uc, "attention_head_dim", 0), ==, 2);   /* tiny-sd's */
+  g_assert_cmpint (diffuse_config_get_int (uc, "norm_num_groups", 0), ==, 4);
+  gint64 *v = NULL;
+  g_assert_cmpuint (diffuse_config_get_int_array (ac, "motion_num_attention_heads", &v), ==, 2);
+  g_assert_cmpint (v[0], ==, 1);
+  g_assert_cmpint (v[1], ==, 4);
+  g_free (v);
+  g_assert_cmpuint (diffuse_config_get_int_array (ac, "motion_transformer_layers_per_block", &v), ==, 2);
+  g_assert_cmpint (v[0], ==, 2);
+  g_assert_cmpint (v[1], ==, 1);
+  g_free (v);
+  g_assert_false (diffuse_config_get_bool (ac, "use_motion_mid_block", TRUE));
+  g_assert_cmpint (diffuse_config_get_int (ac, "motion_max_seq_length", 0), ==, 8);
+  /* the motion modules use the UNet's group count (adapter b's config says 2) */
+  g_assert_cmpint (diffuse_config_get_int (ac, "motion_norm_num_groups", 0), ==, 4);
+  diffuse_config_unref (uc);
+  diffuse_config_unref (ac);
+
+  /* loaded on its own, every key is used by one of the two parts */
+  char *dir = tu_fixture ("animatediff/saved-pipeline/unet");
+  DiffuseUNetMotion *m = diffuse_unet_motion_new_from_dir (dir, NULL, &err);
+  g_assert_no_error (err);
+  g_assert_null (diffuse_unet_unused_keys (diffuse_unet_motion_get_unet (m))[0]);
+  g_assert_null (diffuse_motion_adapter_unused_keys (diffuse_unet_motion_get_adapter (m))[0]);
+  g_assert_cmpuint (diffuse_unet_motion_n_params (m), ==, (guint64) json_object_get_int_member (saved_json,
+                                                                                                "unet_params"));
+  diffuse_unet_motion_unref (m);
+  /* a config that is not a UNetMotionModel */
+  DiffuseConfig *bad = diffuse_config_from_string ("{\"_class_name\": \"UNet2DConditionModel\"}", "x.json", &err);
+  g_assert_false (diffuse_unet_motion_split_config (bad, &uc, &ac, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG);
+  g_clear_error (&err);
+  diffuse_config_unref (bad);
+  g_free (dir);
+  diffuse_config_unref (c);
+  g_free (path);
+}
+
+/* Two loads of the folder in one cache: the components are loaded once, the
+ * motion UNet built once, shared by both pipelines. */
+static void
+test_saved_sharing (void)
+{
+  GError *err = NULL;
+  DiffuseComponentCache *own = diffuse_component_cache_new ();
+  char *path = tu_fixture ("animatediff/saved-pipeline");
+  DiffusePipelineModel *pm1 = load_folder (path, own);
+  DiffuseCacheStats s1, s2;
+  diffuse_component_cache_get_stats (own, &s1);
+  DiffusePipelineModel *pm2 = load_folder (path, own);
+  diffuse_component_cache_get_stats (own, &s2);
+  g_assert_cmpuint (s2.n_loads, ==, s1.n_loads);
+  g_assert_cmpuint (s2.resident_bytes, ==, s1.resident_bytes);
+  g_assert_true (diffuse_pipeline_model_get (pm1, "unet") == diffuse_pipeline_model_get (pm2, "unet"));
+
+  DiffuseMemStats before, after;
+  diffuse_device_get_mem_stats (diffuse_device_cpu (), &before);
+  DiffuseAnimate *a1 = diffuse_animate_new (pm1, &err);
+  g_assert_no_error (err);
+  diffuse_device_get_mem_stats (diffuse_device_cpu (), &after);
+  DiffuseAnimate *a2 = diffuse_animate_new (pm2, &err);
+  g_assert_no_error (err);
+  g_assert_true (diffuse_animate_get_unet_motion (a1) == diffuse_animate_get_unet_motion (a2));
+  /* the 2-D part and the motion modules together hold no more than the
+   * components' weights (nothing loaded twice) */
+  guint64 comp = 0;
+  for (const char *const *nm = (const char *const[]) { "unet", "vae", "text_encoder", NULL }; *nm; nm++)
+    comp += diffuse_component_bytes (diffuse_pipeline_model_get (pm1, *nm));
+  g_test_message ("device resident+borrowed %" G_GUINT64_FORMAT " -> %" G_GUINT64_FORMAT " (components %"
+                  G_GUINT64_FORMAT " bytes)", before.resident_bytes + before.borrowed_bytes,
+                  after.resident_bytes + after.borrowed_bytes, comp);
+  g_assert_cmpuint (after.resident_bytes + after.borrowed_bytes, <=,
+                    before.resident_bytes + before.borrowed_bytes + comp);
+  /* from_pipe with another adapter keeps the unet's own motion modules (as diffusers) */
+  DiffuseComponent *ad = load_adapter_component (pm1, "a");
+  DiffuseAnimate *a3 = diffuse_animate_new_from_pipe (pm1, ad, &err);
+  g_assert_no_error (err);
+  g_assert_true (diffuse_animate_get_unet_motion (a3) == diffuse_animate_get_unet_motion (a1));
+  g_assert_true (never_built (ad));
+  diffuse_animate_unref (a3);
+  diffuse_component_unref (ad);
+  diffuse_animate_unref (a1);
+  diffuse_animate_unref (a2);
+  diffuse_pipeline_model_unref (pm1);
+  diffuse_pipeline_model_unref (pm2);
+  diffuse_component_cache_unref (own);
+  g_free (path);
+}
+
+/* ---- copies of the folder, changed ---- */
+
+/* Copies folder src into dst, following symbolic links. */
+static void
+copy_tree (const char *src, const char *dst)
+{
+  g_assert_cmpint (g_mkdir_with_parents (dst, 0755), ==, 0);
+  GDir *d = g_dir_open (src, 0, NULL);
+  g_assert_nonnull (d);
+  const char *n;
+  while ((n = g_dir_read_name (d))) {
+    char *s = g_build_filename (src, n, NULL), *t = g_build_filename (dst, n, NULL);
+    if (g_file_test (s, G_FILE_TEST_IS_DIR)) {
+      copy_tree (s, t);
+    } else {
+      char *data = NULL;
+      gsize len = 0;
+      g_assert_true (g_file_get_contents (s, &data, &len, NULL));
+      g_assert_true (g_file_set_contents (t, data, (gssize) len, NULL));
+      g_free (data);
+    }
+    g_free (s);
+    g_free (t);
+  }
+  g_dir_close (d);
+}
+
+/* A temporary copy of saved-pipeline/. */
+static char *
+saved_copy (void)
+{
+  char *dir = tu_mkdtemp ();
+  char *src = tu_fixture ("animatediff/saved-pipeline");
+  char *dst = g_build_filename (dir, "pipe", NULL);
+  copy_tree (src, dst);
+  g_free (src);
+  g_free (dir);
+  return dst;
+}
+
+static void
+remove_copy (char *pipe_dir)
+{
+  char *dir = g_path_get_dirname (pipe_dir);
+  tu_rm_rf (dir);
+  g_free (dir);
+  g_free (pipe_dir);
+}
+
+typedef enum { EDIT_KEEP, EDIT_DROP, EDIT_PERTURB } EditAction;
+typedef EditAction (*EditFunc) (const char *key, gpointer user_data);
+
+/* Rewrites a weight file: each tensor kept, dropped or perturbed (+0.5 sin (i)). */
+static void
+edit_weights (const char *file, EditFunc edit, gpointer user_data)
+{
+  GError *err = NULL;
+  char *data = NULL;
+  gsize len = 0;
+  g_assert_true (g_file_get_contents (file, &data, &len, NULL));
+  DiffuseSafetensors *st = diffuse_safetensors_open_bytes (data, len, file, &err);
+  g_assert_no_error (err);
+  DiffuseStWriter *w = diffuse_st_writer_new ();
+  guint n_edit = 0;
+  for (guint i = 0; i < diffuse_safetensors_n_tensors (st); i++) {
+    const DiffuseStEntry *e = diffuse_safetensors_entry (st, i);
+    EditAction act = edit (e->name, user_data);
+    if (act == EDIT_DROP) {
+      n_edit++;
+      continue;
+    }
+    DiffuseTensor *t = diffuse_safetensors_tensor (st, e->name, DIFFUSE_DTYPE_F32, NULL, &err);
+    g_assert_no_error (err);
+    DiffuseTensor *c = diffuse_contiguous (t);
+    diffuse_tensor_unref (t);
+    if (act == EDIT_PERTURB) {
+      float *v = diffuse_tensor_f32 (c);
+      for (int64_t k = 0; k < diffuse_tensor_numel (c); k++)
+        v[k] += 0.5f * sinf ((float) k);
+      n_edit++;
+    }
+    diffuse_st_writer_add (w, e->name, c);
+    diffuse_tensor_unref (c);
+  }
+  g_assert_cmpuint (n_edit, >, 0);
+  diffuse_safetensors_unref (st);
+  g_free (data);
+  g_assert_true (diffuse_st_writer_write (w, file, &err));
+  g_assert_no_error (err);
+  diffuse_st_writer_free (w);
+}
+
+static EditAction
+perturb_all (const char *key, gpointer user_data)
+{
+  return EDIT_PERTURB;
+}
+
+static EditAction
+perturb_motion_proj_out (const char *key, gpointer user_data)
+{
+  return strstr (key, ".motion_modules.") && g_str_has_suffix (key, "proj_out.weight") ? EDIT_PERTURB : EDIT_KEEP;
+}
+
+static EditAction
+drop_key (const char *key, gpointer user_data)
+{
+  return strcmp (key, user_data) == 0 ? EDIT_DROP : EDIT_KEEP;
+}
+
+/* Sets one member of a JSON file (value: JSON text). */
+static void
+edit_config (const char *file, const char *key, const char *value)
+{
+  GError *err = NULL;
+  JsonParser *p = json_parser_new ();
+  g_assert_true (json_parser_load_from_file (p, file, &err));
+  JsonParser *vp = json_parser_new ();
+  g_assert_true (json_parser_load_from_data (vp, value, -1, &err));
+  g_assert_no_error (err);
+  JsonObject *o = json_node_get_object (json_parser_get_root (p));
+  json_object_set_member (o, key, json_node_copy (json_parser_get_root (vp)));
+  JsonGenerator *g = json_generator_new ();
+  json_generator_set_root (g, json_parser_get_root (p));
+  g_assert_true (json_generator_to_file (g, file, &err));
+  g_object_unref (g);
+  g_object_unref (vp);
+  g_object_unref (p);
+}
+
+/* The folder's motion_adapter/ is not what runs: perturbing its weights
+ * changes nothing, perturbing the unet's motion modules changes the clip. */
+static void
+test_saved_adapter_unused (void)
+{
+  char *pipe = saved_copy ();
+  char *aw = g_build_filename (pipe, "motion_adapter", "diffusion_pytorch_model.safetensors", NULL);
+  edit_weights (aw, perturb_all, NULL);
+  DiffuseComponentCache *own = diffuse_component_cache_new ();
+  DiffusePipelineModel *pm = load_folder (pipe, own);
+  GError *err = NULL;
+  DiffuseAnimate *anim = diffuse_animate_new (pm, &err);
+  g_assert_no_error (err);
+  g_assert_cmpint (run_saved_case (anim, "saved-cfg"), <=, 1);
+  diffuse_animate_unref (anim);
+  diffuse_pipeline_model_unref (pm);
+
+  char *uw = g_build_filename (pipe, "unet", "diffusion_pytorch_model.safetensors", NULL);
+  edit_weights (uw, perturb_motion_proj_out, NULL);
+  pm = load_folder (pipe, own);
+  anim = diffuse_animate_new (pm, &err);
+  g_assert_no_error (err);
+  g_assert_cmpint (run_saved_case (anim, "saved-cfg"), >, 1);
+  diffuse_animate_unref (anim);
+  diffuse_pipeline_model_unref (pm);
+  diffuse_component_cache_unref (own);
+  g_free (uw);
+  g_free (aw);
+  remove_copy (pipe);
+}
+
+/* Loads pipe/unet as a UNetMotionModel (and the pipeline through
+ * diffuse_animate_new when whole); returns the error. */
+static GError *
+saved_unet_error (const char *pipe, gboolean whole)
+{
+  GError *err = NULL;
+  char *dir = g_build_filename (pipe, "unet", NULL);
+  DiffuseUNetMotion *m = diffuse_unet_motion_new_from_dir (dir, NULL, &err);
+  g_assert_null (m);
+  g_assert_nonnull (err);
+  g_free (dir);
+  if (whole) {
+    GError *err2 = NULL;
+    DiffuseComponentCache *own = diffuse_component_cache_new ();
+    DiffusePipelineModel *pm = load_folder (pipe, own);
+    g_assert_null (diffuse_animate_new (pm, &err2));
+    g_assert_nonnull (err2);
+    g_assert_cmpint (err2->code, ==, err->code);
+    g_assert_cmpstr (err2->message, ==, err->message);
+    g_error_free (err2);
+    diffuse_pipeline_model_unref (pm);
+    diffuse_component_cache_unref (own);
+  }
+  g_test_message ("%s", err->message);
+  return err;
+}
+
+static void
+test_saved_errors (void)
+{
+  char *pipe = saved_copy ();
+  char *cfg = g_build_filename (pipe, "unet", "config.json", NULL);
+  char *wts = g_build_filename (pipe, "unet", "diffusion_pytorch_model.safetensors", NULL);
+  char *orig_cfg = NULL, *orig_wts = NULL;
+  gsize cfg_len = 0, wts_len = 0;
+  g_assert_true (g_file_get_contents (cfg, &orig_cfg, &cfg_len, NULL));
+  g_assert_true (g_file_get_contents (wts, &orig_wts, &wts_len, NULL));
+#define RESTORE()                                                               \
+  G_STMT_START {                                                                \
+    g_assert_true (g_file_set_contents (cfg, orig_cfg, (gssize) cfg_len, NULL)); \
+    g_assert_true (g_file_set_contents (wts, orig_wts, (gssize) wts_len, NULL)); \
+  } G_STMT_END
+
+  /* a motion weight missing: NOT_FOUND naming the key and the file */
+  const char *drop = "up_blocks.1.motion_modules.1.transformer_blocks.1.attn1.to_v.weight";
+  edit_weights (wts, drop_key, (gpointer) drop);
+  GError *err = saved_unet_error (pipe, TRUE);
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
+  g_assert_nonnull (strstr (err->message, drop));
+  g_assert_nonnull (strstr (err->message, wts));
+  g_clear_error (&err);
+  RESTORE ();
+
+  /* a 2-D weight missing */
+  drop = "down_blocks.0.attentions.0.proj_in.weight";
+  edit_weights (wts, drop_key, (gpointer) drop);
+  err = saved_unet_error (pipe, FALSE);
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
+  g_assert_nonnull (strstr (err->message, drop));
+  g_assert_nonnull (strstr (err->message, wts));
+  g_clear_error (&err);
+  RESTORE ();
+
+  /* the config asks for a mid-block motion module the weights do not have */
+  edit_config (cfg, "use_motion_mid_block", "true");
+  err = saved_unet_error (pipe, TRUE);
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
+  g_assert_nonnull (strstr (err->message, "mid_block.motion_modules.0."));
+  g_assert_nonnull (strstr (err->message, wts));
+  g_clear_error (&err);
+  RESTORE ();
+
+  /* motion_max_seq_length that does not fit the stored positional tables */
+  edit_config (cfg, "motion_max_seq_length", "16");
+  err = saved_unet_error (pipe, FALSE);
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG);
+  g_assert_nonnull (strstr (err->message, "pos_embed.pe"));
+  g_assert_nonnull (strstr (err->message, wts));
+  g_clear_error (&err);
+  RESTORE ();
+
+  /* motion heads that do not fit the weights' shapes... */
+  edit_config (cfg, "motion_num_attention_heads", "[1, 4, 2]");
+  err = saved_unet_error (pipe, FALSE);
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG);
+  g_assert_nonnull (strstr (err->message, "motion_num_attention_heads"));
+  g_assert_nonnull (strstr (err->message, cfg));
+  g_clear_error (&err);
+  RESTORE ();
+
+  /* ... a block type UNetMotionModel does not have, an unsupported mid block */
+  edit_config (cfg, "down_block_types", "[\"CrossAttnDownBlock2D\", \"DownBlockMotion\"]");
+  err = saved_unet_error (pipe, TRUE);
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG);
+  g_assert_nonnull (strstr (err->message, "down_block_types"));
+  g_assert_nonnull (strstr (err->message, "CrossAttnDownBlock2D"));
+  g_assert_nonnull (strstr (err->message, cfg));
+  g_clear_error (&err);
+  RESTORE ();
+  edit_config (cfg, "mid_block_layers", "2");
+  err = saved_unet_error (pipe, FALSE);
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED);
+  g_assert_nonnull (strstr (err->message, "mid_block_layers"));
+  g_clear_error (&err);
+  RESTORE ();
+
+  /* fewer temporal layers than the weights hold: loads, with diffusers'
+   * warning about the keys left unused */
+  edit_config (cfg, "temporal_transformer_layers_per_block", "1");
+  char *dir = g_build_filename (pipe, "unet", NULL);
+  g_test_expect_message ("diffuse", G_LOG_LEVEL_WARNING,
+                         "*weights of*were not used*down_blocks.0.motion_modules.0.transformer_blocks.1.*");
+  DiffuseUNetMotion *m = diffuse_unet_motion_new_from_dir (dir, NULL, &err);
+  g_test_assert_expected_messages ();
+  g_assert_no_error (err);
+  const char *const *unused = diffuse_motion_adapter_unused_keys (diffuse_unet_motion_get_adapter (m));
+  g_assert_nonnull (unused[0]);
+  for (int i = 0; unused[i]; i++)
+    g_assert_nonnull (strstr (unused[i], ".motion_modules."));
+  g_assert_null (diffuse_unet_unused_keys (diffuse_unet_motion_get_unet (m))[0]);
+  diffuse_unet_motion_unref (m);
+  g_free (dir);
+  RESTORE ();
+#undef RESTORE
+
+  g_free (orig_cfg);
+  g_free (orig_wts);
+  g_free (cfg);
+  g_free (wts);
+  remove_copy (pipe);
+}
+
+/* diffuse_pipeline_model_save () of the loaded folder writes what it read:
+ * loaded again it gives diffusers' frames. */
+static void
+test_saved_roundtrip (void)
+{
+  GError *err = NULL;
+  DiffuseComponentCache *own = diffuse_component_cache_new ();
+  char *path = tu_fixture ("animatediff/saved-pipeline");
+  DiffusePipelineModel *pm = load_folder (path, own);
+  char *dir = tu_mkdtemp ();
+  char *out = g_build_filename (dir, "resaved", NULL);
+  g_assert_true (diffuse_pipeline_model_save (pm, out, NULL, &err));
+  g_assert_no_error (err);
+  diffuse_pipeline_model_unref (pm);
+
+  char *ucfg = g_build_filename (out, "unet", "config.json", NULL);
+  DiffuseConfig *c = diffuse_config_load (ucfg, &err);
+  g_assert_no_error (err);
+  g_assert_cmpstr (diffuse_config_get_string (c, "_class_name", NULL), ==, "UNetMotionModel");
+  diffuse_config_unref (c);
+  char *idx = g_build_filename (out, "model_index.json", NULL);
+  c = diffuse_config_load (idx, &err);
+  g_assert_no_error (err);
+  char **unet = diffuse_config_get_string_array (c, "unet");
+  g_assert_cmpstr (unet[1], ==, "UNetMotionModel");
+  g_strfreev (unet);
+  diffuse_config_unref (c);
+
+  DiffusePipelineModel *pm2 = load_folder (out, own);
+  DiffuseAnimate *anim = diffuse_animate_new (pm2, &err);
+  g_assert_no_error (err);
+  g_assert_cmpint (run_saved_case (anim, "saved-nocfg"), <=, 1);
+  diffuse_animate_unref (anim);
+  diffuse_pipeline_model_unref (pm2);
+  diffuse_component_cache_unref (own);
+  tu_rm_rf (dir);
+  g_free (idx);
+  g_free (ucfg);
+  g_free (out);
+  g_free (dir);
+  g_free (path);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -649,7 +1216,30 @@ main (int argc, char **argv)
   }
   g_test_add_func ("/animate/sharing", test_sharing);
   g_test_add_func ("/animate/cancel-and-errors", test_cancel_and_errors);
+
+  /* a pipeline saved by diffusers: unet/ a UNetMotionModel */
+  JsonParser *saved_parser = json_parser_new ();
+  path = tu_fixture ("animatediff/saved-cases.json");
+  json_parser_load_from_file (saved_parser, path, &err);
+  g_assert_no_error (err);
+  g_free (path);
+  saved_json = json_node_get_object (json_parser_get_root (saved_parser));
+  saved_frames_st = tu_open ("animatediff/saved-frames.safetensors");
+  g_test_add_func ("/animate/saved/config", test_saved_config);
+  JsonArray *saved_cases = json_object_get_array_member (saved_json, "cases");
+  for (guint i = 0; i < json_array_get_length (saved_cases); i++) {
+    const char *id = json_object_get_string_member (json_array_get_object_element (saved_cases, i), "id");
+    char *name = g_strdup_printf ("/animate/saved/%s", id);
+    g_test_add_data_func (name, id, run_saved);
+    g_free (name);
+  }
+  g_test_add_func ("/animate/saved/sharing", test_saved_sharing);
+  g_test_add_func ("/animate/saved/adapter-unused", test_saved_adapter_unused);
+  g_test_add_func ("/animate/saved/errors", test_saved_errors);
+  g_test_add_func ("/animate/saved/roundtrip", test_saved_roundtrip);
   int rc = g_test_run ();
+  diffuse_safetensors_unref (saved_frames_st);
+  g_object_unref (saved_parser);
   g_object_unref (parser);
   g_object_unref (pp);
   if (sd_pm)

@@ -442,6 +442,82 @@ GST_START_TEST (test_error_too_many_frames)
 }
 GST_END_TEST;
 
+/* ---- a model that is an AnimateDiff pipeline ------------------------------------- */
+
+/* The core's clip of saved-pipeline/ (saved by diffusers: unet/ a UNetMotionModel),
+ * diffuse_animate_new () on it: RGB8 frames of 16x16. */
+static GPtrArray *
+ref_saved_clip (int frames, guint64 seed)
+{
+  GError *err = NULL;
+  gchar *model = adapter_path ("saved-pipeline");
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (model, NULL, NULL, &err);
+  fail_unless (pm != NULL, "load %s: %s", model, err ? err->message : "?");
+  DiffuseAnimate *anim = diffuse_animate_new (pm, &err);
+  fail_unless (anim != NULL, "animate: %s", err ? err->message : "?");
+  DiffuseAnimateParams p;
+  diffuse_animate_default_params (&p);
+  p.prompt = PROMPT;
+  p.width = p.height = 16;
+  p.num_frames = frames;
+  p.num_inference_steps = STEPS;
+  p.seed = seed;
+  GPtrArray *imgs = diffuse_animate_generate (anim, &p, &err);
+  fail_unless (imgs != NULL, "generate: %s", err ? err->message : "?");
+  GPtrArray *out = g_ptr_array_new_with_free_func (g_free);
+  for (guint i = 0; i < imgs->len; i++) {
+    guint8 *rgb = g_malloc (16 * 16 * 3);
+    diffuse_image_to_rgb8 (g_ptr_array_index (imgs, i), rgb, 16 * 3);
+    g_ptr_array_add (out, rgb);
+  }
+  g_ptr_array_unref (imgs);
+  diffuse_animate_unref (anim);
+  diffuse_pipeline_model_unref (pm);
+  g_free (model);
+  return out;
+}
+
+/* model=<AnimateDiff folder>, no motion-adapter: the model's own motion
+ * modules; with motion-adapter set too, the adapter is ignored (the unet is
+ * a UNetMotionModel, as diffusers' from_pipe). */
+GST_START_TEST (test_animatediff_model)
+{
+  GPtrArray *ref = ref_saved_clip (4, 3);
+  for (int with_adapter = 0; with_adapter < 2; with_adapter++) {
+    GstHarness *h = gst_harness_new ("diffuseanimate");
+    gchar *model = adapter_path ("saved-pipeline");
+    g_object_set (h->element, "model", model, "num-inference-steps", STEPS, "seed", (gint64) 3, "prompt", PROMPT,
+                  "num-frames", 4, "clips", 1, NULL);
+    if (with_adapter) {
+      gchar *ad = adapter_path ("a");
+      g_object_set (h->element, "motion-adapter", ad, NULL);
+      g_free (ad);
+    }
+    g_free (model);
+    gst_harness_set_sink_caps_str (h, "video/x-raw,format=RGB");
+    gst_harness_play (h);
+    for (int i = 0; i < 4; i++) {
+      GstBuffer *buf = gst_harness_pull (h);
+      fail_unless (buf != NULL, "frame %d missing", i);
+      assert_buffer_equals (h, buf, g_ptr_array_index (ref, i));
+      gst_buffer_unref (buf);
+    }
+    gst_harness_teardown (h);
+  }
+  fail_unless (frames_differ (g_ptr_array_index (ref, 0), g_ptr_array_index (ref, 3)));
+  /* the clip length is the unet's motion_max_seq_length (8) */
+  GstElement *el = gst_element_factory_make ("diffuseanimate", NULL);
+  gchar *model = adapter_path ("saved-pipeline");
+  g_object_set (el, "model", model, "num-inference-steps", 1, "num-frames", 9, NULL);
+  g_free (model);
+  GstMessage *msg = start_and_get_error (el);
+  assert_error_message (msg, GST_LIBRARY_ERROR, GST_LIBRARY_ERROR_SETTINGS, "at most 8 frames");
+  gst_message_unref (msg);
+  gst_object_unref (el);
+  g_ptr_array_unref (ref);
+}
+GST_END_TEST;
+
 static Suite *
 diffuseanimate_suite (void)
 {
@@ -457,6 +533,7 @@ diffuseanimate_suite (void)
   tcase_add_test (tc, test_shares_model_with_text2img);
   tcase_add_test (tc, test_error_no_adapter);
   tcase_add_test (tc, test_error_too_many_frames);
+  tcase_add_test (tc, test_animatediff_model);
   return s;
 }
 

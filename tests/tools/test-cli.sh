@@ -56,5 +56,10 @@ err=$("$DIFFUSE" animate "$MODEL" --prompt x 2>&1)
 err=$("$DIFFUSE" animate "$MODEL" --motion-adapter "$TMP/nonexistent" --prompt x --output-dir "$TMP/y" 2>&1)
 [ $? -eq 1 ] && echo "$err" | grep -q "nonexistent" || { echo "FAIL: missing adapter: $err"; fail=1; }
 
+# an AnimateDiff pipeline folder saved by diffusers: no --motion-adapter needed
+"$DIFFUSE" animate "$FIX/animatediff/saved-pipeline" --prompt "a red circle" --frames 8 --steps 2 \
+  --output-dir "$TMP/saved" >/dev/null || { echo "FAIL: animate on an AnimateDiff folder"; fail=1; }
+[ -f "$TMP/saved/07.png" ] || { echo "FAIL: animate on an AnimateDiff folder: no 07.png"; fail=1; }
+
 [ $fail = 0 ] && echo "PASS: cli"
 exit $fail

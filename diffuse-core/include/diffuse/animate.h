@@ -11,6 +11,13 @@
  * resident bytes grow by the adapter's weights only, and the motion UNet
  * runs the very DiffuseUNet that text2img uses.
  *
+ * A folder written by diffusers' AnimateDiffPipeline.save_pretrained () (unet/
+ * a UNetMotionModel, motion_adapter/ next to it) loads with
+ * diffuse_pipeline_model_load () and runs with diffuse_animate_new (): the
+ * unet's own motion modules are used, motion_adapter/ is not (as
+ * AnimateDiffPipeline.from_pretrained does).  diffuse_pipeline_model_save ()
+ * writes such a model back unchanged.
+ *
  * Each generate() call has its own scheduler state and RNG; calls on one
  * DiffuseAnimate are serialised internally. */
 #pragma once
@@ -56,14 +63,27 @@ typedef struct {
 
 void diffuse_animate_default_params (DiffuseAnimateParams *p);
 
-/* pm: an AnimateDiffPipeline model (it must have a motion_adapter).
+/* pm: an AnimateDiffPipeline model.  As diffusers' AnimateDiffPipeline.__init__:
+ *   - unet a UNet2DConditionModel: UNetMotionModel.from_unet2d (unet,
+ *     motion_adapter) (the pipeline must have a motion_adapter);
+ *   - unet a UNetMotionModel (what AnimateDiffPipeline.save_pretrained
+ *     writes): the unet's own motion modules (see motion.h,
+ *     diffuse_unet_motion_new_from_weights); the motion_adapter component,
+ *     loaded with the folder, is not used (nor needed) then.  The model is
+ *     built once per unet component and shared by every DiffuseAnimate on it.
  * Errors: DIFFUSE_ERROR_NOT_FOUND (a component is missing),
  * DIFFUSE_ERROR_UNSUPPORTED (a component of another class, a PIA-style
  * adapter with conv_in_channels), DIFFUSE_ERROR_CONFIG (the adapter does not
- * fit the UNet), or a model's load error. */
+ * fit the UNet, a UNetMotionModel config that does not fit its weights), or
+ * a model's load error. */
 DiffuseAnimate *diffuse_animate_new (DiffusePipelineModel *pm, GError **error);
+/* TRUE when pm's unet component is a UNetMotionModel (so a motion_adapter
+ * given to it, or to from_pipe, is not used). */
+gboolean diffuse_animate_model_has_motion_unet (DiffusePipelineModel *pm);
 /* from_pipe: diffuse_pipeline_model_derive (sd_pm, "AnimateDiffPipeline",
- * {"motion_adapter": motion_adapter}) then diffuse_animate_new (). */
+ * {"motion_adapter": motion_adapter}) then diffuse_animate_new ().  As in
+ * diffusers, when sd_pm's unet is already a UNetMotionModel (sd_pm is a
+ * saved AnimateDiff pipeline) the new adapter is registered but unused. */
 DiffuseAnimate *diffuse_animate_new_from_pipe (DiffusePipelineModel *sd_pm, DiffuseComponent *motion_adapter,
                                                GError **error);
 /* Loads a MotionAdapter (a folder or a Hub repo id, e.g.

@@ -98,6 +98,49 @@ int diffuse_unet_motion_max_frames (DiffuseUNetMotion *m);    /* motion_max_seq_
  * UNetMotionModel.from_unet2d (unet, adapter).parameters ()). */
 guint64 diffuse_unet_motion_n_params (DiffuseUNetMotion *m);
 
+/* ---- UNetMotionModel from its own folder ------------------------------------
+ *
+ * What diffusers' AnimateDiffPipeline.save_pretrained () writes as unet/: a
+ * config with _class_name "UNetMotionModel" (block types
+ * CrossAttnDownBlockMotion / DownBlockMotion / CrossAttnUpBlockMotion /
+ * UpBlockMotion, num_attention_heads, motion_max_seq_length,
+ * motion_num_attention_heads, temporal_transformer_layers_per_block,
+ * temporal_transformer_layers_per_mid_block, use_motion_mid_block,
+ * mid_block_layers, ...) and one weight file holding the 2-D weights and the
+ * "*.motion_modules.*" ones.  UNetMotionModel.from_pretrained () of it equals
+ * from_unet2d (unet, adapter) for the UNet and adapter its config implies, so
+ * it is built as that: a DiffuseUNet and a DiffuseMotionAdapter over the same
+ * weights (the motion keys go to the adapter, every other key to the UNet),
+ * joined by diffuse_unet_motion_new ().  Absent or null keys take
+ * UNetMotionModel's defaults; reverse_motion_num_attention_heads is ignored,
+ * as UNetMotionModel.__init__ ignores it.
+ * Errors: DIFFUSE_ERROR_CONFIG (an invalid key, or a weight whose shape does
+ * not fit the config: the message names the config file or the weight file
+ * and the key), DIFFUSE_ERROR_NOT_FOUND (a weight the config implies is
+ * missing: named with its file), DIFFUSE_ERROR_UNSUPPORTED (SDXL
+ * addition_embed_type "text_time", encoder_hid_dim_type, mid_block_layers
+ * other than 1, per-layer temporal depths). */
+
+typedef struct {
+  DiffuseDType dtype;       /* weights (default F32) */
+  DiffuseDevice *device;    /* NULL: the CPU */
+  const char *component;    /* name in messages (default "unet") */
+} DiffuseUNetMotionParams;
+
+void diffuse_unet_motion_default_params (DiffuseUNetMotionParams *p);
+
+/* config: the UNetMotionModel config.json; weights: its weight file(s). */
+DiffuseUNetMotion *diffuse_unet_motion_new_from_weights (DiffuseConfig *config, DiffuseWeights *weights,
+                                                         const DiffuseUNetMotionParams *params, GError **error);
+/* <dir>/config.json + <dir>/diffusion_pytorch_model.safetensors (or its index). */
+DiffuseUNetMotion *diffuse_unet_motion_new_from_dir (const char *dir, const DiffuseUNetMotionParams *params,
+                                                     GError **error);
+/* The UNet2DConditionModel config and the MotionAdapter config a
+ * UNetMotionModel config stands for (new configs, labelled with config's
+ * label); FALSE with the errors above for an invalid or unsupported config. */
+gboolean diffuse_unet_motion_split_config (DiffuseConfig *config, DiffuseConfig **unet_config,
+                                           DiffuseConfig **adapter_config, GError **error);
+
 /* One denoiser evaluation (UNetMotionModel.forward).
  *   sample                 [B, in_channels, F, H, W], 1 <= F <= max_frames
  *   timesteps              n_timesteps values: 1 (broadcast over the batch) or B
