@@ -27,7 +27,7 @@ if [ -f build/gst/libgstdiffuse.so ]; then
   echo "wrote out/quickstart-gst.png and out/quickstart.mp4 (4 frames, one seed each)"
   if [ -f data/tiny-motion-adapter/config.json ]; then
     gst-launch-1.0 -q diffuseanimate model="$model" motion-adapter=data/tiny-motion-adapter \
-      prompt="a small red circle moving right on a blue background" $steps clips=1 \
+      prompt="a small red circle moving rightward on a blue background" $steps clips=1 \
       ! videoconvert ! x264enc ! mp4mux ! filesink location=out/quickstart-animate.mp4
     echo "wrote out/quickstart-animate.mp4"
   fi

@@ -61,10 +61,11 @@ class Analyser:
         self.means = np.stack([((np.stack(feats[s]) - self.mu) / self.sd).mean(0) for s in SHAPES])
 
     def __call__(self, img):
-        """img: HxWx3 uint8 -> dict(colour, shape, position) (None values if no shape found)."""
+        """img: HxWx3 uint8 -> dict(colour, shape, position, centroid [x, y] in pixels)
+        (None values if no shape found)."""
         m = mask_of(img)
         if m is None or m.sum() < 8:
-            return {"colour": None, "shape": None, "position": None}
+            return {"colour": None, "shape": None, "position": None, "centroid": None}
         core = ndimage.binary_erosion(m, iterations=1)
         if core.sum() < 4:
             core = m
@@ -75,4 +76,5 @@ class Analyser:
         position = _PNAMES[int(np.argmin(np.linalg.norm(_PVALS - c, axis=1)))]
         f = (features(m) - self.mu) / self.sd
         shape = SHAPES[int(np.argmin(np.linalg.norm(self.means - f, axis=1)))]
-        return {"colour": colour, "shape": shape, "position": position}
+        return {"colour": colour, "shape": shape, "position": position,
+                "centroid": [round(float(c[0]), 2), round(float(c[1]), 2)]}

@@ -65,25 +65,84 @@ def render(shape, colour, size, pos, bg, rng, ss=4):
     """Render one 64x64 RGB image (uint8 HxWx3), anti-aliased by supersampling.
 
     rng (random.Random) adds small jitter to position and size."""
-    W = IMG * ss
-    im = Image.new("RGB", (W, W), BACKGROUNDS[bg])
-    d = ImageDraw.Draw(im)
     cx, cy = POSITIONS[pos]
     cx += rng.uniform(-3, 3)
     cy += rng.uniform(-3, 3)
     s = SIZES[size] * rng.uniform(0.9, 1.1)
-    h = s / 2
+    return render_at(shape, colour, s, cx, cy, bg, ss)
+
+
+# ---- clips for the motion adapter ------------------------------------------------------------
+
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+CLIP_FRAMES = 16
+TRAVEL = 34  # pixels covered by the shape's centre over a clip (start/end 15 px from the middle)
+
+
+# The words the captions use for the directions.  Not "left"/"right": the image model reads those
+# as positions (and their token embeddings are fixed by it); every token of these words is unused in
+# the image captions, so the motion training can learn their embeddings (train_motion.py).
+DIRECTION_WORDS = {"left": "leftward", "right": "rightward", "up": "upward", "down": "downward"}
+
+
+def motion_caption(shape, colour, size, direction, bg):
+    return f"a {size} {colour} {shape} moving {DIRECTION_WORDS[direction]} on a {bg} background"
+
+
+def motion_combos():
+    out = []
+    for shape, colour, size, direction, bg in itertools.product(
+            SHAPES, COLOURS, SIZES, DIRECTIONS, BACKGROUNDS):
+        if colour == bg:
+            continue
+        out.append((shape, colour, size, direction, bg))
+    return out
+
+
+def motion_split(n_heldout=100, seed=4321):
+    """(train, heldout) motion combos; held-out combos never appear in motion training."""
+    combos = motion_combos()
+    rng = random.Random(seed)
+    held = set(rng.sample(range(len(combos)), n_heldout))
+    return ([c for i, c in enumerate(combos) if i not in held],
+            [c for i, c in enumerate(combos) if i in held])
+
+
+def render_clip(shape, colour, size, direction, bg, rng, frames=CLIP_FRAMES):
+    """Render a clip (frames x 64 x 64 x 3 uint8) of the shape moving at constant speed.
+
+    The centre travels TRAVEL px (+-15%) along `direction` through the middle region; the
+    other coordinate is uniform in [16, 48]; size jitter as render()."""
+    dx, dy = DIRECTIONS[direction]
+    travel = TRAVEL * rng.uniform(0.85, 1.15)
+    mid = 32 + rng.uniform(-3, 3)
+    cross = rng.uniform(16, 48)
+    s = rng.uniform(0.9, 1.1)
+    out = []
+    for f in range(frames):
+        along = mid + (f / (frames - 1) - 0.5) * travel
+        if dx:
+            cx, cy = (along if dx > 0 else 64 - along), cross
+        else:
+            cx, cy = cross, (along if dy > 0 else 64 - along)
+        out.append(render_at(shape, colour, SIZES[size] * s, cx, cy, bg))
+    return np.stack(out)
+
+
+def render_at(shape, colour, extent, cx, cy, bg, ss=4):
+    """Render one 64x64 frame with the shape's centre at (cx, cy) and the given extent."""
+    W = IMG * ss
+    im = Image.new("RGB", (W, W), BACKGROUNDS[bg])
+    d = ImageDraw.Draw(im)
+    h = extent / 2
     col = COLOURS[colour]
     if shape == "circle":
-        box = [(cx - h) * ss, (cy - h) * ss, (cx + h) * ss, (cy + h) * ss]
-        d.ellipse(box, fill=col)
+        d.ellipse([(cx - h) * ss, (cy - h) * ss, (cx + h) * ss, (cy + h) * ss], fill=col)
     elif shape == "square":
-        h2 = h * 0.9  # same visual area class as the circle
-        box = [(cx - h2) * ss, (cy - h2) * ss, (cx + h2) * ss, (cy + h2) * ss]
-        d.rectangle(box, fill=col)
-    else:  # upward isosceles triangle
-        pts = [(cx * ss, (cy - h) * ss), ((cx - h) * ss, (cy + h) * ss),
-               ((cx + h) * ss, (cy + h) * ss)]
-        d.polygon(pts, fill=col)
+        h2 = h * 0.9
+        d.rectangle([(cx - h2) * ss, (cy - h2) * ss, (cx + h2) * ss, (cy + h2) * ss], fill=col)
+    else:
+        d.polygon([(cx * ss, (cy - h) * ss), ((cx - h) * ss, (cy + h) * ss), ((cx + h) * ss, (cy + h) * ss)],
+                  fill=col)
     im = im.resize((IMG, IMG), Image.LANCZOS)
     return np.asarray(im, dtype=np.uint8)

@@ -21,9 +21,9 @@ from common import caption, split
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def heldout():
-    _, test = split()
-    return [(caption(*c), c) for c in test]
+def heldout(train=False):
+    tr, test = split()
+    return [(caption(*c), c) for c in (tr if train else test)]
 
 
 def generate(model, prompts, steps, guidance, scheduler=None, bs=20, seed=0):
@@ -71,10 +71,12 @@ def main():
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--sheet", help="write a contact sheet PNG here")
     ap.add_argument("--save-images", help="save the generated images into this folder")
+    ap.add_argument("--train-prompts", action="store_true",
+                    help="use training combinations instead of the held-out ones (to tell underfitting from poor generalisation)")
     ap.add_argument("--write-prompts", help="write the held-out prompts (JSON list) and exit")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    items = heldout()[::a.every][:a.n]
+    items = heldout(a.train_prompts)[::a.every][:a.n]
     prompts = [p for p, _ in items]
     if a.write_prompts:
         json.dump(prompts, open(a.write_prompts, "w"), indent=1)

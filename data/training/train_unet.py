@@ -74,8 +74,12 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=10**9)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--layout-frac", type=float, default=0.0,
+                    help="share of each batch whose timestep is drawn from [300, 900) instead of [0, 1000): "
+                         "the noise levels where the image's layout (the shape's position) is decided")
     a = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     os.makedirs(a.out, exist_ok=True)
@@ -159,6 +163,9 @@ def main():
         ci[drop] = empty_id
         ids = ids_all[ci]
         t = torch.randint(0, 1000, (a.bs,))
+        n_layout = int(round(a.layout_frac * a.bs))
+        if n_layout:
+            t[:n_layout] = torch.randint(300, 900, (n_layout,))
         noise = torch.randn_like(z0)
         ab = acp[t].view(-1, 1, 1, 1)
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
