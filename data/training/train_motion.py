@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--data", default="/tmp/tinysd/motion")
     ap.add_argument("--out", default="/tmp/tinysd/motion_ckpt")
     ap.add_argument("--variants", type=int, default=3)
+    ap.add_argument("--word-lr-scale", type=float, default=1.0,
+                    help="learning rate of the word embeddings relative to the motion modules'")
     ap.add_argument("--recaption", action="store_true",
                     help="rebuild the captions of <data>/latents.pt with the current common.motion_caption")
     ap.add_argument("--minutes", type=float, default=30)
@@ -175,11 +177,13 @@ def main():
           f"; words {dict(zip(words, word_ids)) if a.train_words else 'frozen'}", flush=True)
     groups = [{"params": params}]
     if a.train_words:
-        groups.append({"params": [emb]})
+        groups.append({"params": [emb], "lr_scale": a.word_lr_scale})
     opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=0.0)
     opt_path = os.path.join(a.out, "opt.pt")
     if a.resume and os.path.exists(opt_path):
         opt.load_state_dict(torch.load(opt_path))
+        for gp, g0 in zip(opt.param_groups, groups):  # the new run's settings, the saved moments
+            gp["lr_scale"] = g0.get("lr_scale", 1.0)
     acp = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         num_train_timesteps=1000).alphas_cumprod
     emb_before = emb.detach().clone()
@@ -206,7 +210,7 @@ def main():
         frac = min(1.0, el / budget)
         lr = a.lr * min(1.0, (state["step"] + 1) / 50) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for gp in opt.param_groups:
-            gp["lr"] = lr
+            gp["lr"] = lr * gp.get("lr_scale", 1.0)
         idx = torch.from_numpy(rng.integers(0, n, a.bs))
         m, s = mean[idx].float(), std[idx].float()  # (B, F, C, H, W)
         z0 = (m + s * torch.randn_like(m)) * scaling

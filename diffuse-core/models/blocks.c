@@ -927,3 +927,36 @@ diffuse_blk_timestep_embedding_clear (DiffuseBlkTimestepEmbedding *e)
   diffuse_blk_linear_clear (&e->linear_2);
   diffuse_blk_linear_clear (&e->cond_proj);
 }
+
+gboolean
+diffuse_blk_open_model_dir (const char *dir, DiffuseConfig **config, DiffuseWeights **weights, GError **error)
+{
+  *config = NULL;
+  *weights = NULL;
+  char *cpath = g_build_filename (dir, "config.json", NULL);
+  DiffuseConfig *cfg = diffuse_config_load (cpath, error);
+  g_free (cpath);
+  if (!cfg)
+    return FALSE;
+  char *wpath = g_build_filename (dir, "diffusion_pytorch_model.safetensors", NULL);
+  char *ipath = g_build_filename (dir, "diffusion_pytorch_model.safetensors.index.json", NULL);
+  DiffuseWeights *w = NULL;
+  if (g_file_test (wpath, G_FILE_TEST_EXISTS)) {
+    const char *paths[2] = { wpath, NULL };
+    w = diffuse_weights_open (paths, error);
+  } else if (g_file_test (ipath, G_FILE_TEST_EXISTS)) {
+    w = diffuse_weights_open_index (ipath, error);
+  } else {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
+                 "%s: no diffusion_pytorch_model.safetensors (or its index) in the folder", dir);
+  }
+  g_free (wpath);
+  g_free (ipath);
+  if (!w) {
+    diffuse_config_unref (cfg);
+    return FALSE;
+  }
+  *config = cfg;
+  *weights = w;
+  return TRUE;
+}

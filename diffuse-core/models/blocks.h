@@ -24,6 +24,7 @@
 
 #include <diffuse/tensor.h>
 #include <diffuse/safetensors.h>
+#include <diffuse/config.h>
 
 G_BEGIN_DECLS
 
@@ -35,6 +36,11 @@ typedef struct _DiffuseBlkLoader DiffuseBlkLoader;
 DiffuseBlkLoader *diffuse_blk_loader_new (DiffuseWeights *weights, const char *component, DiffuseDType dtype,
                                           DiffuseDevice *dev);
 void diffuse_blk_loader_free (DiffuseBlkLoader *l);
+
+/* A diffusers model folder: DIR/config.json and DIR/diffusion_pytorch_model.safetensors
+ * (or its .index.json shards).  On success both out-parameters hold new references. */
+gboolean diffuse_blk_open_model_dir (const char *dir, DiffuseConfig **config, DiffuseWeights **weights,
+                                     GError **error);
 
 /* "<prefix>.<name>" (or just name when prefix is NULL or ""), shape checked
  * against shape[0..ndim) where -1 accepts any size.  NULL when missing or

@@ -440,28 +440,12 @@ DiffuseMotionAdapter *
 diffuse_motion_adapter_new_from_dir (const char *dir, const DiffuseMotionAdapterParams *params, GError **error)
 {
   g_return_val_if_fail (dir != NULL, NULL);
-  char *cpath = g_build_filename (dir, "config.json", NULL);
-  DiffuseConfig *config = diffuse_config_load (cpath, error);
-  g_free (cpath);
-  if (!config)
+  DiffuseConfig *config;
+  DiffuseWeights *w;
+  if (!diffuse_blk_open_model_dir (dir, &config, &w, error))
     return NULL;
-  char *wpath = g_build_filename (dir, "diffusion_pytorch_model.safetensors", NULL);
-  char *ipath = g_build_filename (dir, "diffusion_pytorch_model.safetensors.index.json", NULL);
-  DiffuseWeights *w = NULL;
-  if (g_file_test (wpath, G_FILE_TEST_EXISTS)) {
-    const char *paths[2] = { wpath, NULL };
-    w = diffuse_weights_open (paths, error);
-  } else if (g_file_test (ipath, G_FILE_TEST_EXISTS)) {
-    w = diffuse_weights_open_index (ipath, error);
-  } else {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
-                 "%s: no diffusion_pytorch_model.safetensors (or its index) in the folder", dir);
-  }
-  g_free (wpath);
-  g_free (ipath);
-  DiffuseMotionAdapter *a = w ? diffuse_motion_adapter_new (config, w, params, error) : NULL;
-  if (w)
-    diffuse_weights_unref (w);
+  DiffuseMotionAdapter *a = diffuse_motion_adapter_new (config, w, params, error);
+  diffuse_weights_unref (w);
   diffuse_config_unref (config);
   return a;
 }
