@@ -122,6 +122,8 @@ gst_diffuse_state_init (GstDiffuseState *st, GstElement *element, DiffuseSDTask 
   st->settings.strength = GST_DIFFUSE_DEFAULT_STRENGTH;
   st->cancellable = g_cancellable_new ();
   st->last_gen_time = GST_CLOCK_TIME_NONE;
+  st->suggested_steps = -1;
+  st->suggested_guidance = -1;
 }
 
 void
@@ -167,7 +169,7 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gin
   g_object_class_install_property (klass, GST_DIFFUSE_PROP_SCHEDULER,
       g_param_spec_string ("scheduler", "Scheduler",
           "Scheduler class to sample with, one compatible with the model (e.g. \"EulerDiscreteScheduler\"); "
-          "NULL = the model's own",
+          "NULL = the model folder's suggestion (gst-diffuse.json) or the model's own",
           NULL, RW | GST_PARAM_MUTABLE_PLAYING));
   g_object_class_install_property (klass, GST_DIFFUSE_PROP_PROMPT,
       g_param_spec_string ("prompt", "Prompt",
@@ -179,11 +181,13 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gin
           NULL, RW | GST_PARAM_MUTABLE_PLAYING));
   g_object_class_install_property (klass, GST_DIFFUSE_PROP_NUM_INFERENCE_STEPS,
       g_param_spec_int ("num-inference-steps", "Inference steps",
-          "Number of denoising steps per frame",
+          "Number of denoising steps per frame; when never set, the model folder's suggestion "
+          "(gst-diffuse.json: 20 for the bundled model) or this default",
           1, 1000, GST_DIFFUSE_DEFAULT_STEPS, RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
   g_object_class_install_property (klass, GST_DIFFUSE_PROP_GUIDANCE_SCALE,
       g_param_spec_double ("guidance-scale", "Guidance scale",
-          "Classifier-free guidance scale; 1 or less runs without the unconditional pass",
+          "Classifier-free guidance scale; 1 or less runs without the unconditional pass; when never set, "
+          "the model folder's suggestion (gst-diffuse.json: 5 for the bundled model) or this default",
           0.0, 100.0, GST_DIFFUSE_DEFAULT_GUIDANCE, RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
   g_object_class_install_property (klass, GST_DIFFUSE_PROP_SEED,
       g_param_spec_int64 ("seed", "Seed",
@@ -265,14 +269,23 @@ gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, const GValue
       if (!s->device)
         s->device = g_strdup (GST_DIFFUSE_DEFAULT_DEVICE);
       break;
-    case GST_DIFFUSE_PROP_SCHEDULER: set_string (&s->scheduler, value); break;
+    case GST_DIFFUSE_PROP_SCHEDULER:
+      set_string (&s->scheduler, value);
+      s->user_set |= GST_DIFFUSE_SET_SCHEDULER;
+      break;
     case GST_DIFFUSE_PROP_PROMPT:
       g_free (s->prompt);
       s->prompt = g_value_dup_string (value);
       break;
     case GST_DIFFUSE_PROP_NEGATIVE_PROMPT: set_string (&s->negative_prompt, value); break;
-    case GST_DIFFUSE_PROP_NUM_INFERENCE_STEPS: s->num_inference_steps = g_value_get_int (value); break;
-    case GST_DIFFUSE_PROP_GUIDANCE_SCALE: s->guidance_scale = g_value_get_double (value); break;
+    case GST_DIFFUSE_PROP_NUM_INFERENCE_STEPS:
+      s->num_inference_steps = g_value_get_int (value);
+      s->user_set |= GST_DIFFUSE_SET_STEPS;
+      break;
+    case GST_DIFFUSE_PROP_GUIDANCE_SCALE:
+      s->guidance_scale = g_value_get_double (value);
+      s->user_set |= GST_DIFFUSE_SET_GUIDANCE;
+      break;
     case GST_DIFFUSE_PROP_SEED: s->seed = g_value_get_int64 (value); break;
     case GST_DIFFUSE_PROP_SEED_INCREMENT: s->seed_increment = g_value_get_int64 (value); break;
     case GST_DIFFUSE_PROP_CLIP_SKIP: s->clip_skip = g_value_get_int (value); break;
@@ -332,6 +345,12 @@ gst_diffuse_state_snapshot (GstDiffuseState *st, GstDiffuseSettings *out)
 {
   GST_OBJECT_LOCK (st->element);
   gst_diffuse_settings_copy (out, &st->settings);
+  if (!(out->user_set & GST_DIFFUSE_SET_STEPS) && st->suggested_steps > 0)
+    out->num_inference_steps = st->suggested_steps;
+  if (!(out->user_set & GST_DIFFUSE_SET_GUIDANCE) && st->suggested_guidance >= 0)
+    out->guidance_scale = st->suggested_guidance;
+  if (!(out->user_set & GST_DIFFUSE_SET_SCHEDULER) && !out->scheduler && st->suggested_scheduler)
+    out->scheduler = g_strdup (st->suggested_scheduler);
   GST_OBJECT_UNLOCK (st->element);
 }
 
@@ -539,10 +558,36 @@ gst_diffuse_state_load (GstDiffuseState *st)
     diffuse_pipeline_model_unref (pm);
     goto out;
   }
+  /* the folder's suggested settings (gst-diffuse.json) */
+  gint sug_steps = -1, sug_w = -1, sug_h = -1;
+  gdouble sug_guidance = -1;
+  gchar *sug_sched = NULL;
+  if (!diffuse_pipeline_model_suggestions (pm, &sug_steps, &sug_guidance, &sug_w, &sug_h, &sug_sched, &err)) {
+    gchar *what = g_strdup_printf ("Model \"%s\" has an invalid gst-diffuse.json", s.model);
+    gst_diffuse_post_error (st->element, err, what, dbg);
+    g_free (what);
+    if (sd)
+      diffuse_sd_unref (sd);
+    diffuse_pipeline_model_unref (pm);
+    goto out;
+  }
+  GST_OBJECT_LOCK (st->element);
+  st->suggested_steps = sug_steps;
+  st->suggested_guidance = sug_guidance;
+  g_free (st->suggested_scheduler);
+  st->suggested_scheduler = sug_sched;
+  GST_OBJECT_UNLOCK (st->element);
+  if (sug_steps > 0 || sug_guidance >= 0 || sug_sched)
+    GST_INFO_OBJECT (st->element, "model suggests %d steps, guidance %g, scheduler %s (used where not set)",
+                     sug_steps, sug_guidance, sug_sched ? sug_sched : "(its own)");
   st->pm = pm;
   st->sd = sd;
   if (sd) {
     diffuse_sd_default_size (sd, &st->default_width, &st->default_height);
+    if (sug_w > 0 && sug_h > 0) {
+      st->default_width = sug_w;
+      st->default_height = sug_h;
+    }
     GST_INFO_OBJECT (st->element, "loaded %s (%s) in %" GST_TIME_FORMAT "; default size %dx%d, scheduler %s",
                      s.model, diffuse_pipeline_model_class (pm), GST_TIME_ARGS (gst_util_get_timestamp () - t0),
                      st->default_width, st->default_height, diffuse_sd_scheduler_class (sd));
@@ -569,6 +614,11 @@ gst_diffuse_state_unload (GstDiffuseState *st)
 {
   g_clear_pointer (&st->sd, diffuse_sd_unref);
   g_clear_pointer (&st->pm, diffuse_pipeline_model_unref);
+  GST_OBJECT_LOCK (st->element);
+  st->suggested_steps = -1;
+  st->suggested_guidance = -1;
+  g_clear_pointer (&st->suggested_scheduler, g_free);
+  GST_OBJECT_UNLOCK (st->element);
 }
 
 guint64

@@ -65,7 +65,17 @@ typedef struct {
   gint64 seed_increment;
   gint clip_skip;
   gdouble strength;
+  guint user_set;           /* GST_DIFFUSE_SET_*: set by the user, so the model's suggestion does not apply */
 } GstDiffuseSettings;
+
+/* Properties whose default the model folder may suggest (gst-diffuse.json,
+ * diffuse_pipeline_model_suggestions): the suggestion applies while the
+ * property was never set. */
+enum {
+  GST_DIFFUSE_SET_STEPS = 1 << 0,
+  GST_DIFFUSE_SET_GUIDANCE = 1 << 1,
+  GST_DIFFUSE_SET_SCHEDULER = 1 << 2,
+};
 
 void gst_diffuse_settings_copy (GstDiffuseSettings *dst, const GstDiffuseSettings *src);
 void gst_diffuse_settings_clear (GstDiffuseSettings *s);
@@ -84,6 +94,10 @@ typedef struct {
   DiffusePipelineModel *pm;
   DiffuseSD *sd;
   gint default_width, default_height;
+  /* the model folder's suggestions (object lock; -1 / NULL: none) */
+  gint suggested_steps;
+  gdouble suggested_guidance;
+  gchar *suggested_scheduler;
   GstClockTime last_gen_time;     /* wall time of the last generation */
   guint64 progress_frame;         /* frame number for progress messages */
 } GstDiffuseState;
@@ -103,7 +117,8 @@ gboolean gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, con
 gboolean gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *value, GParamSpec *pspec);
 
 /* Snapshot of the settings under the object lock (clear it with
- * gst_diffuse_settings_clear). */
+ * gst_diffuse_settings_clear), with the loaded model's suggested steps,
+ * guidance and scheduler in place of those the user did not set. */
 void gst_diffuse_state_snapshot (GstDiffuseState *st, GstDiffuseSettings *out);
 
 /* Loads the model (finding or creating the shared cache first).  Posts an

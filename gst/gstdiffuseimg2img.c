@@ -48,6 +48,8 @@ update_passthrough (GstDiffuseImg2Img *self)
   GST_OBJECT_LOCK (self);
   gdouble strength = self->st.settings.strength;
   gint steps = self->st.settings.num_inference_steps;
+  if (!(self->st.settings.user_set & GST_DIFFUSE_SET_STEPS) && self->st.suggested_steps > 0)
+    steps = self->st.suggested_steps;   /* the loaded model's gst-diffuse.json */
   GST_OBJECT_UNLOCK (self);
   gboolean passthrough = strength <= 0.0 || (gint) (steps * strength) < 1;
   if (passthrough != gst_base_transform_is_passthrough (GST_BASE_TRANSFORM (self)))
@@ -114,8 +116,10 @@ gst_diffuse_img2img_start (GstBaseTransform *trans)
   self->latency = 0;
   GST_OBJECT_UNLOCK (self);
   gst_diffuse_state_set_flushing (&self->st, FALSE);
-  update_passthrough (self);
-  return gst_diffuse_state_load (&self->st);
+  if (!gst_diffuse_state_load (&self->st))
+    return FALSE;
+  update_passthrough (self);   /* with the model's suggested steps, if any */
+  return TRUE;
 }
 
 static gboolean

@@ -155,27 +155,22 @@ on_step (int step, int total, gpointer user_data)
   return TRUE;
 }
 
-/* Generation defaults a model folder can suggest in gst-diffuse.json
+/* Generation defaults a model folder suggests in gst-diffuse.json
  * (num_inference_steps, guidance_scale, width, height, scheduler), as the
- * bundled model does. */
+ * bundled model does; the elements apply them the same way. */
 static char *default_scheduler;
 
-static void
-model_defaults (DiffusePipelineModel *pm, DiffuseSDParams *p)
+static gboolean
+model_defaults (DiffusePipelineModel *pm, DiffuseSDParams *p, GError **error)
 {
-  char *path = g_build_filename (diffuse_pipeline_model_folder (pm), "gst-diffuse.json", NULL);
-  DiffuseConfig *c = g_file_test (path, G_FILE_TEST_EXISTS) ? diffuse_config_load (path, NULL) : NULL;
-  g_free (path);
-  if (!c)
-    return;
-  p->num_inference_steps = (int) diffuse_config_get_int (c, "num_inference_steps", p->num_inference_steps);
-  p->guidance_scale = (float) diffuse_config_get_double (c, "guidance_scale", p->guidance_scale);
-  p->width = (int) diffuse_config_get_int (c, "width", p->width);
-  p->height = (int) diffuse_config_get_int (c, "height", p->height);
-  g_free (default_scheduler);
-  default_scheduler = g_strdup (diffuse_config_get_string (c, "scheduler", NULL));
-  p->scheduler = default_scheduler;
-  diffuse_config_unref (c);
+  double guidance = p->guidance_scale;
+  if (!diffuse_pipeline_model_suggestions (pm, &p->num_inference_steps, &guidance, &p->width, &p->height,
+                                           &default_scheduler, error))
+    return FALSE;
+  p->guidance_scale = (float) guidance;
+  if (default_scheduler)
+    p->scheduler = default_scheduler;
+  return TRUE;
 }
 
 /* The prompts to run: the --prompts-file JSON array, else --prompt (or ""). */
@@ -266,7 +261,11 @@ generate (DiffusePipelineModel *pm)
   }
   DiffuseSDParams p;
   diffuse_sd_default_params (&p);
-  model_defaults (pm, &p);
+  if (!model_defaults (pm, &p, &err)) {
+    diffuse_sd_unref (sd);
+    g_ptr_array_unref (prompts);
+    return fail (&err);
+  }
   p.negative_prompt = opt_negative;
   if (opt_steps > 0)
     p.num_inference_steps = opt_steps;
@@ -354,7 +353,11 @@ animate (DiffusePipelineModel *pm)
   /* the image pipeline's defaults (gst-diffuse.json) apply to its clips too */
   DiffuseSDParams d;
   diffuse_sd_default_params (&d);
-  model_defaults (pm, &d);
+  if (!model_defaults (pm, &d, &err)) {
+    diffuse_animate_unref (an);
+    g_ptr_array_unref (prompts);
+    return fail (&err);
+  }
   DiffuseAnimateParams p;
   diffuse_animate_default_params (&p);
   p.num_inference_steps = opt_steps > 0 ? opt_steps : d.num_inference_steps;

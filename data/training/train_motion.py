@@ -105,6 +105,8 @@ def main():
     ap.add_argument("--layout-frac", type=float, default=0.0,
                     help="share of each batch with its timestep drawn from [300, 900) (where the clip's layout, "
                          "i.e. where the shape is in each frame, is decided) instead of [0, 1000)")
+    ap.add_argument("--text-encoder", help="the text encoder to use (e.g. train_words.py's <out>/text_encoder, whose "
+                    "direction-word rows were learnt first); default: the image model's")
     ap.add_argument("--init", help="start from this adapter (and <init>/../text_encoder) e.g. to adapt to a newer image model")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -133,14 +135,14 @@ def main():
     words = tok.convert_ids_to_tokens(word_ids)
 
     unet2d = UNet2DConditionModel.from_pretrained(os.path.join(a.model, "unet"), dtype=torch.float32)
-    te_dir = os.path.join(a.model, "text_encoder")
+    te_dir = a.text_encoder or os.path.join(a.model, "text_encoder")
     if a.resume and os.path.exists(os.path.join(a.out, "text_encoder")):
         te_dir = os.path.join(a.out, "text_encoder")
     te = CLIPTextModel.from_pretrained(te_dir, dtype=torch.float32)
     te.requires_grad_(False)
     emb = te.get_input_embeddings().weight
     init_te = os.path.join(a.init, "..", "text_encoder") if a.init else None
-    if init_te and not a.resume and os.path.exists(init_te):
+    if init_te and not a.resume and not a.text_encoder and os.path.exists(init_te):
         # the image model's text encoder, with the direction words' rows learnt in the earlier run
         old = CLIPTextModel.from_pretrained(init_te, dtype=torch.float32).get_input_embeddings().weight
         with torch.no_grad():

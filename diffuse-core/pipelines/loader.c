@@ -870,6 +870,57 @@ diffuse_pipeline_model_unref (DiffusePipelineModel *pm)
 
 const char *diffuse_pipeline_model_class (DiffusePipelineModel *pm) { return pm->class_name; }
 const char *diffuse_pipeline_model_folder (DiffusePipelineModel *pm) { return pm->folder; }
+
+/* gst-diffuse.json: see pipeline.h.  Every key is checked before any output
+ * is written, so a bad file changes nothing. */
+gboolean
+diffuse_pipeline_model_suggestions (DiffusePipelineModel *pm, int *num_inference_steps, double *guidance_scale,
+                                    int *width, int *height, char **scheduler, GError **error)
+{
+  g_autofree char *path = g_build_filename (pm->folder, "gst-diffuse.json", NULL);
+  if (!g_file_test (path, G_FILE_TEST_EXISTS))
+    return TRUE;
+  g_autoptr (DiffuseConfig) c = diffuse_config_load (path, error);
+  if (!c)
+    return FALSE;
+  gint64 steps = -1, w = -1, h = -1;
+  double guidance = -1;
+  const char *sched = NULL;
+  if (!diffuse_config_get_int_checked (c, "num_inference_steps", -1, &steps, error) ||
+      !diffuse_config_get_double_checked (c, "guidance_scale", -1, &guidance, error) ||
+      !diffuse_config_get_int_checked (c, "width", -1, &w, error) ||
+      !diffuse_config_get_int_checked (c, "height", -1, &h, error) ||
+      !diffuse_config_get_string_checked (c, "scheduler", NULL, &sched, error))
+    return FALSE;
+  const char *bad = NULL;
+  if (diffuse_config_has (c, "num_inference_steps") && (steps < 1 || steps > 1000))
+    bad = "num_inference_steps (1..1000)";
+  else if (diffuse_config_has (c, "guidance_scale") && !(guidance >= 0 && guidance < 1e6))
+    bad = "guidance_scale (>= 0)";
+  else if (diffuse_config_has (c, "width") && (w < 8 || w > 8192 || w % 8))
+    bad = "width (a multiple of 8, 8..8192)";
+  else if (diffuse_config_has (c, "height") && (h < 8 || h > 8192 || h % 8))
+    bad = "height (a multiple of 8, 8..8192)";
+  else if (diffuse_config_has (c, "scheduler") && (!sched || !*sched))
+    bad = "scheduler (a scheduler class name)";
+  if (bad) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG, "%s: value of %s is out of range", path, bad);
+    return FALSE;
+  }
+  if (num_inference_steps && steps > 0)
+    *num_inference_steps = (int) steps;
+  if (guidance_scale && guidance >= 0)
+    *guidance_scale = guidance;
+  if (width && w > 0)
+    *width = (int) w;
+  if (height && h > 0)
+    *height = (int) h;
+  if (scheduler && sched) {
+    g_free (*scheduler);
+    *scheduler = g_strdup (sched);
+  }
+  return TRUE;
+}
 DiffuseConfig *diffuse_pipeline_model_index (DiffusePipelineModel *pm) { return pm->index; }
 DiffuseComponentCache *diffuse_pipeline_model_cache (DiffusePipelineModel *pm) { return pm->cache; }
 

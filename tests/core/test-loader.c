@@ -12,6 +12,7 @@
  *  - a required component cannot be overridden with "none". */
 #include "testutil.h"
 #include <diffuse/pipeline.h>
+#include <glib/gstdio.h>
 #include <diffuse/hub.h>
 #include <json-glib/json-glib.h>
 #include <string.h>
@@ -369,6 +370,83 @@ test_errors (void)
   g_free (dir);
 }
 
+/* gst-diffuse.json: a folder's suggested generation settings (what the CLI
+ * and the elements use where the user sets nothing) */
+static void
+write_suggestions (const char *folder, const char *json)
+{
+  char *path = g_build_filename (folder, "gst-diffuse.json", NULL);
+  if (json)
+    g_assert_true (g_file_set_contents (path, json, -1, NULL));
+  else
+    g_unlink (path);
+  g_free (path);
+}
+
+static void
+test_suggestions (void)
+{
+  GError *err = NULL;
+  char *dir = fixture_dir ("tiny-sd");
+  char *tmp = tu_mkdtemp ();
+  char *cmd = g_strdup_printf ("cp -rL '%s' '%s/m'", dir, tmp);
+  g_assert_cmpint (system (cmd), ==, 0);
+  g_free (cmd);
+  char *m = g_build_filename (tmp, "m", NULL);
+  write_suggestions (m, NULL);
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (m, NULL, NULL, &err);
+  g_assert_no_error (err);
+  int steps = 50, w = 512, h = 512;
+  double g = 7.5;
+  char *sched = NULL;
+  /* no file: nothing changes */
+  g_assert_true (diffuse_pipeline_model_suggestions (pm, &steps, &g, &w, &h, &sched, &err));
+  g_assert_no_error (err);
+  g_assert_cmpint (steps, ==, 50);
+  g_assert_cmpfloat (g, ==, 7.5);
+  g_assert_null (sched);
+  /* the keys present are applied, the others kept */
+  write_suggestions (m, "{\"num_inference_steps\": 20, \"guidance_scale\": 5, \"scheduler\": \"EulerDiscreteScheduler\"}");
+  g_assert_true (diffuse_pipeline_model_suggestions (pm, &steps, &g, &w, &h, &sched, &err));
+  g_assert_no_error (err);
+  g_assert_cmpint (steps, ==, 20);
+  g_assert_cmpfloat (g, ==, 5.0);
+  g_assert_cmpint (w, ==, 512);
+  g_assert_cmpstr (sched, ==, "EulerDiscreteScheduler");
+  write_suggestions (m, "{\"width\": 64, \"height\": 96}");
+  g_assert_true (diffuse_pipeline_model_suggestions (pm, NULL, NULL, &w, &h, NULL, &err));
+  g_assert_cmpint (w, ==, 64);
+  g_assert_cmpint (h, ==, 96);
+  /* bad files: an error naming the file (and key), nothing written */
+  const struct { const char *json, *needle; int code; } bad[] = {
+    { "{\"num_inference_steps\": ", "gst-diffuse.json", DIFFUSE_ERROR_CORRUPT },
+    { "{\"num_inference_steps\": \"twenty\"}", "num_inference_steps", DIFFUSE_ERROR_CONFIG },
+    { "{\"num_inference_steps\": 0}", "num_inference_steps", DIFFUSE_ERROR_CONFIG },
+    { "{\"guidance_scale\": -1}", "guidance_scale", DIFFUSE_ERROR_CONFIG },
+    { "{\"width\": 65}", "width", DIFFUSE_ERROR_CONFIG },
+    { "{\"height\": 100000}", "height", DIFFUSE_ERROR_CONFIG },
+    { "{\"scheduler\": 3}", "scheduler", DIFFUSE_ERROR_CONFIG },
+    { "{\"num_inference_steps\": 30, \"scheduler\": \"\"}", "scheduler", DIFFUSE_ERROR_CONFIG },
+  };
+  for (guint i = 0; i < G_N_ELEMENTS (bad); i++) {
+    write_suggestions (m, bad[i].json);
+    steps = 7;
+    g_assert_false (diffuse_pipeline_model_suggestions (pm, &steps, &g, &w, &h, &sched, &err));
+    int code = bad[i].code;
+    g_assert_error (err, DIFFUSE_ERROR, code);
+    g_assert_nonnull (strstr (err->message, "gst-diffuse.json"));
+    g_assert_nonnull (strstr (err->message, bad[i].needle));
+    g_assert_cmpint (steps, ==, 7);
+    g_clear_error (&err);
+  }
+  g_free (sched);
+  diffuse_pipeline_model_unref (pm);
+  tu_rm_rf (tmp);
+  g_free (m);
+  g_free (tmp);
+  g_free (dir);
+}
+
 /* save_pretrained: what we write loads back with the same values, with a
  * variant label and sharding (diffusers loading our writer's output is
  * checked by tests/reference/check_st_roundtrip.py) */
@@ -506,6 +584,7 @@ main (int argc, char **argv)
   g_test_add_func ("/loader/cache-sharing", test_cache_sharing);
   g_test_add_func ("/loader/errors", test_errors);
   g_test_add_func ("/loader/save-roundtrip", test_save_roundtrip);
+  g_test_add_func ("/loader/suggestions", test_suggestions);
 #ifdef HAVE_HUBSERVER
   g_test_add_func ("/loader/hub", test_hub_load);
 #endif

@@ -374,6 +374,93 @@ start_and_get_error (GstElement *el, GstState target)
   return msg;
 }
 
+/* ---- the model folder's suggested settings (gst-diffuse.json) ------------------ */
+
+/* A copy of the test model with gst-diffuse.json = json in tmp/m. */
+static gchar *
+model_with_suggestions (const char *tmp, const char *json)
+{
+  gchar *src = test_model_path (NULL);
+  gchar *dst = g_build_filename (tmp, "m", NULL);
+  if (!g_file_test (dst, G_FILE_TEST_IS_DIR)) {
+    gchar *cmd = g_strdup_printf ("cp -rL '%s' '%s'", src, dst);
+    fail_unless_equals_int (system (cmd), 0);
+    g_free (cmd);
+  }
+  gchar *file = g_build_filename (dst, "gst-diffuse.json", NULL);
+  fail_unless (g_file_set_contents (file, json, -1, NULL));
+  g_free (file);
+  g_free (src);
+  return dst;
+}
+
+/* One frame with steps/guidance left unset (steps < 0) or set; checks the
+ * pixels against the core's with want_steps/guidance (and the progress count). */
+static void
+check_suggested_frame (const char *model, int steps, int want_steps, double want_guidance)
+{
+  GstHarness *h = gst_harness_new ("diffusetext2img");
+  g_object_set (h->element, "model", model, "seed", (gint64) 7, "prompt", "a cat", "num-buffers", 1, NULL);
+  if (steps > 0)
+    g_object_set (h->element, "num-inference-steps", steps, NULL);
+  gst_harness_set_sink_caps_str (h, "video/x-raw,format=RGB,width=16,height=16");
+  StepLog *log = g_new0 (StepLog, 1);
+  GstBus *bus = gst_bus_new ();
+  gst_bus_set_sync_handler (bus, log_steps, log, g_free);
+  gst_element_set_bus (h->element, bus);
+  gst_harness_play (h);
+  GstBuffer *buf = gst_harness_pull (h);
+  fail_unless (buf != NULL);
+  fail_unless (log->total >= want_steps && log->total <= want_steps + 1, "%d steps run, %d asked",
+               log->total, want_steps);  /* PNDM runs one more */
+  RefParams rp = ref_params_default ();
+  rp.steps = want_steps;
+  rp.guidance = want_guidance;
+  rp.seed = 7;
+  guint8 *ref = ref_generate (&rp);
+  GstVideoInfo info = current_info (h);
+  GstVideoFrame f;
+  fail_unless (gst_video_frame_map (&f, &info, buf, GST_MAP_READ));
+  assert_frame_equals_rgb (&f, ref);
+  gst_video_frame_unmap (&f);
+  g_free (ref);
+  gst_buffer_unref (buf);
+  gst_element_set_state (h->element, GST_STATE_NULL);
+  gst_element_set_bus (h->element, NULL);
+  gst_harness_teardown (h);
+  gst_object_unref (bus);
+}
+
+GST_START_TEST (test_model_suggestions)
+{
+  gchar *tmp = g_dir_make_tmp ("diffuse-gst-XXXXXX", NULL);
+  fail_unless (tmp != NULL);
+  /* not set: the folder's 3 steps and guidance 1 (no unconditional pass) */
+  gchar *m = model_with_suggestions (tmp, "{\"num_inference_steps\": 3, \"guidance_scale\": 1.0}");
+  check_suggested_frame (m, -1, 3, 1.0);
+  /* set by the user: the property wins, the unset guidance still follows the folder */
+  check_suggested_frame (m, 2, 2, 1.0);
+  /* no suggestion: the element's defaults (50 steps would be slow: check the total only) */
+  g_free (model_with_suggestions (tmp, "{}"));
+  GstElement *el = gst_element_factory_make ("diffusetext2img", NULL);
+  gint steps = 0;
+  g_object_get (el, "num-inference-steps", &steps, NULL);
+  fail_unless_equals_int (steps, 50);
+  /* a bad file: a clear error naming it, at start */
+  g_free (model_with_suggestions (tmp, "{\"num_inference_steps\": 0}"));
+  g_object_set (el, "model", m, NULL);
+  GstMessage *msg = start_and_get_error (el, GST_STATE_PAUSED);
+  assert_error_message (msg, GST_LIBRARY_ERROR, GST_LIBRARY_ERROR_INIT, "gst-diffuse.json");
+  gst_message_unref (msg);
+  gst_object_unref (el);
+  gchar *cmd = g_strdup_printf ("rm -rf '%s'", tmp);
+  fail_unless_equals_int (system (cmd), 0);
+  g_free (cmd);
+  g_free (m);
+  g_free (tmp);
+}
+GST_END_TEST;
+
 static GstElement *
 new_element (const char *model_name)
 {
@@ -601,6 +688,7 @@ diffusetext2img_suite (void)
   tcase_add_test (tc, test_error_scheduler);
   tcase_add_test (tc, test_error_size_not_multiple_of_8);
   tcase_add_test (tc, test_mutable_ready_refused_when_playing);
+  tcase_add_test (tc, test_model_suggestions);
   return s;
 }
 

@@ -140,6 +140,20 @@ DiffuseComponentCache *diffuse_pipeline_model_cache (DiffusePipelineModel *pm);
 DiffusePipelineModel *diffuse_pipeline_model_derive (DiffusePipelineModel *pm, const char *pipeline_class,
                                                      GHashTable *overrides, GError **error);
 
+/* Generation settings a model folder suggests in an optional gst-diffuse.json
+ * beside model_index.json (the bundled model has one: it is trained for 20
+ * DPM-Solver++ steps at guidance 5, not diffusers' 50 / 7.5).  Keys:
+ * num_inference_steps (1..1000), guidance_scale (>= 0), width, height
+ * (multiples of 8, 8..8192), scheduler (a class name).  Those present are
+ * written to the non-NULL outputs (*scheduler: a new string); the others are
+ * left as they are.  No file: TRUE, nothing written.  A file that is not
+ * JSON: FALSE with DIFFUSE_ERROR_CORRUPT; a key of the wrong type or range:
+ * FALSE with DIFFUSE_ERROR_CONFIG; both name the file (and key), and
+ * nothing is written. */
+gboolean diffuse_pipeline_model_suggestions (DiffusePipelineModel *pm, int *num_inference_steps,
+                                             double *guidance_scale, int *width, int *height, char **scheduler,
+                                             GError **error);
+
 /* Optional components of a pipeline class (those that may be [null, null]). */
 gboolean diffuse_pipeline_class_is_optional (const char *pipeline_class, const char *component);
 /* Known pipeline classes this build can run. */
