@@ -245,29 +245,7 @@ gst_diffuse_animate_fixate (GstBaseSrc *bsrc, GstCaps *caps)
   int dh = self->st.default_height > 0 ? self->st.default_height : 512;
 
   caps = gst_caps_truncate (gst_caps_make_writable (caps));
-  GstStructure *s = gst_caps_get_structure (caps, 0);
-  gst_structure_fixate_field_nearest_int (s, "width", dw);
-  gst_structure_fixate_field_nearest_int (s, "height", dh);
-  if (gst_structure_has_field (s, "framerate"))
-    gst_structure_fixate_field_nearest_fraction (s, "framerate", DEFAULT_FPS_N, DEFAULT_FPS_D);
-  else
-    gst_structure_set (s, "framerate", GST_TYPE_FRACTION, DEFAULT_FPS_N, DEFAULT_FPS_D, NULL);
-  if (gst_structure_has_field (s, "pixel-aspect-ratio"))
-    gst_structure_fixate_field_nearest_fraction (s, "pixel-aspect-ratio", 1, 1);
-  else
-    gst_structure_set (s, "pixel-aspect-ratio", GST_TYPE_FRACTION, 1, 1, NULL);
-  gst_structure_fixate_field (s, "format");
-
-  /* as diffusetext2img: sRGB for RGB formats, BT.601 for YUV */
-  const gchar *fmt = gst_structure_get_string (s, "format");
-  const GstVideoFormatInfo *finfo = fmt ? gst_video_format_get_info (gst_video_format_from_string (fmt)) : NULL;
-  const gchar *colorimetry =
-      finfo && GST_VIDEO_FORMAT_INFO_IS_YUV (finfo) ? GST_VIDEO_COLORIMETRY_BT601 : GST_VIDEO_COLORIMETRY_SRGB;
-  if (gst_structure_has_field (s, "colorimetry"))
-    gst_structure_fixate_field_string (s, "colorimetry", colorimetry);
-  else
-    gst_structure_set (s, "colorimetry", G_TYPE_STRING, colorimetry, NULL);
-
+  gst_diffuse_src_fixate (gst_caps_get_structure (caps, 0), dw, dh, DEFAULT_FPS_N, DEFAULT_FPS_D);
   GST_DEBUG_OBJECT (self, "fixating to model default %dx%d: %" GST_PTR_FORMAT, dw, dh, caps);
   return GST_BASE_SRC_CLASS (parent_class)->fixate (bsrc, caps);
 }
@@ -278,17 +256,8 @@ gst_diffuse_animate_set_caps (GstBaseSrc *bsrc, GstCaps *caps)
   GstDiffuseAnimate *self = GST_DIFFUSE_ANIMATE (bsrc);
   GstVideoInfo info;
 
-  if (!gst_video_info_from_caps (&info, caps) || info.fps_n <= 0) {
-    GST_ELEMENT_ERROR (self, CORE, NEGOTIATION, ("Cannot produce the caps asked for"),
-        ("could not parse caps or no framerate: %" GST_PTR_FORMAT, caps));
+  if (!gst_diffuse_src_parse_caps (GST_ELEMENT (self), caps, TRUE, &info))
     return FALSE;
-  }
-  if (info.width % 8 != 0 || info.height % 8 != 0) {
-    GST_ELEMENT_ERROR (self, CORE, NEGOTIATION,
-        ("Width and height must be multiples of 8, downstream asked for %dx%d", info.width, info.height),
-        ("caps %" GST_PTR_FORMAT, caps));
-    return FALSE;
-  }
   GST_OBJECT_LOCK (self);
   /* frames already made at another size cannot be pushed any more: the
    * rest of the clip is made again at the new size */
@@ -304,43 +273,11 @@ static gboolean
 gst_diffuse_animate_decide_allocation (GstBaseSrc *bsrc, GstQuery *query)
 {
   GstDiffuseAnimate *self = GST_DIFFUSE_ANIMATE (bsrc);
-  GstBufferPool *pool = NULL;
-  guint size, min = 0, max = 0;
-  gboolean update;
-  GstCaps *caps = NULL;
-
-  if (gst_query_get_n_allocation_pools (query) > 0) {
-    gst_query_parse_nth_allocation_pool (query, 0, &pool, &size, &min, &max);
-    size = MAX (size, self->info.size);
-    update = TRUE;
-  } else {
-    size = self->info.size;
-    update = FALSE;
-  }
-  if (pool && !GST_IS_VIDEO_BUFFER_POOL (pool))
-    gst_clear_object (&pool);
-  if (!pool)
-    pool = gst_video_buffer_pool_new ();
-
-  GstStructure *config = gst_buffer_pool_get_config (pool);
-  gst_query_parse_allocation (query, &caps, NULL);
-  if (caps)
-    gst_buffer_pool_config_set_params (config, caps, size, min, max);
-  gst_buffer_pool_config_add_option (config, GST_BUFFER_POOL_OPTION_VIDEO_META);
-  if (!gst_buffer_pool_set_config (pool, config)) {
-    config = gst_buffer_pool_get_config (pool);
-    if (!gst_buffer_pool_config_validate_params (config, caps, size, min, max) ||
-        !gst_buffer_pool_set_config (pool, config)) {
-      GST_ELEMENT_ERROR (self, RESOURCE, SETTINGS, ("Failed to configure the buffer pool"), (NULL));
-      gst_object_unref (pool);
-      return FALSE;
-    }
-  }
-  if (update)
-    gst_query_set_nth_allocation_pool (query, 0, pool, size, min, max);
-  else
-    gst_query_add_allocation_pool (query, pool, size, min, max);
-  gst_object_unref (pool);
+  GST_OBJECT_LOCK (self);
+  gsize size = self->info.size;
+  GST_OBJECT_UNLOCK (self);
+  if (!gst_diffuse_src_configure_pool (GST_ELEMENT (self), query, size))
+    return FALSE;
   return GST_BASE_SRC_CLASS (parent_class)->decide_allocation (bsrc, query);
 }
 
@@ -350,52 +287,12 @@ static gboolean
 gst_diffuse_animate_query (GstBaseSrc *bsrc, GstQuery *query)
 {
   GstDiffuseAnimate *self = GST_DIFFUSE_ANIMATE (bsrc);
-
-  switch (GST_QUERY_TYPE (query)) {
-    case GST_QUERY_CONTEXT:
-      if (gst_diffuse_handle_context_query (GST_ELEMENT (self), query, &self->st.cache))
-        return TRUE;
-      break;
-    case GST_QUERY_LATENCY:
-      if (gst_base_src_is_live (bsrc)) {
-        GST_OBJECT_LOCK (self);
-        GstClockTime latency = self->latency;
-        GST_OBJECT_UNLOCK (self);
-        GST_DEBUG_OBJECT (self, "reporting latency %" GST_TIME_FORMAT, GST_TIME_ARGS (latency));
-        gst_query_set_latency (query, TRUE, latency, GST_CLOCK_TIME_NONE);
-        return TRUE;
-      }
-      break;
-    case GST_QUERY_CONVERT: {
-      GstFormat src_fmt, dest_fmt;
-      gint64 src_val, dest_val;
-      gst_query_parse_convert (query, &src_fmt, &src_val, &dest_fmt, &dest_val);
-      GST_OBJECT_LOCK (self);
-      gboolean res = gst_video_info_convert (&self->info, src_fmt, src_val, dest_fmt, &dest_val);
-      GST_OBJECT_UNLOCK (self);
-      if (res)
-        gst_query_set_convert (query, src_fmt, src_val, dest_fmt, dest_val);
-      return res;
-    }
-    case GST_QUERY_DURATION: {
-      GstFormat format;
-      gst_query_parse_duration (query, &format, NULL);
-      guint64 clips = clip_limit (self);
-      if (format == GST_FORMAT_TIME && clips != G_MAXUINT64 && self->clip_frames > 0) {
-        GST_OBJECT_LOCK (self);
-        gboolean res = self->info.fps_n > 0;
-        if (res)
-          gst_query_set_duration (query, GST_FORMAT_TIME,
-              gst_util_uint64_scale (clips * self->clip_frames * GST_SECOND, self->info.fps_d, self->info.fps_n));
-        GST_OBJECT_UNLOCK (self);
-        if (res)
-          return TRUE;
-      }
-      break;
-    }
-    default:
-      break;
-  }
+  guint64 clips = clip_limit (self), total = G_MAXUINT64;
+  if (clips != G_MAXUINT64 && self->clip_frames > 0)
+    total = clips * (guint64) self->clip_frames;
+  gboolean res;
+  if (gst_diffuse_src_query (bsrc, &self->st, query, &self->info, &self->latency, total, &res))
+    return res;
   return GST_BASE_SRC_CLASS (parent_class)->query (bsrc, query);
 }
 

@@ -802,3 +802,144 @@ gst_diffuse_image_from_frame (const GstVideoFrame *frame)
   gst_buffer_unref (buf);
   return img;
 }
+
+/* ---- what the sources share ----------------------------------------------- */
+
+void
+gst_diffuse_src_fixate (GstStructure *s, gint width, gint height, gint fps_n, gint fps_d)
+{
+  gst_structure_fixate_field_nearest_int (s, "width", width);
+  gst_structure_fixate_field_nearest_int (s, "height", height);
+  if (gst_structure_has_field (s, "framerate"))
+    gst_structure_fixate_field_nearest_fraction (s, "framerate", fps_n, fps_d);
+  else
+    gst_structure_set (s, "framerate", GST_TYPE_FRACTION, fps_n, fps_d, NULL);
+  if (gst_structure_has_field (s, "pixel-aspect-ratio"))
+    gst_structure_fixate_field_nearest_fraction (s, "pixel-aspect-ratio", 1, 1);
+  else
+    gst_structure_set (s, "pixel-aspect-ratio", GST_TYPE_FRACTION, 1, 1, NULL);
+  gst_structure_fixate_field (s, "format");
+
+  /* colorimetry: sRGB for RGB formats, BT.601 for YUV, unless downstream
+   * asks for another (then the frame conversion follows it) */
+  const gchar *fmt = gst_structure_get_string (s, "format");
+  const GstVideoFormatInfo *finfo = fmt ? gst_video_format_get_info (gst_video_format_from_string (fmt)) : NULL;
+  const gchar *colorimetry =
+      finfo && GST_VIDEO_FORMAT_INFO_IS_YUV (finfo) ? GST_VIDEO_COLORIMETRY_BT601 : GST_VIDEO_COLORIMETRY_SRGB;
+  if (gst_structure_has_field (s, "colorimetry"))
+    gst_structure_fixate_field_string (s, "colorimetry", colorimetry);
+  else
+    gst_structure_set (s, "colorimetry", G_TYPE_STRING, colorimetry, NULL);
+}
+
+gboolean
+gst_diffuse_src_parse_caps (GstElement *src, GstCaps *caps, gboolean need_fps, GstVideoInfo *info)
+{
+  if (!gst_video_info_from_caps (info, caps) || (need_fps && info->fps_n <= 0)) {
+    GST_ELEMENT_ERROR (src, CORE, NEGOTIATION, ("Cannot produce the caps asked for"),
+        ("could not parse caps%s: %" GST_PTR_FORMAT, need_fps ? " or no framerate" : "", caps));
+    return FALSE;
+  }
+  if (info->width % 8 != 0 || info->height % 8 != 0) {
+    GST_ELEMENT_ERROR (src, CORE, NEGOTIATION,
+        ("Width and height must be multiples of 8, downstream asked for %dx%d", info->width, info->height),
+        ("caps %" GST_PTR_FORMAT, caps));
+    return FALSE;
+  }
+  return TRUE;
+}
+
+gboolean
+gst_diffuse_src_configure_pool (GstElement *src, GstQuery *query, gsize frame_size)
+{
+  GstBufferPool *pool = NULL;
+  guint size, min = 0, max = 0;
+  gboolean update;
+  GstCaps *caps = NULL;
+
+  if (gst_query_get_n_allocation_pools (query) > 0) {
+    gst_query_parse_nth_allocation_pool (query, 0, &pool, &size, &min, &max);
+    size = MAX (size, frame_size);
+    update = TRUE;
+  } else {
+    size = frame_size;
+    update = FALSE;
+  }
+  /* our own pool unless downstream offers a video pool */
+  if (pool && !GST_IS_VIDEO_BUFFER_POOL (pool))
+    gst_clear_object (&pool);
+  if (!pool)
+    pool = gst_video_buffer_pool_new ();
+
+  GstStructure *config = gst_buffer_pool_get_config (pool);
+  gst_query_parse_allocation (query, &caps, NULL);
+  if (caps)
+    gst_buffer_pool_config_set_params (config, caps, size, min, max);
+  /* always a GstVideoMeta: the planes are described whatever the strides */
+  gst_buffer_pool_config_add_option (config, GST_BUFFER_POOL_OPTION_VIDEO_META);
+  if (!gst_buffer_pool_set_config (pool, config)) {
+    config = gst_buffer_pool_get_config (pool);
+    if (!gst_buffer_pool_config_validate_params (config, caps, size, min, max) ||
+        !gst_buffer_pool_set_config (pool, config)) {
+      GST_ELEMENT_ERROR (src, RESOURCE, SETTINGS, ("Failed to configure the buffer pool"), (NULL));
+      gst_object_unref (pool);
+      return FALSE;
+    }
+  }
+  if (update)
+    gst_query_set_nth_allocation_pool (query, 0, pool, size, min, max);
+  else
+    gst_query_add_allocation_pool (query, pool, size, min, max);
+  gst_object_unref (pool);
+  return TRUE;
+}
+
+gboolean
+gst_diffuse_src_query (GstBaseSrc *src, GstDiffuseState *st, GstQuery *query, const GstVideoInfo *info,
+                       const GstClockTime *latency, guint64 total_frames, gboolean *result)
+{
+  *result = FALSE;
+  switch (GST_QUERY_TYPE (query)) {
+    case GST_QUERY_CONTEXT:
+      if (gst_diffuse_handle_context_query (GST_ELEMENT (src), query, &st->cache))
+        return (*result = TRUE);
+      return FALSE;
+    case GST_QUERY_LATENCY:
+      if (gst_base_src_is_live (src)) {
+        GST_OBJECT_LOCK (src);
+        GstClockTime l = *latency;
+        GST_OBJECT_UNLOCK (src);
+        GST_DEBUG_OBJECT (src, "reporting latency %" GST_TIME_FORMAT, GST_TIME_ARGS (l));
+        gst_query_set_latency (query, TRUE, l, GST_CLOCK_TIME_NONE);
+        return (*result = TRUE);
+      }
+      return FALSE;
+    case GST_QUERY_CONVERT: {
+      GstFormat src_fmt, dest_fmt;
+      gint64 src_val, dest_val;
+      gst_query_parse_convert (query, &src_fmt, &src_val, &dest_fmt, &dest_val);
+      GST_OBJECT_LOCK (src);
+      gboolean res = gst_video_info_convert ((GstVideoInfo *) info, src_fmt, src_val, dest_fmt, &dest_val);
+      GST_OBJECT_UNLOCK (src);
+      if (res)
+        gst_query_set_convert (query, src_fmt, src_val, dest_fmt, dest_val);
+      *result = res;
+      return TRUE;
+    }
+    case GST_QUERY_DURATION: {
+      GstFormat format;
+      gst_query_parse_duration (query, &format, NULL);
+      if (format != GST_FORMAT_TIME || total_frames == G_MAXUINT64)
+        return FALSE;
+      GST_OBJECT_LOCK (src);
+      gboolean res = info->fps_n > 0;
+      if (res)
+        gst_query_set_duration (query, GST_FORMAT_TIME,
+            gst_util_uint64_scale_round (total_frames, (guint64) info->fps_d * GST_SECOND, info->fps_n));
+      GST_OBJECT_UNLOCK (src);
+      return (*result = res);
+    }
+    default:
+      return FALSE;
+  }
+}

@@ -12,6 +12,7 @@
 
 #include <gst/gst.h>
 #include <gst/video/video.h>
+#include <gst/base/gstbasesrc.h>
 #include <diffuse/pipeline.h>
 #include <diffuse/sd.h>
 
@@ -142,6 +143,28 @@ DiffuseImage *gst_diffuse_state_generate (GstDiffuseState *st, const GstDiffuseS
 /* Writes an image into a mapped video frame of any supported format
  * (RGB directly, others through a GstVideoConverter). */
 gboolean gst_diffuse_image_to_frame (const DiffuseImage *img, GstVideoFrame *frame);
+
+/* ---- what the two sources (diffusetext2img, diffuseanimate) share ---- */
+
+/* Fixates a truncated caps structure: the size nearest width x height, the
+ * rate nearest fps_n/fps_d, PAR 1/1, the first format, and colorimetry
+ * sRGB for RGB formats, BT.601 for YUV unless downstream asks otherwise. */
+void gst_diffuse_src_fixate (GstStructure *s, gint width, gint height, gint fps_n, gint fps_d);
+/* Parses negotiated caps into *info; a CORE/NEGOTIATION error (naming the
+ * size) when unparsable, without a framerate > 0 if need_fps, or not a
+ * multiple of 8. */
+gboolean gst_diffuse_src_parse_caps (GstElement *src, GstCaps *caps, gboolean need_fps, GstVideoInfo *info);
+/* decide_allocation's pool: downstream's video pool or a new one, with
+ * GstVideoMeta always on; a RESOURCE/SETTINGS error when it cannot be set
+ * up.  The caller chains up afterwards. */
+gboolean gst_diffuse_src_configure_pool (GstElement *src, GstQuery *query, gsize frame_size);
+/* The queries both sources answer alike: CONTEXT (the shared cache),
+ * LATENCY when live (*latency), CONVERT (with *info) and DURATION in TIME
+ * (total_frames at info's rate; G_MAXUINT64 = unknown).  *info and *latency
+ * are read under the object lock.  TRUE when answered here, with *result
+ * the query's result; FALSE: chain up. */
+gboolean gst_diffuse_src_query (GstBaseSrc *src, GstDiffuseState *st, GstQuery *query, const GstVideoInfo *info,
+                                const GstClockTime *latency, guint64 total_frames, gboolean *result);
 /* Reads a mapped video frame of any supported format into an image. */
 DiffuseImage *gst_diffuse_image_from_frame (const GstVideoFrame *frame);
 

@@ -106,30 +106,7 @@ gst_diffuse_text2img_fixate (GstBaseSrc *bsrc, GstCaps *caps)
   int dh = self->st.default_height > 0 ? self->st.default_height : 512;
 
   caps = gst_caps_truncate (gst_caps_make_writable (caps));
-  GstStructure *s = gst_caps_get_structure (caps, 0);
-  gst_structure_fixate_field_nearest_int (s, "width", dw);
-  gst_structure_fixate_field_nearest_int (s, "height", dh);
-  if (gst_structure_has_field (s, "framerate"))
-    gst_structure_fixate_field_nearest_fraction (s, "framerate", 1, 1);
-  else
-    gst_structure_set (s, "framerate", GST_TYPE_FRACTION, 1, 1, NULL);
-  if (gst_structure_has_field (s, "pixel-aspect-ratio"))
-    gst_structure_fixate_field_nearest_fraction (s, "pixel-aspect-ratio", 1, 1);
-  else
-    gst_structure_set (s, "pixel-aspect-ratio", GST_TYPE_FRACTION, 1, 1, NULL);
-  gst_structure_fixate_field (s, "format");
-
-  /* colorimetry: sRGB for RGB formats, BT.601 for YUV, unless downstream
-   * asks for another (then set_caps converts to it) */
-  const gchar *fmt = gst_structure_get_string (s, "format");
-  const GstVideoFormatInfo *finfo = fmt ? gst_video_format_get_info (gst_video_format_from_string (fmt)) : NULL;
-  const gchar *colorimetry =
-      finfo && GST_VIDEO_FORMAT_INFO_IS_YUV (finfo) ? GST_VIDEO_COLORIMETRY_BT601 : GST_VIDEO_COLORIMETRY_SRGB;
-  if (gst_structure_has_field (s, "colorimetry"))
-    gst_structure_fixate_field_string (s, "colorimetry", colorimetry);
-  else
-    gst_structure_set (s, "colorimetry", G_TYPE_STRING, colorimetry, NULL);
-
+  gst_diffuse_src_fixate (gst_caps_get_structure (caps, 0), dw, dh, 1, 1);
   GST_DEBUG_OBJECT (self, "fixating to model default %dx%d: %" GST_PTR_FORMAT, dw, dh, caps);
   return GST_BASE_SRC_CLASS (parent_class)->fixate (bsrc, caps);
 }
@@ -140,17 +117,8 @@ gst_diffuse_text2img_set_caps (GstBaseSrc *bsrc, GstCaps *caps)
   GstDiffuseText2Img *self = GST_DIFFUSE_TEXT2IMG (bsrc);
   GstVideoInfo info;
 
-  if (!gst_video_info_from_caps (&info, caps)) {
-    GST_ELEMENT_ERROR (self, CORE, NEGOTIATION, ("Cannot produce the caps asked for"),
-        ("could not parse caps %" GST_PTR_FORMAT, caps));
+  if (!gst_diffuse_src_parse_caps (GST_ELEMENT (self), caps, FALSE, &info))
     return FALSE;
-  }
-  if (info.width % 8 != 0 || info.height % 8 != 0) {
-    GST_ELEMENT_ERROR (self, CORE, NEGOTIATION,
-        ("Width and height must be multiples of 8, downstream asked for %dx%d", info.width, info.height),
-        ("caps %" GST_PTR_FORMAT, caps));
-    return FALSE;
-  }
 
   GST_OBJECT_LOCK (self);
   /* keep the timeline continuous across a caps change, as videotestsrc */
@@ -168,45 +136,11 @@ static gboolean
 gst_diffuse_text2img_decide_allocation (GstBaseSrc *bsrc, GstQuery *query)
 {
   GstDiffuseText2Img *self = GST_DIFFUSE_TEXT2IMG (bsrc);
-  GstBufferPool *pool = NULL;
-  guint size, min = 0, max = 0;
-  gboolean update;
-  GstCaps *caps = NULL;
-
-  if (gst_query_get_n_allocation_pools (query) > 0) {
-    gst_query_parse_nth_allocation_pool (query, 0, &pool, &size, &min, &max);
-    size = MAX (size, self->info.size);
-    update = TRUE;
-  } else {
-    size = self->info.size;
-    update = FALSE;
-  }
-  /* our own pool unless downstream offers a video pool */
-  if (pool && !GST_IS_VIDEO_BUFFER_POOL (pool))
-    gst_clear_object (&pool);
-  if (!pool)
-    pool = gst_video_buffer_pool_new ();
-
-  GstStructure *config = gst_buffer_pool_get_config (pool);
-  gst_query_parse_allocation (query, &caps, NULL);
-  if (caps)
-    gst_buffer_pool_config_set_params (config, caps, size, min, max);
-  /* always a GstVideoMeta: the planes are described whatever the strides */
-  gst_buffer_pool_config_add_option (config, GST_BUFFER_POOL_OPTION_VIDEO_META);
-  if (!gst_buffer_pool_set_config (pool, config)) {
-    config = gst_buffer_pool_get_config (pool);
-    if (!gst_buffer_pool_config_validate_params (config, caps, size, min, max) ||
-        !gst_buffer_pool_set_config (pool, config)) {
-      GST_ELEMENT_ERROR (self, RESOURCE, SETTINGS, ("Failed to configure the buffer pool"), (NULL));
-      gst_object_unref (pool);
-      return FALSE;
-    }
-  }
-  if (update)
-    gst_query_set_nth_allocation_pool (query, 0, pool, size, min, max);
-  else
-    gst_query_add_allocation_pool (query, pool, size, min, max);
-  gst_object_unref (pool);
+  GST_OBJECT_LOCK (self);
+  gsize size = self->info.size;
+  GST_OBJECT_UNLOCK (self);
+  if (!gst_diffuse_src_configure_pool (GST_ELEMENT (self), query, size))
+    return FALSE;
   return GST_BASE_SRC_CLASS (parent_class)->decide_allocation (bsrc, query);
 }
 
@@ -216,51 +150,10 @@ static gboolean
 gst_diffuse_text2img_query (GstBaseSrc *bsrc, GstQuery *query)
 {
   GstDiffuseText2Img *self = GST_DIFFUSE_TEXT2IMG (bsrc);
-
-  switch (GST_QUERY_TYPE (query)) {
-    case GST_QUERY_CONTEXT:
-      if (gst_diffuse_handle_context_query (GST_ELEMENT (self), query, &self->st.cache))
-        return TRUE;
-      break;
-    case GST_QUERY_LATENCY:
-      if (gst_base_src_is_live (bsrc)) {
-        GST_OBJECT_LOCK (self);
-        GstClockTime latency = self->latency;
-        GST_OBJECT_UNLOCK (self);
-        GST_DEBUG_OBJECT (self, "reporting latency %" GST_TIME_FORMAT, GST_TIME_ARGS (latency));
-        gst_query_set_latency (query, TRUE, latency, GST_CLOCK_TIME_NONE);
-        return TRUE;
-      }
-      break;
-    case GST_QUERY_CONVERT: {
-      GstFormat src_fmt, dest_fmt;
-      gint64 src_val, dest_val;
-      gst_query_parse_convert (query, &src_fmt, &src_val, &dest_fmt, &dest_val);
-      GST_OBJECT_LOCK (self);
-      gboolean res = gst_video_info_convert (&self->info, src_fmt, src_val, dest_fmt, &dest_val);
-      GST_OBJECT_UNLOCK (self);
-      if (res)
-        gst_query_set_convert (query, src_fmt, src_val, dest_fmt, dest_val);
-      return res;
-    }
-    case GST_QUERY_DURATION: {
-      GstFormat format;
-      gst_query_parse_duration (query, &format, NULL);
-      if (bsrc->num_buffers != -1 && format == GST_FORMAT_TIME) {
-        GST_OBJECT_LOCK (self);
-        gboolean res = self->info.fps_n > 0;
-        if (res)
-          gst_query_set_duration (query, GST_FORMAT_TIME,
-              gst_util_uint64_scale_int_round (bsrc->num_buffers * GST_SECOND, self->info.fps_d, self->info.fps_n));
-        GST_OBJECT_UNLOCK (self);
-        if (res)
-          return TRUE;
-      }
-      break;
-    }
-    default:
-      break;
-  }
+  guint64 total = bsrc->num_buffers != -1 ? (guint64) bsrc->num_buffers : G_MAXUINT64;
+  gboolean res;
+  if (gst_diffuse_src_query (bsrc, &self->st, query, &self->info, &self->latency, total, &res))
+    return res;
   return GST_BASE_SRC_CLASS (parent_class)->query (bsrc, query);
 }
 
