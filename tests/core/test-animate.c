@@ -1043,68 +1043,51 @@ test_saved_errors (void)
     g_assert_true (g_file_set_contents (wts, orig_wts, (gssize) wts_len, NULL)); \
   } G_STMT_END
 
-  /* a motion weight missing: NOT_FOUND naming the key and the file */
-  const char *drop = "up_blocks.1.motion_modules.1.transformer_blocks.1.attn1.to_v.weight";
-  edit_weights (wts, drop_key, (gpointer) drop);
-  GError *err = saved_unet_error (pipe, TRUE);
-  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
-  g_assert_nonnull (strstr (err->message, drop));
-  g_assert_nonnull (strstr (err->message, wts));
-  g_clear_error (&err);
-  RESTORE ();
-
-  /* a 2-D weight missing */
-  drop = "down_blocks.0.attentions.0.proj_in.weight";
-  edit_weights (wts, drop_key, (gpointer) drop);
-  err = saved_unet_error (pipe, FALSE);
-  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
-  g_assert_nonnull (strstr (err->message, drop));
-  g_assert_nonnull (strstr (err->message, wts));
-  g_clear_error (&err);
-  RESTORE ();
-
-  /* the config asks for a mid-block motion module the weights do not have */
-  edit_config (cfg, "use_motion_mid_block", "true");
-  err = saved_unet_error (pipe, TRUE);
-  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
-  g_assert_nonnull (strstr (err->message, "mid_block.motion_modules.0."));
-  g_assert_nonnull (strstr (err->message, wts));
-  g_clear_error (&err);
-  RESTORE ();
-
-  /* motion_max_seq_length that does not fit the stored positional tables */
-  edit_config (cfg, "motion_max_seq_length", "16");
-  err = saved_unet_error (pipe, FALSE);
-  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG);
-  g_assert_nonnull (strstr (err->message, "pos_embed.pe"));
-  g_assert_nonnull (strstr (err->message, wts));
-  g_clear_error (&err);
-  RESTORE ();
-
-  /* motion heads that do not fit the weights' shapes... */
-  edit_config (cfg, "motion_num_attention_heads", "[1, 4, 2]");
-  err = saved_unet_error (pipe, FALSE);
-  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG);
-  g_assert_nonnull (strstr (err->message, "motion_num_attention_heads"));
-  g_assert_nonnull (strstr (err->message, cfg));
-  g_clear_error (&err);
-  RESTORE ();
-
-  /* ... a block type UNetMotionModel does not have, an unsupported mid block */
-  edit_config (cfg, "down_block_types", "[\"CrossAttnDownBlock2D\", \"DownBlockMotion\"]");
-  err = saved_unet_error (pipe, TRUE);
-  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG);
-  g_assert_nonnull (strstr (err->message, "down_block_types"));
-  g_assert_nonnull (strstr (err->message, "CrossAttnDownBlock2D"));
-  g_assert_nonnull (strstr (err->message, cfg));
-  g_clear_error (&err);
-  RESTORE ();
-  edit_config (cfg, "mid_block_layers", "2");
-  err = saved_unet_error (pipe, FALSE);
-  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED);
-  g_assert_nonnull (strstr (err->message, "mid_block_layers"));
-  g_clear_error (&err);
-  RESTORE ();
+  /* each case: one edit of the config (key = value) or of the weights (drop
+   * key), whether to load the whole pipeline too, the error code, and what
+   * the message must name (besides the file, "cfg" or "wts") */
+  const struct {
+    const char *config_key, *value, *drop;
+    gboolean whole;
+    int code;
+    const char *needle, *needle2;
+    gboolean names_cfg;
+  } cases[] = {
+    /* a motion weight missing: NOT_FOUND naming the key and the file */
+    { NULL, NULL, "up_blocks.1.motion_modules.1.transformer_blocks.1.attn1.to_v.weight", TRUE,
+      DIFFUSE_ERROR_NOT_FOUND, "up_blocks.1.motion_modules.1.transformer_blocks.1.attn1.to_v.weight", NULL, FALSE },
+    /* a 2-D weight missing */
+    { NULL, NULL, "down_blocks.0.attentions.0.proj_in.weight", FALSE,
+      DIFFUSE_ERROR_NOT_FOUND, "down_blocks.0.attentions.0.proj_in.weight", NULL, FALSE },
+    /* the config asks for a mid-block motion module the weights do not have */
+    { "use_motion_mid_block", "true", NULL, TRUE, DIFFUSE_ERROR_NOT_FOUND, "mid_block.motion_modules.0.", NULL, FALSE },
+    /* motion_max_seq_length that does not fit the stored positional tables */
+    { "motion_max_seq_length", "16", NULL, FALSE, DIFFUSE_ERROR_CONFIG, "pos_embed.pe", NULL, FALSE },
+    /* motion heads that do not fit the weights' shapes... */
+    { "motion_num_attention_heads", "[1, 4, 2]", NULL, FALSE, DIFFUSE_ERROR_CONFIG, "motion_num_attention_heads",
+      NULL, TRUE },
+    /* ... a block type UNetMotionModel does not have, an unsupported mid block */
+    { "down_block_types", "[\"CrossAttnDownBlock2D\", \"DownBlockMotion\"]", NULL, TRUE, DIFFUSE_ERROR_CONFIG,
+      "down_block_types", "CrossAttnDownBlock2D", TRUE },
+    { "mid_block_layers", "2", NULL, FALSE, DIFFUSE_ERROR_UNSUPPORTED, "mid_block_layers", NULL, FALSE },
+  };
+  GError *err = NULL;
+  for (guint i = 0; i < G_N_ELEMENTS (cases); i++) {
+    if (cases[i].drop)
+      edit_weights (wts, drop_key, (gpointer) cases[i].drop);
+    else
+      edit_config (cfg, cases[i].config_key, cases[i].value);
+    err = saved_unet_error (pipe, cases[i].whole);
+    int code = cases[i].code;
+    g_assert_error (err, DIFFUSE_ERROR, code);
+    g_assert_nonnull (strstr (err->message, cases[i].needle));
+    if (cases[i].needle2)
+      g_assert_nonnull (strstr (err->message, cases[i].needle2));
+    if (code != DIFFUSE_ERROR_UNSUPPORTED)
+      g_assert_nonnull (strstr (err->message, cases[i].names_cfg ? cfg : wts));
+    g_clear_error (&err);
+    RESTORE ();
+  }
 
   /* fewer temporal layers than the weights hold: loads, with diffusers'
    * warning about the keys left unused */
