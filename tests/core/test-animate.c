@@ -36,6 +36,16 @@ static DiffusePipelineModel *sd_pm;      /* tiny-sd in `cache` */
 static DiffuseSafetensors *frames_st, *forward_st, *saved_frames_st;
 static JsonObject *params_json;
 
+/* DIFFUSE_TEST_DEVICE=cuda:0 runs the pipeline cases on a GPU (tests/bench/gpu/run.sh) */
+static const DiffuseLoadParams *
+test_load_params (void)
+{
+  static DiffuseLoadParams lp;
+  lp = diffuse_load_default_params ();
+  lp.device = g_getenv ("DIFFUSE_TEST_DEVICE");
+  return &lp;
+}
+
 static DiffusePipelineModel *
 get_sd (void)
 {
@@ -43,7 +53,7 @@ get_sd (void)
     return sd_pm;
   GError *err = NULL;
   char *path = tu_fixture ("pipelines/tiny-sd");
-  sd_pm = diffuse_pipeline_model_load (path, NULL, cache, &err);
+  sd_pm = diffuse_pipeline_model_load (path, test_load_params (), cache, &err);
   g_assert_no_error (err);
   g_free (path);
   return sd_pm;
@@ -364,7 +374,7 @@ load_adapter_component (DiffusePipelineModel *pm, const char *name)
   GError *err = NULL;
   char *rel = g_strdup_printf ("animatediff/%s", name);
   char *dir = tu_fixture (rel);
-  DiffuseComponent *c = diffuse_animate_load_adapter (pm, dir, NULL, &err);
+  DiffuseComponent *c = diffuse_animate_load_adapter (pm, dir, test_load_params (), &err);
   g_assert_no_error (err);
   g_assert_nonnull (c);
   g_assert_cmpstr (diffuse_component_class (c), ==, "MotionAdapter");
@@ -469,7 +479,7 @@ test_sharing (void)
   GError *err = NULL;
   DiffuseComponentCache *own = diffuse_component_cache_new ();
   char *path = tu_fixture ("pipelines/tiny-sd");
-  DiffusePipelineModel *pm = diffuse_pipeline_model_load (path, NULL, own, &err);
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (path, test_load_params (), own, &err);
   g_assert_no_error (err);
   g_free (path);
   DiffuseSD *sd = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
@@ -698,7 +708,7 @@ static DiffusePipelineModel *
 load_folder (const char *path, DiffuseComponentCache *c)
 {
   GError *err = NULL;
-  DiffusePipelineModel *pm = diffuse_pipeline_model_load (path, NULL, c, &err);
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (path, test_load_params (), c, &err);
   g_assert_no_error (err);
   g_assert_nonnull (pm);
   return pm;

@@ -17,7 +17,7 @@
 #             512x512, 20 steps, CFG 7.5, batch 1, median of 5 after warm-up; PSNR
 #   profile   DIFFUSE_CUDA_PROFILE=1: time per op kind (synchronised per op) over a short
 #             sd-bench-gpu run (4 steps: 3 generates, 6 VAE decodes, 6 text encodes)
-#   sd        test-sd (tiny pipelines vs diffusers fixtures) with DIFFUSE_TEST_DEVICE=cuda:0
+#   sd        test-sd and test-animate (tiny pipelines vs diffusers fixtures) with DIFFUSE_TEST_DEVICE=cuda:0
 #   sanitize  compute-sanitizer memcheck on one tiny-sd generate (f16)
 # Files under $OUT (8 at most): run.log, gpu-ops.txt, sanitizer.log, ours.json,
 # diffusers.json, psnr.json, ours.ppm, diffusers.ppm.  A summary table ends the output.
@@ -107,6 +107,8 @@ fi
 if want sd; then
   stamp "sd: test-sd on cuda:0 (tiny pipelines vs diffusers fixtures)"
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 120) $BIN/test-sd 2>&1 | grep -vE "^# (Start|End)" | tail -40; RES[sd]=${PIPESTATUS[0]}
+  stamp "sd: test-animate on cuda:0 (tiny AnimateDiff pipelines vs diffusers fixtures)"
+  DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 90) $BIN/test-animate 2>&1 | grep -vE "^# (Start|End)" | tail -30; RES[animate]=${PIPESTATUS[0]}
 fi
 
 if want sanitize; then
