@@ -30,7 +30,7 @@ from diffusers import (AutoencoderKL, DDPMScheduler, MotionAdapter, UNet2DCondit
                        UNetMotionModel)
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from common import (CLIP_FRAMES, caption, motion_caption, motion_combos, motion_split, render_clip,
+from common import (CLIP_FRAMES, DIRECTIONS, caption, motion_caption, motion_combos, motion_split, render_clip,
                     split)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -105,6 +105,14 @@ def main():
     ap.add_argument("--layout-frac", type=float, default=0.0,
                     help="share of each batch with its timestep drawn from [300, 900) (where the clip's layout, "
                          "i.e. where the shape is in each frame, is decided) instead of [0, 1000)")
+    ap.add_argument("--x0-weight-max", type=float, default=1.0,
+                    help="weight each sample's epsilon loss by clamp(1/SNR, 1, this): the x0-space error at high "
+                         "noise, where the clip's layout and so the direction of motion is decided (an epsilon "
+                         "loss hardly sees it there: at t=900 a wrong direction changed it by <1%%)")
+    ap.add_argument("--contrast", type=float, default=0.0,
+                    help="weight of a ranking term: each clip's loss with another direction's caption (a training "
+                         "caption) must exceed its loss with its own by 10%%, so the motion modules must use the "
+                         "direction (without it the loss was the same for either word)")
     ap.add_argument("--text-encoder", help="the text encoder to use (e.g. train_words.py's <out>/text_encoder, whose "
                     "direction-word rows were learnt first); default: the image model's")
     ap.add_argument("--init", help="start from this adapter (and <init>/../text_encoder) e.g. to adapt to a newer image model")
@@ -131,6 +139,16 @@ def main():
                   return_tensors="pt").input_ids
     cap_ids = torch.tensor([cap_index[c] for c in captions])
     empty_id = cap_index[""]
+    # per clip: the captions of its combination with another direction that is also in training
+    wrong_ids = [[] for _ in range(n)]
+    if a.contrast > 0:
+        assert a.recaption, "--contrast needs --recaption (the clips' combinations)"
+        train_set = set(train)
+        per = n // len(train)
+        for i in range(n):
+            sh, co, si, dd, bg = train[i // per]
+            wrong_ids[i] = [cap_index[motion_caption(sh, co, si, o, bg)] for o in DIRECTIONS
+                            if o != dd and (sh, co, si, o, bg) in train_set]
     word_ids = new_word_ids(tok)
     words = tok.convert_ids_to_tokens(word_ids)
 
@@ -228,11 +246,25 @@ def main():
         noise = torch.randn_like(z0)
         ab = acp[t].view(-1, 1, 1, 1, 1)
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
-        # like AnimateDiffPipeline: the prompt embedding repeated for every frame
-        pred = model(zt, t, encoder_hidden_states=enc.repeat_interleave(F_, dim=0)).sample
         snr = ab.view(-1) / (1 - ab.view(-1))
-        w = torch.clamp(snr, max=5.0) / snr
-        loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3, 4))).mean()
+        w = torch.clamp(snr, max=5.0) / snr * torch.clamp(1.0 / snr, min=1.0, max=a.x0_weight_max)
+        if a.contrast > 0:
+            wi = torch.tensor([int(rng.choice(wrong_ids[k])) if wrong_ids[k] and ci[j] != empty_id else -1
+                               for j, k in enumerate(idx.tolist())])
+            use = wi >= 0
+            with torch.no_grad():
+                enc_w = te(ids_all[wi.clamp(min=0)])[0]
+            # like AnimateDiffPipeline: the prompt embedding repeated for every frame
+            pred2 = model(torch.cat([zt, zt]), torch.cat([t, t]),
+                          encoder_hidden_states=torch.cat([enc, enc_w]).repeat_interleave(F_, dim=0)).sample
+            err = ((pred2 - torch.cat([noise, noise])) ** 2).mean(dim=(1, 2, 3, 4))
+            l_r, l_w = err[:a.bs], err[a.bs:]
+            rank = torch.relu(1.1 * l_r - l_w) / l_r.detach()
+            loss = (w * l_r).mean() + a.contrast * (rank * use).sum() / use.sum().clamp(min=1)
+        else:
+            # like AnimateDiffPipeline: the prompt embedding repeated for every frame
+            pred = model(zt, t, encoder_hidden_states=enc.repeat_interleave(F_, dim=0)).sample
+            loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3, 4))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
