@@ -113,6 +113,8 @@ def main():
                     help="weight of a ranking term: each clip's loss with another direction's caption (a training "
                          "caption) must exceed its loss with its own by 10%%, so the motion modules must use the "
                          "direction (without it the loss was the same for either word)")
+    ap.add_argument("--word-rows", help="a word_rows.safetensors (word_ids, rows) to put into the text encoder's "
+                    "direction-word embeddings, e.g. checkpoints/motion-contrast/word_rows.safetensors")
     ap.add_argument("--text-encoder", help="the text encoder to use (e.g. train_words.py's <out>/text_encoder, whose "
                     "direction-word rows were learnt first); default: the image model's")
     ap.add_argument("--init", help="start from this adapter (and <init>/../text_encoder) e.g. to adapt to a newer image model")
@@ -165,6 +167,12 @@ def main():
         old = CLIPTextModel.from_pretrained(init_te, dtype=torch.float32).get_input_embeddings().weight
         with torch.no_grad():
             emb[word_ids] = old[word_ids]
+    if a.word_rows:
+        from safetensors.torch import load_file
+        wr = load_file(a.word_rows)
+        assert wr["word_ids"].tolist() == word_ids, (wr["word_ids"].tolist(), word_ids)
+        with torch.no_grad():
+            emb[word_ids] = wr["rows"].to(emb.dtype)
     if a.train_words:
         emb.requires_grad_(True)
         row_mask = torch.zeros(emb.shape[0], 1)
