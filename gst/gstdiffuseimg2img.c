@@ -45,12 +45,11 @@ GST_ELEMENT_REGISTER_DEFINE (diffuseimg2img, "diffuseimg2img", GST_RANK_NONE, GS
 static void
 update_passthrough (GstDiffuseImg2Img *self)
 {
-  GST_OBJECT_LOCK (self);
-  gdouble strength = self->st.settings.strength;
-  gint steps = self->st.settings.num_inference_steps;
-  if (!(self->st.settings.user_set & GST_DIFFUSE_SET_STEPS) && self->st.suggested_steps > 0)
-    steps = self->st.suggested_steps;   /* the loaded model's gst-diffuse.json */
-  GST_OBJECT_UNLOCK (self);
+  GstDiffuseSettings cur;   /* with the loaded model's suggested steps where unset */
+  gst_diffuse_state_snapshot (&self->st, &cur);
+  gdouble strength = cur.strength;
+  gint steps = cur.num_inference_steps;
+  gst_diffuse_settings_clear (&cur);
   gboolean passthrough = strength <= 0.0 || (gint) (steps * strength) < 1;
   if (passthrough != gst_base_transform_is_passthrough (GST_BASE_TRANSFORM (self)))
     GST_DEBUG_OBJECT (self, "passthrough %d (strength %g, %d steps)", passthrough, strength, steps);

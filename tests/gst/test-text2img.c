@@ -27,6 +27,20 @@ current_info (GstHarness *h)
   return info;
 }
 
+/* The pulled frame equals the core's output for rp (buf is consumed). */
+static void
+assert_buffer_equals_core (GstHarness *h, GstBuffer *buf, const RefParams *rp)
+{
+  guint8 *ref = ref_generate (rp);
+  GstVideoInfo info = current_info (h);
+  GstVideoFrame f;
+  fail_unless (gst_video_frame_map (&f, &info, buf, GST_MAP_READ));
+  assert_frame_equals_rgb (&f, ref);
+  gst_video_frame_unmap (&f);
+  g_free (ref);
+  gst_buffer_unref (buf);
+}
+
 /* ---- caps negotiation: every format, several sizes; frames checked ------- */
 
 static const char *formats[] = { "RGB", "RGBA", "BGRx", "BGRA", "I420", "NV12" };
@@ -104,14 +118,7 @@ GST_START_TEST (test_frames_equal_core)
     rp.width = 24;
     rp.height = 16;
     rp.seed = 1234 + 10 * i;
-    guint8 *ref = ref_generate (&rp);
-    GstVideoInfo info = current_info (h);
-    GstVideoFrame f;
-    fail_unless (gst_video_frame_map (&f, &info, buf, GST_MAP_READ));
-    assert_frame_equals_rgb (&f, ref);
-    gst_video_frame_unmap (&f);
-    g_free (ref);
-    gst_buffer_unref (buf);
+    assert_buffer_equals_core (h, buf, &rp);
   }
   gst_harness_teardown (h);
 }
@@ -417,14 +424,7 @@ check_suggested_frame (const char *model, int steps, int want_steps, double want
   rp.steps = want_steps;
   rp.guidance = want_guidance;
   rp.seed = 7;
-  guint8 *ref = ref_generate (&rp);
-  GstVideoInfo info = current_info (h);
-  GstVideoFrame f;
-  fail_unless (gst_video_frame_map (&f, &info, buf, GST_MAP_READ));
-  assert_frame_equals_rgb (&f, ref);
-  gst_video_frame_unmap (&f);
-  g_free (ref);
-  gst_buffer_unref (buf);
+  assert_buffer_equals_core (h, buf, &rp);
   gst_element_set_state (h->element, GST_STATE_NULL);
   gst_element_set_bus (h->element, NULL);
   gst_harness_teardown (h);
