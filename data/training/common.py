@@ -3,6 +3,7 @@
 Everything is deterministic: attribute lists, rendering and the held-out split.
 """
 import itertools
+import os
 import random
 
 import numpy as np
@@ -146,3 +147,45 @@ def render_at(shape, colour, extent, cx, cy, bg, ss=4):
                   fill=col)
     im = im.resize((IMG, IMG), Image.LANCZOS)
     return np.asarray(im, dtype=np.uint8)
+
+
+# ---- small helpers the training, export and evaluation scripts share --------------------------
+
+def clear_out_dir(out, keep=("README.md", "samples.png", "evaluation.json")):
+    """Empty an export folder before save_pretrained, keeping its hand-written README and the
+    evaluation outputs (a file left from an older export would otherwise be loaded with the new one)."""
+    import shutil
+    if os.path.isdir(out):
+        for name in os.listdir(out):
+            if name not in keep:
+                p = os.path.join(out, name)
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+def step_done(state, pairs, loss, loss_ema, lr, t0, base_seconds):
+    """After an optimiser step: count it, move the EMA copies (pairs of (live, ema) tensors, decay
+    warming up to 0.995), time it and log every 20 steps.  Returns the new smoothed loss."""
+    import time
+    import torch
+    state["step"] += 1
+    d = min(0.995, (1 + state["step"]) / (10 + state["step"]))
+    with torch.no_grad():
+        for p, pe in pairs:
+            pe.mul_(d).add_(p.detach(), alpha=1 - d)
+    state["seconds"] = base_seconds + time.time() - t0
+    loss_ema = loss if loss_ema is None else 0.98 * loss_ema + 0.02 * loss
+    if state["step"] % 20 == 0:
+        print(f"step {state['step']} t={state['seconds']:.0f}s lr={lr:.2e} loss={loss:.4f} ema={loss_ema:.4f}",
+              flush=True)
+    return loss_ema
+
+
+def report(summary, prompts, results, keys, per_name, json_path):
+    """Print an evaluation's summary; with json_path also write it with the per-prompt verdicts
+    (`keys`) and what the analyser found, as a list named `per_name`."""
+    import json
+    print(json.dumps(summary, indent=1))
+    if json_path:
+        per = [{"prompt": p, **{k: r[k] for k in keys}, "found": r["found"]} for p, r in zip(prompts, results)]
+        with open(json_path, "w") as f:
+            json.dump(dict(summary, **{per_name: per}), f, indent=1)

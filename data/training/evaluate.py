@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from analyse import Analyser
-from common import caption, split
+from common import caption, report, split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -112,11 +112,7 @@ def main():
         sel = [r for r, (_, c) in zip(res, items) if c[2] == size]
         acc[f"shape_{size}"] = float(np.mean([r["shape"] for r in sel])) if sel else None
     summary = {"source": source, "n": len(items), "accuracy": acc, "seconds": round(gen_s, 1)}
-    print(json.dumps(summary, indent=1))
-    if a.json:
-        json.dump(dict(summary, per_image=[{"prompt": p, **{k: r[k] for k in ("colour", "shape", "position")},
-                                            "found": r["found"]} for p, r in zip(prompts, res)]),
-                  open(a.json, "w"), indent=1)
+    report(summary, prompts, res, ("colour", "shape", "position"), "per_image", a.json)
     if a.sheet:
         contact_sheet(images, prompts, res, a.sheet)
 

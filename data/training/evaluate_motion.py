@@ -14,7 +14,6 @@ import argparse
 import collections
 import json
 import os
-import textwrap
 import time
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from analyse import Analyser
-from common import CLIP_FRAMES, DIRECTIONS, motion_caption, motion_split
+from common import CLIP_FRAMES, DIRECTIONS, motion_caption, motion_split, report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIN_TRAVEL = 8.0
@@ -144,11 +143,7 @@ def main():
         sel = [r for r, (_, c) in zip(res, items) if c[3] == dname]
         acc[f"direction_{dname}"] = float(np.mean([r["direction"] for r in sel])) if sel else None
     summary = {"source": source, "n": len(items), "accuracy": acc, "seconds": round(gen_s, 1)}
-    print(json.dumps(summary, indent=1))
-    if a.json:
-        json.dump(dict(summary, per_clip=[{"prompt": p, **{k: r[k] for k in ("direction", "colour", "shape")},
-                                           "found": r["found"]} for p, r in zip(prompts, res)]),
-                  open(a.json, "w"), indent=1)
+    report(summary, prompts, res, ("direction", "colour", "shape"), "per_clip", a.json)
     if a.sheet:
         contact_sheet(clips, prompts, res, a.sheet)
 

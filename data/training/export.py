@@ -13,6 +13,8 @@ from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusi
                        UNet2DConditionModel)
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from common import clear_out_dir
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_DIR = os.path.join(HERE, "..", "..", "tests", "fixtures", "clip-tokenizer")
 TOKENIZER_FILES = ["vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
@@ -52,12 +54,7 @@ def main():
     a = ap.parse_args()
     pipe = build(a.ckpt, a.vae, ema=not a.no_ema)
     pipe.to(torch.float16)
-    keep = {"README.md", "samples.png", "evaluation.json"}
-    if os.path.isdir(a.out):
-        for name in os.listdir(a.out):
-            if name not in keep:
-                p = os.path.join(a.out, name)
-                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    clear_out_dir(a.out)
     pipe.save_pretrained(a.out, safe_serialization=True)
     # the real CLIP tokenizer files, byte for byte
     # (only those: drop the generated tokenizer.json, 3.6 MB, which is derived from them)

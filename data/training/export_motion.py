@@ -8,7 +8,6 @@ vocabulary.
 import argparse
 import json
 import os
-import shutil
 
 import torch
 from diffusers import MotionAdapter
@@ -16,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
+from common import clear_out_dir
 from train_motion import new_word_ids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,12 +34,7 @@ def main():
 
     ad = MotionAdapter.from_pretrained(os.path.join(a.ckpt, "adapter" if a.no_ema else "adapter_ema"))
     ad.to(torch.float16)
-    keep = {"README.md", "samples.png", "evaluation.json"}
-    if os.path.isdir(a.out):
-        for name in os.listdir(a.out):
-            if name not in keep:
-                p = os.path.join(a.out, name)
-                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    clear_out_dir(a.out)
     ad.save_pretrained(a.out, safe_serialization=True)
     cp = os.path.join(a.out, "config.json")
     cfg = json.load(open(cp))

@@ -31,7 +31,7 @@ from diffusers import (AutoencoderKL, DDPMScheduler, MotionAdapter, UNet2DCondit
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common import (CLIP_FRAMES, DIRECTIONS, caption, motion_caption, motion_combos, motion_split, render_clip,
-                    split)
+                    split, step_done)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -113,6 +113,13 @@ def main():
                     help="weight of a ranking term: each clip's loss with another direction's caption (a training "
                          "caption) must exceed its loss with its own by 10%%, so the motion modules must use the "
                          "direction (without it the loss was the same for either word)")
+    ap.add_argument("--contrast-tmin", type=int, default=0,
+                    help="apply the ranking term only to samples with t >= this (below it the layout, and so the "
+                         "direction, is already fixed by the noisy input; ranking there can only alter content)")
+    ap.add_argument("--contrast-margin-max", type=float, default=1.1,
+                    help="the ranking margin rises linearly from 1.1 at --contrast-tmin to this at t=999 (at high "
+                         "noise the direction should change the prediction most)")
+    ap.add_argument("--layout-tmax", type=int, default=900, help="upper end of the --layout-frac timesteps")
     ap.add_argument("--word-rows", help="a word_rows.safetensors (word_ids, rows) to put into the text encoder's "
                     "direction-word embeddings, e.g. checkpoints/motion-contrast/word_rows.safetensors")
     ap.add_argument("--text-encoder", help="the text encoder to use (e.g. train_words.py's <out>/text_encoder, whose "
@@ -250,43 +257,37 @@ def main():
         t = torch.randint(0, 1000, (a.bs,))
         n_layout = int(round(a.layout_frac * a.bs))
         if n_layout:
-            t[:n_layout] = torch.randint(300, 900, (n_layout,))
+            t[:n_layout] = torch.randint(300, a.layout_tmax, (n_layout,))
         noise = torch.randn_like(z0)
         ab = acp[t].view(-1, 1, 1, 1, 1)
         zt = ab.sqrt() * z0 + (1 - ab).sqrt() * noise
         snr = ab.view(-1) / (1 - ab.view(-1))
         w = torch.clamp(snr, max=5.0) / snr * torch.clamp(1.0 / snr, min=1.0, max=a.x0_weight_max)
         if a.contrast > 0:
-            wi = torch.tensor([int(rng.choice(wrong_ids[k])) if wrong_ids[k] and ci[j] != empty_id else -1
-                               for j, k in enumerate(idx.tolist())])
-            use = wi >= 0
-            with torch.no_grad():
-                enc_w = te(ids_all[wi.clamp(min=0)])[0]
-            # like AnimateDiffPipeline: the prompt embedding repeated for every frame
-            pred2 = model(torch.cat([zt, zt]), torch.cat([t, t]),
-                          encoder_hidden_states=torch.cat([enc, enc_w]).repeat_interleave(F_, dim=0)).sample
-            err = ((pred2 - torch.cat([noise, noise])) ** 2).mean(dim=(1, 2, 3, 4))
-            l_r, l_w = err[:a.bs], err[a.bs:]
-            rank = torch.relu(1.1 * l_r - l_w) / l_r.detach()
-            loss = (w * l_r).mean() + a.contrast * (rank * use).sum() / use.sum().clamp(min=1)
+            wi = torch.tensor([int(rng.choice(wrong_ids[k])) if wrong_ids[k] and ci[j] != empty_id
+                               and t[j] >= a.contrast_tmin else -1 for j, k in enumerate(idx.tolist())])
+            sel = (wi >= 0).nonzero().flatten()  # the samples that also run with a wrong caption
         else:
-            # like AnimateDiffPipeline: the prompt embedding repeated for every frame
-            pred = model(zt, t, encoder_hidden_states=enc.repeat_interleave(F_, dim=0)).sample
-            loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3, 4))).mean()
+            sel = torch.zeros(0, dtype=torch.long)
+        k = len(sel)
+        with torch.no_grad():
+            enc_w = te(ids_all[wi[sel]])[0] if k else enc[:0]
+        # like AnimateDiffPipeline: the prompt embedding repeated for every frame
+        pred = model(torch.cat([zt, zt[sel]]), torch.cat([t, t[sel]]),
+                     encoder_hidden_states=torch.cat([enc, enc_w]).repeat_interleave(F_, dim=0)).sample
+        err = ((pred - torch.cat([noise, noise[sel]])) ** 2).mean(dim=(1, 2, 3, 4))
+        l_r = err[:a.bs]
+        loss = (w * l_r).mean()
+        if k:
+            frac_t = (t[sel] - a.contrast_tmin).float() / max(1, 999 - a.contrast_tmin)
+            margin = 1.1 + (a.contrast_margin_max - 1.1) * frac_t
+            rank = torch.relu(margin * l_r[sel] - err[a.bs:]) / l_r[sel].detach()
+            loss = loss + a.contrast * rank.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        state["step"] += 1
-        dcy = min(0.995, (1 + state["step"]) / (10 + state["step"]))
-        with torch.no_grad():
-            for p, pe in pairs:
-                pe.mul_(dcy).add_(p.detach(), alpha=1 - dcy)
-        state["seconds"] = base + time.time() - t0
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        if state["step"] % 20 == 0:
-            print(f"step {state['step']} t={state['seconds']:.0f}s lr={lr:.2e} loss={loss.item():.4f} ema={loss_ema:.4f}",
-                  flush=True)
+        loss_ema = step_done(state, pairs, loss.item(), loss_ema, lr, t0, base)
         if state["step"] % 200 == 0:
             save()
     if a.train_words:

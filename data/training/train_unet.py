@@ -14,9 +14,10 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from common import step_done
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER_DIR = os.path.join(HERE, "..", "..", "tests", "fixtures", "clip-tokenizer")
@@ -178,15 +179,7 @@ def main():
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        state["step"] += 1
-        d = min(0.995, (1 + state["step"]) / (10 + state["step"]))
-        with torch.no_grad():
-            for pe, p in zip(ema_params, params):
-                pe.mul_(d).add_(p.detach(), alpha=1 - d)
-        state["seconds"] = base_seconds + time.time() - t0
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        if state["step"] % 20 == 0:
-            print(f"step {state['step']} t={state['seconds']:.0f}s lr={lr:.2e} loss={loss.item():.4f} ema={loss_ema:.4f}", flush=True)
+        loss_ema = step_done(state, list(zip(params, ema_params)), loss.item(), loss_ema, lr, t0, base_seconds)
         if state["step"] % 200 == 0:
             save()
     save()

@@ -991,6 +991,26 @@ transport_error (const GError *e)
   return e && !g_error_matches (e, G_IO_ERROR, G_IO_ERROR_CANCELLED);
 }
 
+/* Drops what the partial file holds so the GET starts again at byte 0: the
+ * file is truncated, the running hash starts afresh and *have (already
+ * counted in the overall progress when `counted`) goes back to 0. */
+static gboolean
+discard_partial (Op *op, int fd, const char *incomplete, const FileMeta *meta, gint64 expected, gboolean counted,
+                 guint64 *have, GChecksum **ck, GError **error)
+{
+  if (counted)
+    op->prog.overall_done -= *have;
+  *have = 0;
+  if (*ck)
+    g_checksum_free (*ck);
+  *ck = make_checksum (op->client, meta->etag, expected);
+  if (ftruncate (fd, 0) != 0 || lseek (fd, 0, SEEK_SET) != 0) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_IO, "truncating %s: %s", incomplete, g_strerror (errno));
+    return FALSE;
+  }
+  return TRUE;
+}
+
 /* GETs meta->location into incomplete (resuming what is there), checks size
  * and hash.  On CHECKSUM / DISK_FULL the partial file is removed; after a
  * network failure or cancellation it stays for a later resume. */
@@ -1021,11 +1041,7 @@ download_blob (Op *op, const char *path, const FileMeta *meta, const char *incom
   GError *err = NULL;
   if (ck && have && !hash_prefix (incomplete, have, ck, NULL)) {
     /* unreadable partial file: start over */
-    have = 0;
-    g_checksum_free (ck);
-    ck = make_checksum (c, meta->etag, expected);
-    if (ftruncate (fd, 0) != 0 || lseek (fd, 0, SEEK_SET) != 0) {
-      g_set_error (&err, DIFFUSE_ERROR, DIFFUSE_ERROR_IO, "truncating %s: %s", incomplete, g_strerror (errno));
+    if (!discard_partial (op, fd, incomplete, meta, expected, FALSE, &have, &ck, &err)) {
       remove_partial = TRUE;
       goto done;
     }
@@ -1072,13 +1088,7 @@ download_blob (Op *op, const char *path, const FileMeta *meta, const char *incom
         restart = TRUE;
     } else if (resp.status == 200) {
       if (have) { /* the server ignored Range: start over */
-        op->prog.overall_done -= have;
-        have = 0;
-        if (ck)
-          g_checksum_free (ck);
-        ck = make_checksum (c, meta->etag, expected);
-        if (ftruncate (fd, 0) != 0 || lseek (fd, 0, SEEK_SET) != 0) {
-          g_set_error (&err, DIFFUSE_ERROR, DIFFUSE_ERROR_IO, "truncating %s: %s", incomplete, g_strerror (errno));
+        if (!discard_partial (op, fd, incomplete, meta, expected, TRUE, &have, &ck, &err)) {
           close_body (&body);
           hub_response_clear (&resp);
           break;
@@ -1107,15 +1117,8 @@ download_blob (Op *op, const char *path, const FileMeta *meta, const char *incom
                      meta->location, have);
         break;
       }
-      op->prog.overall_done -= have;
-      have = 0;
-      if (ck)
-        g_checksum_free (ck);
-      ck = make_checksum (c, meta->etag, expected);
-      if (ftruncate (fd, 0) != 0 || lseek (fd, 0, SEEK_SET) != 0) {
-        g_set_error (&err, DIFFUSE_ERROR, DIFFUSE_ERROR_IO, "truncating %s: %s", incomplete, g_strerror (errno));
+      if (!discard_partial (op, fd, incomplete, meta, expected, TRUE, &have, &ck, &err))
         break;
-      }
       continue;
     }
     hub_response_clear (&resp);
