@@ -77,13 +77,26 @@ def render(shape, colour, size, pos, bg, rng, ss=4):
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 CLIP_FRAMES = 16
-TRAVEL = 34  # pixels covered by the shape's centre over a clip (start/end 15 px from the middle)
+TRAVEL = 34  # pixels covered by the shape's centre over a clip
+# Where the travel lies: the centre starts LEAD_IN x travel behind the middle and ends the rest of it
+# beyond.  0.5 (the shipped adapter's clips): centred on the middle, so a "leftward" clip is a
+# "rightward" clip played backwards - every frame's layout is the same for both words and only the
+# frames' order tells them apart.  Session 4 tried 0.3 with a 28 px travel (train_motion.py
+# --clip-lead-in/--clip-travel: the shape moves from near the middle toward the named side, so the
+# word also says where in the frame the shape mostly is); see tiny-motion-adapter/README.md.
+LEAD_IN = 0.5
 
 
 # The words the captions use for the directions.  Not "left"/"right": the image model reads those
 # as positions (and their token embeddings are fixed by it); every token of these words is unused in
 # the image captions, so the motion training can learn their embeddings (train_motion.py).
 DIRECTION_WORDS = {"left": "leftward", "right": "rightward", "up": "upward", "down": "downward"}
+# Starting embeddings for those words' tokens (train_motion.py --words-from-positions): the image
+# model's own position words, so that the frozen image model already places a "moving leftward"
+# shape left of the middle, where the clips (LEAD_IN) mostly have it; the filler tokens start as
+# the caption's filler words.
+WORD_TOKEN_INIT = {"lef": "left", "righ": "right", "upward</w>": "top", "downward</w>": "bottom",
+                   "tw": "the", "ard</w>": "the", "moving</w>": "at"}
 
 
 def motion_caption(shape, colour, size, direction, bg):
@@ -109,19 +122,21 @@ def motion_split(n_heldout=100, seed=4321):
             [c for i, c in enumerate(combos) if i in held])
 
 
-def render_clip(shape, colour, size, direction, bg, rng, frames=CLIP_FRAMES):
+def render_clip(shape, colour, size, direction, bg, rng, frames=CLIP_FRAMES, travel=TRAVEL, lead_in=LEAD_IN,
+                cross=16.0):
     """Render a clip (frames x 64 x 64 x 3 uint8) of the shape moving at constant speed.
 
-    The centre travels TRAVEL px (+-15%) along `direction` through the middle region; the
-    other coordinate is uniform in [16, 48]; size jitter as render()."""
+    The centre travels `travel` px (+-15%) along `direction`, from `lead_in` of it behind the
+    middle (+-3 px) toward the named side; the other coordinate is uniform in 32 +- `cross`; size
+    jitter as render()."""
     dx, dy = DIRECTIONS[direction]
-    travel = TRAVEL * rng.uniform(0.85, 1.15)
+    travel = travel * rng.uniform(0.85, 1.15)
     mid = 32 + rng.uniform(-3, 3)
-    cross = rng.uniform(16, 48)
+    cross = rng.uniform(32 - cross, 32 + cross)
     s = rng.uniform(0.9, 1.1)
     out = []
     for f in range(frames):
-        along = mid + (f / (frames - 1) - 0.5) * travel
+        along = mid + (f / (frames - 1) - lead_in) * travel
         if dx:
             cx, cy = (along if dx > 0 else 64 - along), cross
         else:

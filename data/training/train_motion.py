@@ -31,7 +31,7 @@ from diffusers import (AutoencoderKL, DDPMScheduler, MotionAdapter, UNet2DCondit
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common import (CLIP_FRAMES, DIRECTIONS, caption, motion_caption, motion_combos, motion_split, render_clip,
-                    split, step_done)
+                    split, step_done, LEAD_IN, TRAVEL, WORD_TOKEN_INIT)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,7 +57,7 @@ def adapter_config(unet):
 
 
 @torch.no_grad()
-def make_clips(model, out, variants, seed, bs=64):
+def make_clips(model, out, variants, seed, travel, lead_in, cross, bs=64):
     train, _ = motion_split()
     rng = random.Random(seed)
     vae = AutoencoderKL.from_pretrained(os.path.join(model, "vae"), dtype=torch.float32).eval()
@@ -66,7 +66,7 @@ def make_clips(model, out, variants, seed, bs=64):
     clips = [(c, v) for c in train for v in range(variants)]
     frames = []
     for c, _ in clips:
-        frames.append(render_clip(*c, rng))
+        frames.append(render_clip(*c, rng, travel=travel, lead_in=lead_in, cross=cross))
         caps.append(motion_caption(*c))
     frames = np.concatenate(frames)  # (N*F, 64, 64, 3)
     print(f"rendered {len(clips)} clips ({len(frames)} frames) in {time.time()-t0:.0f}s", flush=True)
@@ -80,7 +80,8 @@ def make_clips(model, out, variants, seed, bs=64):
     mean = torch.cat(means).view(n, f, *means[0].shape[1:])
     std = torch.cat(stds).view(n, f, *stds[0].shape[1:])
     print(f"encoded in {time.time()-t0:.0f}s; latents {tuple(mean.shape)}", flush=True)
-    torch.save({"mean": mean, "std": std, "captions": caps, "scaling": vae.config.scaling_factor},
+    torch.save({"mean": mean, "std": std, "captions": caps, "scaling": vae.config.scaling_factor,
+                "clip": {"travel": travel, "lead_in": lead_in, "cross": cross}},
                os.path.join(out, "latents.pt"))
 
 
@@ -90,6 +91,9 @@ def main():
     ap.add_argument("--data", default="/tmp/tinysd/motion")
     ap.add_argument("--out", default="/tmp/tinysd/motion_ckpt")
     ap.add_argument("--variants", type=int, default=3)
+    ap.add_argument("--clip-travel", type=float, default=TRAVEL, help="new data only: common.render_clip's travel")
+    ap.add_argument("--clip-lead-in", type=float, default=LEAD_IN, help="new data only: common.render_clip's lead_in")
+    ap.add_argument("--clip-cross", type=float, default=16.0, help="new data only: common.render_clip's cross")
     ap.add_argument("--word-lr-scale", type=float, default=1.0,
                     help="learning rate of the word embeddings relative to the motion modules'")
     ap.add_argument("--recaption", action="store_true",
@@ -122,6 +126,8 @@ def main():
     ap.add_argument("--layout-tmax", type=int, default=900, help="upper end of the --layout-frac timesteps")
     ap.add_argument("--word-rows", help="a word_rows.safetensors (word_ids, rows) to put into the text encoder's "
                     "direction-word embeddings, e.g. checkpoints/motion-contrast/word_rows.safetensors")
+    ap.add_argument("--words-from-positions", action="store_true",
+                    help="start the direction words' rows as the image model's position words (common.WORD_TOKEN_INIT)")
     ap.add_argument("--text-encoder", help="the text encoder to use (e.g. train_words.py's <out>/text_encoder, whose "
                     "direction-word rows were learnt first); default: the image model's")
     ap.add_argument("--init", help="start from this adapter (and <init>/../text_encoder) e.g. to adapt to a newer image model")
@@ -132,8 +138,9 @@ def main():
     os.makedirs(a.data, exist_ok=True)
     os.makedirs(a.out, exist_ok=True)
     if not os.path.exists(os.path.join(a.data, "latents.pt")):
-        make_clips(a.model, a.data, a.variants, a.seed)
+        make_clips(a.model, a.data, a.variants, a.seed, a.clip_travel, a.clip_lead_in, a.clip_cross)
     d = torch.load(os.path.join(a.data, "latents.pt"))
+    print(f"clips of {a.data}: {d.get('clip', 'travel 34, lead-in 0.5 (made before the options)')}", flush=True)
     mean, std, captions, scaling = d["mean"], d["std"], d["captions"], d["scaling"]
     if a.recaption:  # same clips, in make_clips' order; only the caption wording changes
         train, _ = motion_split()
@@ -174,6 +181,13 @@ def main():
         old = CLIPTextModel.from_pretrained(init_te, dtype=torch.float32).get_input_embeddings().weight
         with torch.no_grad():
             emb[word_ids] = old[word_ids]
+    if a.words_from_positions:
+        with torch.no_grad():
+            for wid, name in zip(word_ids, words):
+                src = tok(WORD_TOKEN_INIT[name].replace("</w>", "")).input_ids[1:-1]
+                assert len(src) == 1, (name, src)
+                emb[wid] = emb[src[0]]
+        print("direction words start as " + ", ".join(f"{n}={WORD_TOKEN_INIT[n]}" for n in words), flush=True)
     if a.word_rows:
         from safetensors.torch import load_file
         wr = load_file(a.word_rows)

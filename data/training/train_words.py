@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--lr", type=float, default=6e-3)
     ap.add_argument("--probe-scale", type=float, default=4.0)
     ap.add_argument("--denoise-weight", type=float, default=10.0)
+    ap.add_argument("--probe-weight", type=float, default=1.0,
+                    help="weight of the direction probe's cross-entropy (0: textual inversion on the frames alone)")
     ap.add_argument("--keep-weight", type=float, default=100.0,
                     help="weight of ||eps - eps with the starting embeddings||^2 (keeps the frames' colour and shape)")
     ap.add_argument("--seed", type=int, default=0)
@@ -191,7 +193,7 @@ def main():
         opt.param_groups[0]["lr"] = a.lr * (0.05 + 0.95 * lr_f)
         dn, ce, acc, sep, keep = losses(*batch(rng, a.bases))
         ce_mean = sum(ce.values()) / len(ce)
-        loss = ce_mean + a.denoise_weight * dn
+        loss = a.probe_weight * ce_mean + a.denoise_weight * dn
         if keep is not None:
             loss = loss + a.keep_weight * keep
         opt.zero_grad(set_to_none=True)
