@@ -85,6 +85,7 @@ TRAVEL = 34  # pixels covered by the shape's centre over a clip
 # --clip-lead-in/--clip-travel: the shape moves from near the middle toward the named side, so the
 # word also says where in the frame the shape mostly is); see tiny-motion-adapter/README.md.
 LEAD_IN = 0.5
+CROSS = 16.0  # the other coordinate of the clip's centre is uniform in 32 +- CROSS
 
 
 # The words the captions use for the directions.  Not "left"/"right": the image model reads those
@@ -123,7 +124,7 @@ def motion_split(n_heldout=100, seed=4321):
 
 
 def render_clip(shape, colour, size, direction, bg, rng, frames=CLIP_FRAMES, travel=TRAVEL, lead_in=LEAD_IN,
-                cross=16.0):
+                cross=CROSS):
     """Render a clip (frames x 64 x 64 x 3 uint8) of the shape moving at constant speed.
 
     The centre travels `travel` px (+-15%) along `direction`, from `lead_in` of it behind the

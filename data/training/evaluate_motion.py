@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from analyse import Analyser
-from common import CLIP_FRAMES, DIRECTIONS, LEAD_IN, TRAVEL, motion_caption, motion_split, report
+from common import CLIP_FRAMES, CROSS, DIRECTIONS, LEAD_IN, TRAVEL, motion_caption, motion_split, report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIN_TRAVEL = 8.0
@@ -90,7 +90,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--clip-travel", type=float, default=TRAVEL, help="--ground-truth: common.render_clip's travel")
     ap.add_argument("--clip-lead-in", type=float, default=LEAD_IN, help="--ground-truth: common.render_clip's lead_in")
-    ap.add_argument("--clip-cross", type=float, default=16.0, help="--ground-truth: common.render_clip's cross")
+    ap.add_argument("--clip-cross", type=float, default=CROSS, help="--ground-truth: common.render_clip's cross")
     ap.add_argument("--ground-truth", action="store_true",
                     help="analyse synthetic renders of the held-out clips (checks the analyser itself)")
     ap.add_argument("--images", help="analyse DIR/NNN_FF.png instead of generating")

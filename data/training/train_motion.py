@@ -31,7 +31,7 @@ from diffusers import (AutoencoderKL, DDPMScheduler, MotionAdapter, UNet2DCondit
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common import (CLIP_FRAMES, DIRECTIONS, caption, motion_caption, motion_combos, motion_split, render_clip,
-                    split, step_done, LEAD_IN, TRAVEL, WORD_TOKEN_INIT)
+                    split, step_done, CROSS, LEAD_IN, TRAVEL, WORD_TOKEN_INIT)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,7 +93,7 @@ def main():
     ap.add_argument("--variants", type=int, default=3)
     ap.add_argument("--clip-travel", type=float, default=TRAVEL, help="new data only: common.render_clip's travel")
     ap.add_argument("--clip-lead-in", type=float, default=LEAD_IN, help="new data only: common.render_clip's lead_in")
-    ap.add_argument("--clip-cross", type=float, default=16.0, help="new data only: common.render_clip's cross")
+    ap.add_argument("--clip-cross", type=float, default=CROSS, help="new data only: common.render_clip's cross")
     ap.add_argument("--word-lr-scale", type=float, default=1.0,
                     help="learning rate of the word embeddings relative to the motion modules'")
     ap.add_argument("--recaption", action="store_true",
