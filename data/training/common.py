@@ -3,8 +3,11 @@
 Everything is deterministic: attribute lists, rendering and the held-out split.
 """
 import itertools
+import json
 import os
 import random
+import shutil
+import time
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -170,7 +173,6 @@ def render_at(shape, colour, extent, cx, cy, bg, ss=4):
 def clear_out_dir(out, keep=("README.md", "samples.png", "evaluation.json")):
     """Empty an export folder before save_pretrained, keeping its hand-written README and the
     evaluation outputs (a file left from an older export would otherwise be loaded with the new one)."""
-    import shutil
     if os.path.isdir(out):
         for name in os.listdir(out):
             if name not in keep:
@@ -181,8 +183,7 @@ def clear_out_dir(out, keep=("README.md", "samples.png", "evaluation.json")):
 def step_done(state, pairs, loss, loss_ema, lr, t0, base_seconds):
     """After an optimiser step: count it, move the EMA copies (pairs of (live, ema) tensors, decay
     warming up to 0.995), time it and log every 20 steps.  Returns the new smoothed loss."""
-    import time
-    import torch
+    import torch  # only the training scripts need it; common.py stays torch-free to import
     state["step"] += 1
     d = min(0.995, (1 + state["step"]) / (10 + state["step"]))
     with torch.no_grad():
@@ -199,7 +200,6 @@ def step_done(state, pairs, loss, loss_ema, lr, t0, base_seconds):
 def report(summary, prompts, results, keys, per_name, json_path):
     """Print an evaluation's summary; with json_path also write it with the per-prompt verdicts
     (`keys`) and what the analyser found, as a list named `per_name`."""
-    import json
     print(json.dumps(summary, indent=1))
     if json_path:
         per = [{"prompt": p, **{k: r[k] for k in keys}, "found": r["found"]} for p, r in zip(prompts, results)]
