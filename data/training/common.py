@@ -80,15 +80,16 @@ def render(shape, colour, size, pos, bg, rng, ss=4):
 
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 CLIP_FRAMES = 16
-TRAVEL = 34  # pixels covered by the shape's centre over a clip
+TRAVEL = 22.0  # pixels covered by the shape's centre over a clip (+-15%)
 # Where the travel lies: the centre starts LEAD_IN x travel behind the middle and ends the rest of it
-# beyond.  0.5 (the shipped adapter's clips): centred on the middle, so a "leftward" clip is a
-# "rightward" clip played backwards - every frame's layout is the same for both words and only the
-# frames' order tells them apart.  Session 4 tried 0.3 with a 28 px travel (train_motion.py
-# --clip-lead-in/--clip-travel: the shape moves from near the middle toward the named side, so the
-# word also says where in the frame the shape mostly is); see tiny-motion-adapter/README.md.
-LEAD_IN = 0.5
-CROSS = 16.0  # the other coordinate of the clip's centre is uniform in 32 +- CROSS
+# beyond.  0.05 (the shipped adapter's clips, session 5): every clip starts at the very middle and
+# moves toward the named side, so the word says where the shape ends up and every clip's first
+# frames look alike whatever the direction.  The first adapter's clips (train_motion.py
+# --clip-travel 34 --clip-lead-in 0.5 --clip-cross 16) were centred on the middle instead: a
+# "leftward" clip was a "rightward" clip played backwards, and its direction followed the sampling
+# noise, not the word (16%); see tiny-motion-adapter/README.md.
+LEAD_IN = 0.05
+CROSS = 4.0  # the other coordinate of the clip's centre is uniform in 32 +- CROSS
 
 
 # The words the captions use for the directions.  Not "left"/"right": the image model reads those

@@ -5,7 +5,7 @@ Default: generates 16-frame clips with diffusers' AnimateDiffPipeline (CPU, floa
 bundle's scheduler and gst-diffuse.json defaults), analyses every frame (analyse.py) and reports:
 - direction: the shape's centroid, averaged over the last 4 frames minus the first 4 frames where a
   shape is found, points the way the prompt says (the larger axis of the displacement, at least
-  8 px; the training clips move 34 px);
+  8 px; the training clips move 22 px);
 - colour / shape: the majority over the frames matches the prompt.
 --images DIR analyses existing frames instead (DIR/NNN_FF.png, NNN = prompt index in the order of
 --write-prompts, FF = frame), e.g. made by the C pipeline or the diffuseanimate element.

@@ -1,5 +1,6 @@
 """Write the trained motion adapter as a diffusers MotionAdapter folder (fp16 safetensors) and put the
-learnt direction-word embeddings ("moving", "up", "down") into the image bundle's text encoder.
+run's direction-word embeddings (the rows of "moving", "leftward", ...: learnt with --train-words, or
+set from the position words with --words-from-positions) into the image bundle's text encoder.
 
 Only those rows of text_encoder's token_embedding change (checked: every other tensor and row of the
 bundle stays bit-identical), so the image bundle's text-to-image output is unchanged for its

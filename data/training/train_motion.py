@@ -91,9 +91,9 @@ def main():
     ap.add_argument("--data", default="/tmp/tinysd/motion")
     ap.add_argument("--out", default="/tmp/tinysd/motion_ckpt")
     ap.add_argument("--variants", type=int, default=3)
-    ap.add_argument("--clip-travel", type=float, default=TRAVEL, help="new data only: common.render_clip's travel")
-    ap.add_argument("--clip-lead-in", type=float, default=LEAD_IN, help="new data only: common.render_clip's lead_in")
-    ap.add_argument("--clip-cross", type=float, default=CROSS, help="new data only: common.render_clip's cross")
+    ap.add_argument("--clip-travel", type=float, default=TRAVEL, help="common.render_clip's travel for new data; must match existing data")
+    ap.add_argument("--clip-lead-in", type=float, default=LEAD_IN, help="common.render_clip's lead_in (as for --clip-travel)")
+    ap.add_argument("--clip-cross", type=float, default=CROSS, help="common.render_clip's cross (as for --clip-travel)")
     ap.add_argument("--word-lr-scale", type=float, default=1.0,
                     help="learning rate of the word embeddings relative to the motion modules'")
     ap.add_argument("--recaption", action="store_true",
@@ -140,7 +140,12 @@ def main():
     if not os.path.exists(os.path.join(a.data, "latents.pt")):
         make_clips(a.model, a.data, a.variants, a.seed, a.clip_travel, a.clip_lead_in, a.clip_cross)
     d = torch.load(os.path.join(a.data, "latents.pt"))
-    print(f"clips of {a.data}: {d.get('clip', 'travel 34, lead-in 0.5 (made before the options)')}", flush=True)
+    made = d.get("clip", {"travel": 34.0, "lead_in": 0.5, "cross": 16.0})  # files made before the options
+    asked = {"travel": a.clip_travel, "lead_in": a.clip_lead_in, "cross": a.clip_cross}
+    if any(abs(float(made[k]) - float(asked[k])) > 1e-9 for k in asked):
+        raise SystemExit(f"{a.data}/latents.pt holds clips made with {made}, not the asked-for {asked}: "
+                         "pass the matching --clip-* options or another --data folder")
+    print(f"clips of {a.data}: {made}", flush=True)
     mean, std, captions, scaling = d["mean"], d["std"], d["captions"], d["scaling"]
     if a.recaption:  # same clips, in make_clips' order; only the caption wording changes
         train, _ = motion_split()
