@@ -298,6 +298,31 @@ gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, const GValue
   return TRUE;
 }
 
+/* What the next frame uses for steps, guidance and scheduler: the property, or
+ * the loaded model's suggestion while the property was never set (object lock). */
+static gint
+effective_steps (GstDiffuseState *st)
+{
+  const GstDiffuseSettings *s = &st->settings;
+  return !(s->user_set & GST_DIFFUSE_SET_STEPS) && st->suggested_steps > 0 ? st->suggested_steps
+                                                                           : s->num_inference_steps;
+}
+
+static gdouble
+effective_guidance (GstDiffuseState *st)
+{
+  const GstDiffuseSettings *s = &st->settings;
+  return !(s->user_set & GST_DIFFUSE_SET_GUIDANCE) && st->suggested_guidance >= 0 ? st->suggested_guidance
+                                                                                   : s->guidance_scale;
+}
+
+static const gchar *
+effective_scheduler (GstDiffuseState *st)
+{
+  const GstDiffuseSettings *s = &st->settings;
+  return !(s->user_set & GST_DIFFUSE_SET_SCHEDULER) && !s->scheduler ? st->suggested_scheduler : s->scheduler;
+}
+
 gboolean
 gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *value, GParamSpec *pspec)
 {
@@ -323,11 +348,12 @@ gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *valu
     case GST_DIFFUSE_PROP_VARIANT: g_value_set_string (value, s->variant); break;
     case GST_DIFFUSE_PROP_DTYPE: g_value_set_enum (value, s->dtype); break;
     case GST_DIFFUSE_PROP_DEVICE: g_value_set_string (value, s->device); break;
-    case GST_DIFFUSE_PROP_SCHEDULER: g_value_set_string (value, s->scheduler); break;
+    /* steps, guidance and scheduler read as what the next frame will use */
+    case GST_DIFFUSE_PROP_SCHEDULER: g_value_set_string (value, effective_scheduler (st)); break;
     case GST_DIFFUSE_PROP_PROMPT: g_value_set_string (value, s->prompt); break;
     case GST_DIFFUSE_PROP_NEGATIVE_PROMPT: g_value_set_string (value, s->negative_prompt); break;
-    case GST_DIFFUSE_PROP_NUM_INFERENCE_STEPS: g_value_set_int (value, s->num_inference_steps); break;
-    case GST_DIFFUSE_PROP_GUIDANCE_SCALE: g_value_set_double (value, s->guidance_scale); break;
+    case GST_DIFFUSE_PROP_NUM_INFERENCE_STEPS: g_value_set_int (value, effective_steps (st)); break;
+    case GST_DIFFUSE_PROP_GUIDANCE_SCALE: g_value_set_double (value, effective_guidance (st)); break;
     case GST_DIFFUSE_PROP_SEED: g_value_set_int64 (value, s->seed); break;
     case GST_DIFFUSE_PROP_SEED_INCREMENT: g_value_set_int64 (value, s->seed_increment); break;
     case GST_DIFFUSE_PROP_CLIP_SKIP: g_value_set_int (value, s->clip_skip); break;
@@ -345,12 +371,10 @@ gst_diffuse_state_snapshot (GstDiffuseState *st, GstDiffuseSettings *out)
 {
   GST_OBJECT_LOCK (st->element);
   gst_diffuse_settings_copy (out, &st->settings);
-  if (!(out->user_set & GST_DIFFUSE_SET_STEPS) && st->suggested_steps > 0)
-    out->num_inference_steps = st->suggested_steps;
-  if (!(out->user_set & GST_DIFFUSE_SET_GUIDANCE) && st->suggested_guidance >= 0)
-    out->guidance_scale = st->suggested_guidance;
-  if (!(out->user_set & GST_DIFFUSE_SET_SCHEDULER) && !out->scheduler && st->suggested_scheduler)
-    out->scheduler = g_strdup (st->suggested_scheduler);
+  out->num_inference_steps = effective_steps (st);
+  out->guidance_scale = effective_guidance (st);
+  if (!out->scheduler)
+    out->scheduler = g_strdup (effective_scheduler (st));
   GST_OBJECT_UNLOCK (st->element);
 }
 

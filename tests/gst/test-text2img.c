@@ -420,6 +420,12 @@ check_suggested_frame (const char *model, int steps, int want_steps, double want
   fail_unless (buf != NULL);
   fail_unless (log->total >= want_steps && log->total <= want_steps + 1, "%d steps run, %d asked",
                log->total, want_steps);  /* PNDM runs one more */
+  /* the properties read as what the frame used */
+  gint got_steps = 0;
+  gdouble got_guidance = 0;
+  g_object_get (h->element, "num-inference-steps", &got_steps, "guidance-scale", &got_guidance, NULL);
+  fail_unless_equals_int (got_steps, want_steps);
+  fail_unless_equals_float (got_guidance, want_guidance);
   RefParams rp = ref_params_default ();
   rp.steps = want_steps;
   rp.guidance = want_guidance;
