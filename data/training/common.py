@@ -84,12 +84,26 @@ TRAVEL = 22.0  # pixels covered by the shape's centre over a clip (+-15%)
 # Where the travel lies: the centre starts LEAD_IN x travel behind the middle and ends the rest of it
 # beyond.  0.05 (the shipped adapter's clips, session 5): every clip starts at the very middle and
 # moves toward the named side, so the word says where the shape ends up and every clip's first
-# frames look alike whatever the direction.  The first adapter's clips (train_motion.py
-# --clip-travel 34 --clip-lead-in 0.5 --clip-cross 16) were centred on the middle instead: a
+# frames look alike whatever the direction.  The first adapter's clips (FIRST_ADAPTER_CLIPS below)
+# were centred on the middle instead: a
 # "leftward" clip was a "rightward" clip played backwards, and its direction followed the sampling
 # noise, not the word (16%); see tiny-motion-adapter/README.md.
 LEAD_IN = 0.05
 CROSS = 4.0  # the other coordinate of the clip's centre is uniform in 32 +- CROSS
+# The first adapter's clips (and what a latents.pt made before the clip options holds).
+FIRST_ADAPTER_CLIPS = {"travel": 34.0, "lead_in": 0.5, "cross": 16.0}
+
+
+def add_clip_options(ap, when):
+    """--clip-travel/--clip-lead-in/--clip-cross (render_clip's travel, lead_in, cross; defaults: the
+    shipped adapter's data); `when` says what they apply to.  clip_options(args) collects them."""
+    ap.add_argument("--clip-travel", type=float, default=TRAVEL, help=f"{when}: render_clip's travel")
+    ap.add_argument("--clip-lead-in", type=float, default=LEAD_IN, help=f"{when}: render_clip's lead_in")
+    ap.add_argument("--clip-cross", type=float, default=CROSS, help=f"{when}: render_clip's cross")
+
+
+def clip_options(args):
+    return {"travel": args.clip_travel, "lead_in": args.clip_lead_in, "cross": args.clip_cross}
 
 
 # The words the captions use for the directions.  Not "left"/"right": the image model reads those
@@ -196,6 +210,15 @@ def step_done(state, pairs, loss, loss_ema, lr, t0, base_seconds):
         print(f"step {state['step']} t={state['seconds']:.0f}s lr={lr:.2e} loss={loss:.4f} ema={loss_ema:.4f}",
               flush=True)
     return loss_ema
+
+
+def model_defaults(model, steps=None, guidance=None):
+    """(steps, guidance, scheduler): the given steps/guidance, else <model>/gst-diffuse.json's (what
+    the elements use when the properties are not set), else 20 and 5; its scheduler name or None."""
+    path = os.path.join(model, "gst-diffuse.json")
+    cfg = json.load(open(path)) if os.path.exists(path) else {}
+    return (steps or cfg.get("num_inference_steps", 20),
+            guidance if guidance is not None else cfg.get("guidance_scale", 5.0), cfg.get("scheduler"))
 
 
 def report(summary, prompts, results, keys, per_name, json_path):

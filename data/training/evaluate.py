@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from analyse import Analyser
-from common import caption, report, split
+from common import caption, model_defaults, report, split
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,10 +81,7 @@ def main():
     if a.write_prompts:
         json.dump(prompts, open(a.write_prompts, "w"), indent=1)
         return
-    cfg_path = os.path.join(a.model, "gst-diffuse.json")
-    defaults = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
-    steps = a.steps or defaults.get("num_inference_steps", 20)
-    guidance = a.guidance if a.guidance is not None else defaults.get("guidance_scale", 5.0)
+    steps, guidance, sched = model_defaults(a.model, a.steps, a.guidance)
     t0 = time.time()
     if a.images:
         images = [np.asarray(Image.open(os.path.join(a.images, f"{i:03d}.png")).convert("RGB").resize((64, 64)))
@@ -92,7 +89,7 @@ def main():
         source = f"images in {a.images}"
     else:
         images = generate(a.model, prompts, steps, guidance, a.scheduler)
-        source = f"diffusers, {a.scheduler or defaults.get('scheduler', 'bundle scheduler')}, {steps} steps, guidance {guidance}"
+        source = f"diffusers, {a.scheduler or sched or 'bundle scheduler'}, {steps} steps, guidance {guidance}"
     gen_s = time.time() - t0
     if a.save_images:
         os.makedirs(a.save_images, exist_ok=True)

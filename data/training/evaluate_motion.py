@@ -21,7 +21,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from analyse import Analyser
-from common import CLIP_FRAMES, CROSS, DIRECTIONS, LEAD_IN, TRAVEL, motion_caption, motion_split, report
+from common import (CLIP_FRAMES, DIRECTIONS, add_clip_options, clip_options, model_defaults, motion_caption,
+                    motion_split, report)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIN_TRAVEL = 8.0
@@ -88,9 +89,7 @@ def main():
     ap.add_argument("--guidance", type=float)
     ap.add_argument("--every", type=int, default=1, help="take every k-th held-out prompt (quick checks)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--clip-travel", type=float, default=TRAVEL, help="--ground-truth: common.render_clip's travel")
-    ap.add_argument("--clip-lead-in", type=float, default=LEAD_IN, help="--ground-truth: common.render_clip's lead_in")
-    ap.add_argument("--clip-cross", type=float, default=CROSS, help="--ground-truth: common.render_clip's cross")
+    add_clip_options(ap, "--ground-truth")
     ap.add_argument("--ground-truth", action="store_true",
                     help="analyse synthetic renders of the held-out clips (checks the analyser itself)")
     ap.add_argument("--images", help="analyse DIR/NNN_FF.png instead of generating")
@@ -104,17 +103,13 @@ def main():
     if a.write_prompts:
         json.dump(prompts, open(a.write_prompts, "w"), indent=1)
         return
-    cfg_path = os.path.join(a.model, "gst-diffuse.json")
-    defaults = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
-    steps = a.steps or defaults.get("num_inference_steps", 20)
-    guidance = a.guidance if a.guidance is not None else defaults.get("guidance_scale", 5.0)
+    steps, guidance, sched = model_defaults(a.model, a.steps, a.guidance)
     t0 = time.time()
     if a.ground_truth:
         import random
         from common import render_clip
         rng = random.Random(99)
-        clips = [render_clip(*c, rng, frames=a.frames, travel=a.clip_travel, lead_in=a.clip_lead_in,
-                              cross=a.clip_cross) for _, c in items]
+        clips = [render_clip(*c, rng, frames=a.frames, **clip_options(a)) for _, c in items]
         source = "synthetic renders of the held-out clips (ground truth)"
     elif a.images:
         clips = []
@@ -124,7 +119,7 @@ def main():
         source = f"frames in {a.images}"
     else:
         clips = generate(a.model, a.adapter, prompts, a.frames, steps, guidance)
-        source = (f"diffusers AnimateDiffPipeline, {defaults.get('scheduler', 'bundle scheduler')}, {a.frames} frames, "
+        source = (f"diffusers AnimateDiffPipeline, {sched or 'bundle scheduler'}, {a.frames} frames, "
                   f"{steps} steps, guidance {guidance}")
     gen_s = time.time() - t0
     A = Analyser()

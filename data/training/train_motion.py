@@ -31,7 +31,7 @@ from diffusers import (AutoencoderKL, DDPMScheduler, MotionAdapter, UNet2DCondit
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common import (CLIP_FRAMES, DIRECTIONS, caption, motion_caption, motion_combos, motion_split, render_clip,
-                    split, step_done, CROSS, LEAD_IN, TRAVEL, WORD_TOKEN_INIT)
+                    split, step_done, add_clip_options, clip_options, FIRST_ADAPTER_CLIPS, WORD_TOKEN_INIT)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -57,7 +57,7 @@ def adapter_config(unet):
 
 
 @torch.no_grad()
-def make_clips(model, out, variants, seed, travel, lead_in, cross, bs=64):
+def make_clips(model, out, variants, seed, clip, bs=64):
     train, _ = motion_split()
     rng = random.Random(seed)
     vae = AutoencoderKL.from_pretrained(os.path.join(model, "vae"), dtype=torch.float32).eval()
@@ -66,7 +66,7 @@ def make_clips(model, out, variants, seed, travel, lead_in, cross, bs=64):
     clips = [(c, v) for c in train for v in range(variants)]
     frames = []
     for c, _ in clips:
-        frames.append(render_clip(*c, rng, travel=travel, lead_in=lead_in, cross=cross))
+        frames.append(render_clip(*c, rng, **clip))
         caps.append(motion_caption(*c))
     frames = np.concatenate(frames)  # (N*F, 64, 64, 3)
     print(f"rendered {len(clips)} clips ({len(frames)} frames) in {time.time()-t0:.0f}s", flush=True)
@@ -81,7 +81,7 @@ def make_clips(model, out, variants, seed, travel, lead_in, cross, bs=64):
     std = torch.cat(stds).view(n, f, *stds[0].shape[1:])
     print(f"encoded in {time.time()-t0:.0f}s; latents {tuple(mean.shape)}", flush=True)
     torch.save({"mean": mean, "std": std, "captions": caps, "scaling": vae.config.scaling_factor,
-                "clip": {"travel": travel, "lead_in": lead_in, "cross": cross}},
+                "clip": clip},
                os.path.join(out, "latents.pt"))
 
 
@@ -91,9 +91,7 @@ def main():
     ap.add_argument("--data", default="/tmp/tinysd/motion")
     ap.add_argument("--out", default="/tmp/tinysd/motion_ckpt")
     ap.add_argument("--variants", type=int, default=3)
-    ap.add_argument("--clip-travel", type=float, default=TRAVEL, help="common.render_clip's travel for new data; must match existing data")
-    ap.add_argument("--clip-lead-in", type=float, default=LEAD_IN, help="common.render_clip's lead_in (as for --clip-travel)")
-    ap.add_argument("--clip-cross", type=float, default=CROSS, help="common.render_clip's cross (as for --clip-travel)")
+    add_clip_options(ap, "new data (existing --data must have been made with the same)")
     ap.add_argument("--word-lr-scale", type=float, default=1.0,
                     help="learning rate of the word embeddings relative to the motion modules'")
     ap.add_argument("--recaption", action="store_true",
@@ -138,10 +136,10 @@ def main():
     os.makedirs(a.data, exist_ok=True)
     os.makedirs(a.out, exist_ok=True)
     if not os.path.exists(os.path.join(a.data, "latents.pt")):
-        make_clips(a.model, a.data, a.variants, a.seed, a.clip_travel, a.clip_lead_in, a.clip_cross)
+        make_clips(a.model, a.data, a.variants, a.seed, clip_options(a))
     d = torch.load(os.path.join(a.data, "latents.pt"))
-    made = d.get("clip", {"travel": 34.0, "lead_in": 0.5, "cross": 16.0})  # files made before the options
-    asked = {"travel": a.clip_travel, "lead_in": a.clip_lead_in, "cross": a.clip_cross}
+    made = d.get("clip", FIRST_ADAPTER_CLIPS)  # files made before the options
+    asked = clip_options(a)
     if any(abs(float(made[k]) - float(asked[k])) > 1e-9 for k in asked):
         raise SystemExit(f"{a.data}/latents.pt holds clips made with {made}, not the asked-for {asked}: "
                          "pass the matching --clip-* options or another --data folder")

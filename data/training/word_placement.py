@@ -1,6 +1,6 @@
 """Where the image model alone puts the shape for a motion prompt.
 
-Single images (diffusers StableDiffusionPipeline of --model, the bundle's 20 steps / guidance 5) for
+Single images (diffusers StableDiffusionPipeline of --model, its gst-diffuse.json steps / guidance) for
 the first --n held-out motion prompts: how often the shape keeps the prompt's colour and lies on the
 side of the middle the direction word names (centroid > 2 px past the middle along the direction).
 A quick check of the direction words' embeddings before any motion training (session 4: shipped rows
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from analyse import Analyser
-from common import DIRECTIONS
+from common import DIRECTIONS, model_defaults
 from evaluate_motion import heldout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,10 +32,11 @@ def main():
     pipe = StableDiffusionPipeline.from_pretrained(a.model, dtype=torch.float32, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     A = Analyser()
+    steps, guidance, _ = model_defaults(a.model)
     items = heldout()[:a.n]
     colour = side = 0
     for i, (p, c) in enumerate(items):
-        img = pipe(p, num_inference_steps=20, guidance_scale=5.0, generator=torch.Generator().manual_seed(i),
+        img = pipe(p, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(i),
                    output_type="np").images[0]
         r = A((img * 255).round().astype(np.uint8))
         colour += r["colour"] == c[1]
