@@ -13,7 +13,8 @@
  * Two kernels: the simple one below (CUDA cores, f32 FMA, any dtype, head
  * dims up to what shared memory holds) and a tensor-core one (WMMA,
  * f16/bf16 with D == Dv <= 256), used for f16/bf16 unless
- * DIFFUSE_CUDA_ATTN=simple. */
+ * DIFFUSE_CUDA_ATTN=simple.  Head dims neither holds (the VAE's 512) take an
+ * unfused cuBLAS path (sdpa_unfused; DIFFUSE_CUDA_ATTN=unfused forces it). */
 #include "common.cuh"
 #include <string.h>
 
@@ -319,7 +320,7 @@ use_wmma (CudaCtx *c, DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, Di
   if (q->shape[3] != v->shape[3] || q->shape[3] > 256 || wmma_smem ((q->shape[3] + 15) / 16 * 16) > c->smem_optin)
     return FALSE;
   const char *e = g_getenv ("DIFFUSE_CUDA_ATTN");
-  return !(e && strcmp (e, "simple") == 0);
+  return !(e && (strcmp (e, "simple") == 0 || strcmp (e, "unfused") == 0));
 }
 
 template <typename T>
@@ -339,6 +340,112 @@ launch_wmma (CudaCtx *c, const AttnArgs &a, int64_t BH, GError **error)
   dim3 grid ((unsigned) ((a.Lq + WM - 1) / WM), (unsigned) BH);
   k_attention_wmma<T><<<grid, WT, smem, c->stream>>> (a, DP);
   return dcu_check_launch (error, "attention (tensor cores)");
+}
+
+/* ---- unfused path for head dims the fused kernels cannot hold ------------
+ * (the VAE's mid-block attention: one head of 512 channels).  S = scale *
+ * Q K^T in f32 through cuBLAS, mask + causal + softmax in f32 (one block per
+ * row), P in the output dtype, O = P V through cuBLAS, as torch's math SDPA.
+ * Query rows go in chunks so S and P stay under UNFUSED_BYTES. */
+#define UNFUSED_BYTES ((size_t) 256 << 20)
+#define SM_NT 256
+
+__device__ static float
+sm_block_reduce (float v, bool is_max)
+{
+  __shared__ float sh[SM_NT / 32];
+  for (int o = 16; o > 0; o >>= 1) {
+    float w = __shfl_xor_sync (0xffffffffu, v, o);
+    v = is_max ? fmaxf (v, w) : v + w;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0)
+    sh[warp] = v;
+  __syncthreads ();
+  float r = is_max ? -INFINITY : 0.0f;
+  for (int i = 0; i < (int) (blockDim.x >> 5); i++)
+    r = is_max ? fmaxf (r, sh[i]) : r + sh[i];
+  __syncthreads ();
+  return r;
+}
+
+/* row (bh, r0 + i) of S [BH][rows][Lk] (f32) -> P (dtype pdt), mask added,
+ * keys after the query masked when causal; a fully masked row gives zeros */
+__global__ void __launch_bounds__ (SM_NT)
+k_attn_softmax (const float *S, char *P, int pdt, const char *mask, int mdt, int64_t ms0, int64_t ms1, int64_t ms2,
+                int64_t ms3, int64_t H, int64_t rows, int64_t r0, int64_t Lk, int causal)
+{
+  const int64_t i = blockIdx.x, bh = blockIdx.y, b = bh / H, h = bh - b * H, q = r0 + i;
+  const float *row = S + (bh * rows + i) * Lk;
+  const int64_t pbase = (bh * rows + i) * Lk;
+  const int64_t n = causal ? MIN (Lk, q + 1) : Lk;
+  const int64_t mo = b * ms0 + h * ms1 + q * ms2;
+  float m = -INFINITY;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+    m = fmaxf (m, row[j] + (mask ? ldf (mask, mdt, mo + j * ms3) : 0.0f));
+  m = sm_block_reduce (m, true);
+  if (m == -INFINITY) {
+    for (int64_t j = threadIdx.x; j < Lk; j += blockDim.x)
+      stf (P, pdt, pbase + j, 0.0f);
+    return;
+  }
+  float sum = 0.0f;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
+    sum += expf (row[j] + (mask ? ldf (mask, mdt, mo + j * ms3) : 0.0f) - m);
+  const float inv = 1.0f / sm_block_reduce (sum, false);
+  for (int64_t j = threadIdx.x; j < Lk; j += blockDim.x)
+    stf (P, pdt, pbase + j,
+         j < n ? expf (row[j] + (mask ? ldf (mask, mdt, mo + j * ms3) : 0.0f) - m) * inv : 0.0f);
+}
+
+static gboolean
+sdpa_unfused (CudaCtx *c, DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor *v,
+              DiffuseTensor *mask, gboolean causal, float scale, GError **error)
+{
+  const int dt = out->dtype;
+  const int64_t B = q->shape[0], H = q->shape[1], Lq = q->shape[2], Lk = k->shape[2], D = q->shape[3],
+                Dv = v->shape[3], BH = B * H;
+  const size_t es = diffuse_dtype_size ((DiffuseDType) dt);
+  if (BH > 65535) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                 "attention on %s: %" G_GINT64_FORMAT " batch*heads (at most 65535)", diffuse_device_name (c->dev), BH);
+    return FALSE;
+  }
+  const size_t per_row = (size_t) BH * Lk * (sizeof (float) + es);
+  int64_t rows = (int64_t) MAX ((size_t) 1, UNFUSED_BYTES / MAX (per_row, (size_t) 1));
+  rows = MIN (rows, Lq);
+  rows = MIN (rows, (int64_t) 65535);
+  DiffuseTensor *qc = dcu_contig (q, dt, error);
+  DiffuseTensor *kc = qc ? dcu_contig (k, dt, error) : NULL;
+  DiffuseTensor *vc = kc ? dcu_contig (v, dt, error) : NULL;
+  float *S = vc ? (float *) dcu_scratch (c, (size_t) BH * rows * Lk * sizeof (float), error) : NULL;
+  char *P = S ? (char *) dcu_scratch (c, (size_t) BH * rows * Lk * es, error) : NULL;
+  gboolean ok = P != NULL;
+  for (int64_t r0 = 0; ok && r0 < Lq; r0 += rows) {
+    const int64_t m = MIN (rows, Lq - r0);
+    /* S^T[Lk, m] (column-major) = K[Lk, D] . Q[r0:r0+m, D]^T */
+    ok = dcu_gemm_ex (c, dt, DIFFUSE_DTYPE_F32, TRUE, FALSE, Lk, m, D, scale, dcu_ptr (kc), D, Lk * D,
+                      dcu_ptr (qc) + (size_t) r0 * D * es, D, Lq * D, 0.0f, S, Lk, rows * Lk, BH, error);
+    if (!ok)
+      break;
+    dim3 grid ((unsigned) m, (unsigned) BH);
+    k_attn_softmax<<<grid, SM_NT, 0, c->stream>>> (S, P, dt, mask ? dcu_ptr (mask) : NULL,
+                                                    mask ? mask->dtype : 0, mask ? mask->stride[0] : 0,
+                                                    mask ? mask->stride[1] : 0, mask ? mask->stride[2] : 0,
+                                                    mask ? mask->stride[3] : 0, H, rows, r0, Lk, causal ? 1 : 0);
+    ok = dcu_check_launch (error, "attention softmax");
+    if (!ok)
+      break;
+    /* O^T[Dv, m] = V^T[Dv, Lk] . P^T[Lk, m] */
+    ok = dcu_gemm (c, dt, FALSE, FALSE, Dv, m, Lk, 1.0f, dcu_ptr (vc), Dv, Lk * Dv, P, Lk, rows * Lk, 0.0f,
+                   dcu_ptr (out) + (size_t) r0 * Dv * es, Dv, Lq * Dv, BH, error);
+  }
+  dcu_scratch_free (c, P);
+  dcu_scratch_free (c, S);
+  diffuse_tensor_clear (&qc);
+  diffuse_tensor_clear (&kc);
+  diffuse_tensor_clear (&vc);
+  return ok;
 }
 
 gboolean
@@ -382,7 +489,9 @@ dcu_sdpa (DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor 
     return launch_wmma<__nv_bfloat16> (c, a, B * a.H, error);
   }
   const size_t smem = sizeof (float) * (size_t) ((BM + BN) * (a.D + a.Dv));
-  if (smem > c->smem_optin || B * a.H > 65535) {
+  if (smem > c->smem_optin || g_strcmp0 (g_getenv ("DIFFUSE_CUDA_ATTN"), "unfused") == 0)
+    return sdpa_unfused (c, out, q, k, v, mask, causal, scale, error);
+  if (B * a.H > 65535) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
                  "attention on %s: head dims %" G_GINT64_FORMAT "/%" G_GINT64_FORMAT " or %" G_GINT64_FORMAT
                  " batch*heads exceed the fused kernel's limits", diffuse_device_name (c->dev), a.D, a.Dv, B * a.H);

@@ -229,6 +229,32 @@ fail:
   return NULL;
 }
 
+/* ops.close: every resource of the device back to the driver (no tensor is alive) */
+static void
+cuda_close (DiffuseDevice *dev)
+{
+  CudaCtx *c = dcu_ctx (dev);
+  cudaSetDevice (c->index);
+  cudaStreamSynchronize (c->stream);
+  dcu_pool_destroy (c);
+  for (int i = 0; i < 2; i++) {
+    if (c->stage[i])
+      cudaFreeHost (c->stage[i]);
+    if (c->stage_ev[i])
+      cudaEventDestroy (c->stage_ev[i]);
+  }
+  if (c->blas)
+    cublasDestroy (c->blas);
+  if (c->blas_ws)
+    cudaFree (c->blas_ws);
+  if (c->stream)
+    cudaStreamDestroy (c->stream);
+  cudaGetLastError ();
+  g_mutex_clear (&c->stage_lock);
+  g_mutex_clear (&c->blas_lock);
+  g_free (c);
+}
+
 /* ---- the table -------------------------------------------------------------------- */
 
 static const DiffuseBackendOps *
@@ -261,6 +287,7 @@ cuda_ops (void)
     ops.sdpa = dcu_sdpa;
     ops.timestep_embedding = dcu_timestep_embedding;
     ops.embedding = dcu_embedding;
+    ops.close = cuda_close;
     g_once_init_leave (&init, 1);
   }
   return &ops;

@@ -265,6 +265,9 @@ gboolean dcu_linear (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, Dif
 gboolean dcu_gemm (CudaCtx *c, int dt, gboolean ta, gboolean tb, int64_t m, int64_t n, int64_t k, float alpha,
                    const void *A, int64_t lda, int64_t sA, const void *B, int64_t ldb, int64_t sB, float beta,
                    void *C, int64_t ldc, int64_t sC, int64_t batch, GError **error);
+gboolean dcu_gemm_ex (CudaCtx *c, int dt, int dtc, gboolean ta, gboolean tb, int64_t m, int64_t n, int64_t k,
+                      float alpha, const void *A, int64_t lda, int64_t sA, const void *B, int64_t ldb, int64_t sB,
+                      float beta, void *C, int64_t ldc, int64_t sC, int64_t batch, GError **error);
 
 /* conv.cu */
 gboolean dcu_conv2d (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTensor *b, int sh, int sw,

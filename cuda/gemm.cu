@@ -21,6 +21,15 @@ dcu_gemm (CudaCtx *c, int dt, gboolean ta, gboolean tb, int64_t m, int64_t n, in
           int64_t lda, int64_t sA, const void *B, int64_t ldb, int64_t sB, float beta, void *C, int64_t ldc,
           int64_t sC, int64_t batch, GError **error)
 {
+  return dcu_gemm_ex (c, dt, dt, ta, tb, m, n, k, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC, batch, error);
+}
+
+/* dcu_gemm with C in its own dtype (e.g. f16 operands, f32 result) */
+gboolean
+dcu_gemm_ex (CudaCtx *c, int dt, int dtc, gboolean ta, gboolean tb, int64_t m, int64_t n, int64_t k, float alpha,
+             const void *A, int64_t lda, int64_t sA, const void *B, int64_t ldb, int64_t sB, float beta, void *C,
+             int64_t ldc, int64_t sC, int64_t batch, GError **error)
+{
   if (m <= 0 || n <= 0 || batch <= 0)
     return TRUE;
   if (m > G_MAXINT || n > G_MAXINT || k > G_MAXINT || lda > G_MAXINT || ldb > G_MAXINT || ldc > G_MAXINT) {
@@ -31,14 +40,14 @@ dcu_gemm (CudaCtx *c, int dt, gboolean ta, gboolean tb, int64_t m, int64_t n, in
   if (k == 0) {
     /* nothing to accumulate: C = beta * C (beta is 0 or 1 here) */
     if (beta == 0.0f) {
-      size_t es = diffuse_dtype_size ((DiffuseDType) dt);
+      size_t es = diffuse_dtype_size ((DiffuseDType) dtc);
       for (int64_t b = 0; b < batch; b++)
         for (int64_t j = 0; j < n; j++)
           DCU_TRY (cudaMemsetAsync ((char *) C + (b * sC + j * ldc) * es, 0, m * es, c->stream), "gemm k=0");
     }
     return TRUE;
   }
-  cudaDataType_t t = cu_type (dt);
+  cudaDataType_t t = cu_type (dt), tc = cu_type (dtc);
   cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   cublasStatus_t s;
   lda = MAX (lda, 1);
@@ -46,10 +55,10 @@ dcu_gemm (CudaCtx *c, int dt, gboolean ta, gboolean tb, int64_t m, int64_t n, in
   g_mutex_lock (&c->blas_lock);
   if (batch == 1)
     s = cublasGemmEx (c->blas, opa, opb, (int) m, (int) n, (int) k, &alpha, A, t, (int) lda, B, t, (int) ldb, &beta, C,
-                      t, (int) ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+                      tc, (int) ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
   else if (batch <= G_MAXINT)
     s = cublasGemmStridedBatchedEx (c->blas, opa, opb, (int) m, (int) n, (int) k, &alpha, A, t, (int) lda, sA, B, t,
-                                    (int) ldb, sB, &beta, C, t, (int) ldc, sC, (int) batch, CUBLAS_COMPUTE_32F,
+                                    (int) ldb, sB, &beta, C, tc, (int) ldc, sC, (int) batch, CUBLAS_COMPUTE_32F,
                                     CUBLAS_GEMM_DEFAULT);
   else
     s = CUBLAS_STATUS_INVALID_VALUE;   /* batch over 2^31 */

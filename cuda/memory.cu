@@ -209,6 +209,14 @@ dcu_pool_destroy (CudaCtx *c)
     return;
   cudaStreamSynchronize (c->stream);
   release_table (p, p->free);
+  {
+    /* graphs never freed: their private pools' cached blocks too */
+    GHashTableIter it;
+    gpointer k, v;
+    g_hash_table_iter_init (&it, p->privates);
+    while (g_hash_table_iter_next (&it, &k, &v))
+      release_table (p, ((PrivatePool *) v)->free);
+  }
   g_hash_table_unref (p->free);
   g_hash_table_unref (p->privates);
   g_hash_table_unref (p->live);

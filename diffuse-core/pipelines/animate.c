@@ -438,6 +438,10 @@ diffuse_animate_generate (DiffuseAnimate *a, const DiffuseAnimateParams *params,
                    "`prompt_embeds` and `negative_prompt_embeds` must have the same shape");
       goto out;
     }
+    if (!_diffuse_pipeline_place (&cond, udev, udt) || !_diffuse_pipeline_place (&uncond, udev, udt)) {
+      op_error (error, "prompt embedding");
+      goto out;
+    }
     DiffuseTensor *pair[2] = { uncond, cond };
     embeds = diffuse_concat (pair, 2, 0);
   } else {
@@ -478,10 +482,14 @@ diffuse_animate_generate (DiffuseAnimate *a, const DiffuseAnimateParams *params,
     goto out;
   }
   float *lat = diffuse_tensor_f32 (latents);
-  diffuse_rng_randn (rng, lat, total);
+  /* in the pipeline's dtype, as diffusers' randn_tensor (see sd.c) */
+  const DiffuseRngDType rdt = _diffuse_pipeline_rng_dtype (udt);
+  diffuse_scheduler_set_noise_dtype (sched, rdt);
+  diffuse_rng_randn_as (rng, rdt, lat, total);
   const float sigma = diffuse_scheduler_init_noise_sigma (sched);
   for (size_t i = 0; i < total; i++)
     lat[i] = lat[i] * sigma;
+  diffuse_rng_round (rdt, lat, total);
 
   /* 4. denoising loop */
   guint n_ts = 0;

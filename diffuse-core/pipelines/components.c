@@ -109,3 +109,22 @@ _diffuse_pipeline_encode_prompt (DiffuseClipTokenizer *tokenizer, DiffuseClipTex
   diffuse_clip_text_output_clear (&out);
   return e;
 }
+
+gboolean
+_diffuse_pipeline_place (DiffuseTensor **t, DiffuseDevice *dev, DiffuseDType dt)
+{
+  if (!*t)
+    return FALSE;
+  DiffuseTensor *d = diffuse_to_device (*t, dev);
+  DiffuseTensor *c = d ? diffuse_cast (d, dt) : NULL;
+  diffuse_tensor_clear (&d);
+  diffuse_tensor_clear (t);
+  *t = c;
+  return c != NULL;
+}
+
+DiffuseRngDType
+_diffuse_pipeline_rng_dtype (DiffuseDType dt)
+{
+  return dt == DIFFUSE_DTYPE_F16 ? DIFFUSE_RNG_F16 : dt == DIFFUSE_DTYPE_BF16 ? DIFFUSE_RNG_BF16 : DIFFUSE_RNG_F32;
+}

@@ -8,6 +8,7 @@
 #include <diffuse/vae.h>
 #include <diffuse/clip_text.h>
 #include <diffuse/clip_tokenizer.h>
+#include <diffuse/rng.h>
 
 G_BEGIN_DECLS
 
@@ -24,5 +25,13 @@ DiffuseClipTokenizer *_diffuse_pipeline_tokenizer (DiffusePipelineModel *pm, GEr
 /* [1, L, D] prompt embeddings (diffusers' encode_prompt for one prompt; clip_skip 0 = none). */
 DiffuseTensor *_diffuse_pipeline_encode_prompt (DiffuseClipTokenizer *tokenizer, DiffuseClipText *text_encoder,
                                                 const char *text, int clip_skip, GError **error);
+
+/* *t moved to dev and cast to dt (in place; the old reference is dropped).
+ * Caller-supplied embeddings live wherever the caller made them (diffusers'
+ * prompt_embeds.to(device, dtype)).  FALSE (and *t NULL) on failure. */
+gboolean _diffuse_pipeline_place (DiffuseTensor **t, DiffuseDevice *dev, DiffuseDType dt);
+
+/* The dtype diffusers' randn_tensor draws in for tensors of dtype dt. */
+DiffuseRngDType _diffuse_pipeline_rng_dtype (DiffuseDType dt);
 
 G_END_DECLS

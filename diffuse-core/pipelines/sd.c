@@ -346,6 +346,12 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     DiffuseTensor *r = repeat_batch (uncond, n);
     diffuse_tensor_unref (uncond);
     uncond = r;
+    /* both where the UNet runs (prompt_embeds given by the caller may be elsewhere) */
+    if (!_diffuse_pipeline_place (&cond, dev, diffuse_unet_dtype (sd->unet)) ||
+        !_diffuse_pipeline_place (&uncond, dev, diffuse_unet_dtype (sd->unet))) {
+      op_error (error, "prompt embedding");
+      goto out;
+    }
     DiffuseTensor *pair[2] = { uncond, cond };
     embeds = diffuse_concat (pair, 2, 0);
   } else {
@@ -366,6 +372,11 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   if (!sched || !diffuse_scheduler_set_timesteps (sched, (guint) p.num_inference_steps, error))
     goto out;
   diffuse_scheduler_set_eta (sched, p.eta);
+  /* diffusers draws every noise in the pipeline's dtype (randn_tensor (...,
+   * dtype=prompt_embeds.dtype / model_output.dtype)): an f16 pipeline draws
+   * f16 values, another stream than f32 */
+  const DiffuseRngDType rdt = _diffuse_pipeline_rng_dtype (diffuse_unet_dtype (sd->unet));
+  diffuse_scheduler_set_noise_dtype (sched, rdt);
   rng = diffuse_rng_new (p.seed);
 
   const int C = diffuse_unet_in_channels (sd->unet);
@@ -382,10 +393,11 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
 
   if (sd->task == DIFFUSE_SD_TEXT2IMG) {
     /* 3. prepare_latents: randn(shape, generator) * init_noise_sigma */
-    diffuse_rng_randn (rng, lat, total);
+    diffuse_rng_randn_as (rng, rdt, lat, total);
     float sigma = diffuse_scheduler_init_noise_sigma (sched);
     for (size_t i = 0; i < total; i++)
       lat[i] = lat[i] * sigma;
+    diffuse_rng_round (rdt, lat, total);   /* the product is a tensor of that dtype too */
   } else {
     /* 3'. get_timesteps + prepare_latents of the img2img pipeline */
     guint steps_left = 0;
@@ -418,7 +430,7 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     /* latent_dist.sample(generator): the generator's first draw */
     size_t nl = (size_t) diffuse_tensor_numel (mean);
     noise_buf = g_new (float, MAX (nl, total));
-    diffuse_rng_randn (rng, noise_buf, nl);
+    diffuse_rng_randn_as (rng, _diffuse_pipeline_rng_dtype (diffuse_vae_dtype (sd->vae)), noise_buf, nl);
     DiffuseTensor *z = diffuse_vae_posterior_sample (mean, logvar, noise_buf, error);
     diffuse_tensor_unref (mean);
     diffuse_tensor_unref (logvar);
@@ -435,10 +447,12 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
       for (size_t i = 0; i < per; i++)
         lat[b * per + i] = sf * zp[i];
     diffuse_tensor_unref (zh);
+    diffuse_rng_round (rdt, lat, total);
     /* noise = randn(shape, generator); add_noise at the first timestep */
-    diffuse_rng_randn (rng, noise_buf, total);
+    diffuse_rng_randn_as (rng, rdt, noise_buf, total);
     if (!diffuse_scheduler_add_noise (sched, lat, noise_buf, lat, total, ts[begin], error))
       goto out;
+    diffuse_rng_round (rdt, lat, total);
   }
 
   /* 4. denoising loop */

@@ -9,6 +9,7 @@
 #endif
 
 #include "diffuse/rng.h"
+#include "diffuse/tensor.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -329,4 +330,22 @@ void
 diffuse_rng_randn (DiffuseRng *rng, float *out, size_t n)
 {
   diffuse_rng_randn_dtype (rng, DIFFUSE_RNG_F32, out, n);
+}
+
+void
+diffuse_rng_round (DiffuseRngDType dtype, float *out, size_t n)
+{
+  if (dtype == DIFFUSE_RNG_F16)
+    for (size_t i = 0; i < n; i++)
+      out[i] = diffuse_f16_to_f32 (diffuse_f32_to_f16 (out[i]));
+  else if (dtype == DIFFUSE_RNG_BF16)
+    for (size_t i = 0; i < n; i++)
+      out[i] = diffuse_bf16_to_f32 (diffuse_f32_to_bf16 (out[i]));
+}
+
+void
+diffuse_rng_randn_as (DiffuseRng *rng, DiffuseRngDType dtype, float *out, size_t n)
+{
+  diffuse_rng_randn_dtype (rng, dtype, out, n);
+  diffuse_rng_round (dtype, out, n);
 }

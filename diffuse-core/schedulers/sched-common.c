@@ -437,7 +437,7 @@ sched_draw_noise (DiffuseScheduler *s, DiffuseRng *rng, float *out, size_t n, GE
                  "%s: this step draws noise and needs a generator (rng is NULL)", s->klass->name);
     return FALSE;
   }
-  diffuse_rng_randn (rng, out, n);
+  diffuse_rng_randn_as (rng, s->noise_dtype, out, n);
   return TRUE;
 }
 

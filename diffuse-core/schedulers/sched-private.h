@@ -78,6 +78,7 @@ struct _DiffuseScheduler {
   size_t n;                 /* sample size of the run (0 = not yet known) */
 
   double eta;               /* DDIM */
+  DiffuseRngDType noise_dtype;   /* dtype of randn_tensor in steps (model_output.dtype) */
   gpointer priv;
 };
 

@@ -365,6 +365,14 @@ diffuse_scheduler_apply_strength (DiffuseScheduler *s, double strength, guint *n
 }
 
 void
+diffuse_scheduler_set_noise_dtype (DiffuseScheduler *s, DiffuseRngDType dtype)
+{
+  g_return_if_fail (s != NULL);
+  g_return_if_fail (dtype == DIFFUSE_RNG_F32 || dtype == DIFFUSE_RNG_F16 || dtype == DIFFUSE_RNG_BF16);
+  s->noise_dtype = dtype;
+}
+
+void
 diffuse_scheduler_set_eta (DiffuseScheduler *s, double eta)
 {
   g_return_if_fail (s != NULL);

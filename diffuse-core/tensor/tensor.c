@@ -117,6 +117,35 @@ open_backend_device (BackendEntry *e, int index, GError **error)
   return dev;
 }
 
+gboolean
+diffuse_devices_shutdown (void)
+{
+  gboolean all = TRUE;
+  g_mutex_lock (&backends_lock);
+  for (guint i = 0; backends && i < backends->len; i++) {
+    BackendEntry *e = g_ptr_array_index (backends, i);
+    for (guint j = 0; j < e->opened->len; j++) {
+      DiffuseDevice *dev = g_ptr_array_index (e->opened, j);
+      if (!dev)
+        continue;
+      gint64 live = __atomic_load_n (&dev->resident, __ATOMIC_RELAXED);
+      if (live != 0) {
+        g_warning ("%s: %" G_GINT64_FORMAT " bytes of tensors still alive: the device stays open", dev->name,
+                   live);
+        all = FALSE;
+        continue;
+      }
+      if (dev->ops->close)
+        dev->ops->close (dev);
+      g_ptr_array_index (e->opened, j) = NULL;
+      g_free (dev->name);
+      g_free (dev);
+    }
+  }
+  g_mutex_unlock (&backends_lock);
+  return all;
+}
+
 /* Accelerator backends built into this library register themselves once,
  * the first time a device is asked for by name. */
 static void

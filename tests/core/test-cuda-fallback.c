@@ -140,6 +140,45 @@ test_gpu_roundtrip (void)
   g_assert_cmpuint (after.resident_bytes, ==, before.resident_bytes);
 }
 
+/* diffuse_devices_shutdown: refuses while a tensor is alive on the device
+ * (warning), closes it once none is, and the device opens afresh after. */
+static void
+test_shutdown (void)
+{
+  if (!have_gpu ()) {
+    g_assert_true (diffuse_devices_shutdown ());   /* nothing opened: nothing to do */
+    g_test_skip ("no CUDA device: only the no-device case checked");
+    return;
+  }
+  DiffuseDevice *gpu = diffuse_device_get ("cuda:0", NULL);
+  float v[4] = { 1, -2, 3, 0.5f };
+  int64_t shape[1] = { 4 };
+  DiffuseTensor *x = diffuse_tensor_from_f32 (v, 1, shape);
+  DiffuseTensor *xg = diffuse_to_device (x, gpu);
+  g_assert_nonnull (xg);
+  g_test_expect_message ("diffuse", G_LOG_LEVEL_WARNING, "cuda:0: * bytes of tensors still alive*");
+  g_assert_false (diffuse_devices_shutdown ());
+  g_test_assert_expected_messages ();
+  diffuse_tensor_unref (xg);
+  g_assert_true (diffuse_devices_shutdown ());
+  /* opened again: a working device */
+  g_autoptr (GError) err = NULL;
+  gpu = diffuse_device_get ("cuda:0", &err);
+  g_assert_no_error (err);
+  xg = diffuse_to_device (x, gpu);
+  DiffuseTensor *y = diffuse_scale (xg, 2, 1);
+  DiffuseTensor *yh = diffuse_to_device (y, diffuse_device_cpu ());
+  g_assert_nonnull (yh);
+  const float *py = diffuse_tensor_f32 (yh);
+  for (int i = 0; i < 4; i++)
+    g_assert_cmpfloat (py[i], ==, v[i] * 2 + 1);
+  diffuse_tensor_unref (yh);
+  diffuse_tensor_unref (y);
+  diffuse_tensor_unref (xg);
+  diffuse_tensor_unref (x);
+  g_assert_true (diffuse_devices_shutdown ());
+}
+
 int
 main (int argc, char **argv)
 {
@@ -148,5 +187,6 @@ main (int argc, char **argv)
   g_test_add_func ("/cuda-fallback/missing-device", test_missing_device);
   g_test_add_func ("/cuda-fallback/disable-env", test_disable_env);
   g_test_add_func ("/cuda-fallback/gpu-roundtrip", test_gpu_roundtrip);
+  g_test_add_func ("/cuda-fallback/shutdown", test_shutdown);
   return g_test_run ();
 }

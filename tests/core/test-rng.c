@@ -197,6 +197,12 @@ test_rng_fixtures (void)
         guint16 g = e->dtype == DIFFUSE_ST_F16 ? to_f16 (got[i]) : to_bf16 (got[i]);
         if (g != w)
           g_error ("%s (%s)[%zu]: got 0x%04x, torch 0x%04x", name, dtag, i, g, w);
+        /* diffuse_rng_round (what diffuse_rng_randn_as returns) is torch's tensor value exactly */
+        float r = got[i];
+        diffuse_rng_round (e->dtype == DIFFUSE_ST_F16 ? DIFFUSE_RNG_F16 : DIFFUSE_RNG_BF16, &r, 1);
+        float tv = e->dtype == DIFFUSE_ST_F16 ? diffuse_f16_to_f32 (w) : diffuse_bf16_to_f32 (w);
+        if (f2u (r) != f2u (tv))
+          g_error ("%s (%s)[%zu]: diffuse_rng_round gives %.9g, torch %.9g", name, dtag, i, r, tv);
       }
     }
     n_cases++;

@@ -67,6 +67,11 @@ struct _DiffuseBackendOps {
   gboolean (*timestep_embedding) (DiffuseTensor *out, DiffuseTensor *t, gboolean flip_sin_to_cos,
                                   float downscale_freq_shift, float scale, float max_period, GError **error);
   gboolean (*embedding) (DiffuseTensor *out, DiffuseTensor *table, const int32_t *ids, int64_t n, GError **error);
+
+  /* optional: gives every resource of the device back (cached memory,
+   * streams, library handles) and frees backend_data; called by
+   * diffuse_devices_shutdown() only when no storage is alive on dev */
+  void (*close) (DiffuseDevice *dev);
 };
 
 /* Creates a device record for a backend (called by the backend itself). */

@@ -69,6 +69,14 @@ void diffuse_rng_randn (DiffuseRng *rng, float *out, size_t n);
 /* torch.randn (n elements, dtype) before the final cast (see above). */
 void diffuse_rng_randn_dtype (DiffuseRng *rng, DiffuseRngDType dtype, float *out, size_t n);
 
+/* torch.randn (n elements, dtype) as the tensor holds them: the values of
+ * diffuse_rng_randn_dtype rounded (nearest-even) to f16/bf16 and returned as
+ * floats.  diffusers draws its noise this way in the pipeline's dtype
+ * (randn_tensor (..., dtype=prompt_embeds.dtype) / model_output.dtype). */
+void diffuse_rng_randn_as (DiffuseRng *rng, DiffuseRngDType dtype, float *out, size_t n);
+/* out[i] rounded to dtype (nearest-even), in place; F32: unchanged. */
+void diffuse_rng_round (DiffuseRngDType dtype, float *out, size_t n);
+
 /* The raw engine: the next 32-bit word (torch's generator.random ()). */
 guint32 diffuse_rng_next_u32 (DiffuseRng *rng);
 

@@ -63,6 +63,14 @@ typedef struct {
 } DiffuseMemStats;
 
 void diffuse_device_get_mem_stats (DiffuseDevice *dev, DiffuseMemStats *out);
+
+/* Closes every accelerator device this process opened: cached device memory,
+ * streams and library handles go back to the driver (for leak checkers such
+ * as compute-sanitizer, and hosts that unload the library).  Call it when
+ * every tensor is freed; a device still holding tensors stays open, with a
+ * warning naming it and its bytes, and the call returns FALSE.  A later
+ * diffuse_device_get() opens a device afresh.  The CPU device is unaffected. */
+gboolean diffuse_devices_shutdown (void);
 void diffuse_device_reset_peak (DiffuseDevice *dev);
 
 /* Number of CPU threads used by the CPU backend (0 = all cores). */

@@ -11,6 +11,7 @@
 #
 # Steps (ONLY="ops,bench" runs a subset; each step has its own timeout so a
 # hang costs one step, not the call):
+# Default order: correctness first (info, ops, sd, sanitize), then bench and profile.
 #   info      nvidia-smi, library check, test-cuda-fallback (GPU parts run)
 #   ops       gpu-ops: every torch op case on cuda:0, native/f16/bf16, + CUDA graph check
 #   bench     full-size SD 1.5, random fp16 weights: diffusers eager fp16 SDPA vs ours,
@@ -26,10 +27,9 @@ ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 cd "$ROOT"
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
-ONLY=${ONLY:-info,ops,bench,profile,sd,sanitize}
+ONLY=${ONLY:-info,ops,sd,sanitize,bench,profile}
 LOG=$OUT/run.log
 exec > >(tee -a "$LOG") 2>&1
-want () { case ",$ONLY," in *",$1,"*) return 0 ;; esac; return 1; }
 T0=$(date +%s)
 stamp () { echo "=== [$(( $(date +%s) - T0 )) s] $*"; }
 # a step's timeout: its own limit, cut so the whole script ends by BUDGET s
@@ -60,23 +60,23 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1
 
-if want info; then
+step_info () {
   stamp "info"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
   echo "our LD_LIBRARY_PATH=$OURLIB"
   ours ldd $BIN/gpu-ops | grep -E "not found|cublas|cudart|diffuse"
   ours timeout $(tmo 60) $BIN/test-cuda-fallback; RES[fallback]=$?
-fi
+}
 
-if want ops; then
+step_ops () {
   stamp "ops: gpu-ops (every torch op case on cuda:0, native/f16/bf16, graph check)"
   ours timeout $(tmo 120) $BIN/gpu-ops --device cuda:0 --report $OUT/gpu-ops.txt > $W/gpu-ops.out 2>$W/gpu-ops.err; RES[ops]=$?
   grep -E "^FAIL" $W/gpu-ops.out | head -40
   tail -c 2000 $W/gpu-ops.err
   grep -E "^SUMMARY|^SKIP|graph" $W/gpu-ops.out
-fi
+}
 
-if want bench; then
+step_bench () {
   stamp "bench: make full-size SD 1.5 (random fp16 weights)"
   M=$W/sd15
   if [ ! -f $M/model_index.json ]; then
@@ -89,12 +89,54 @@ if want bench; then
   stamp "bench: ours (sd-bench-gpu, f16)"
   ours timeout $(tmo 200) $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 --size 512 --runs 5 \
     --out $OUT/ours.ppm --json $OUT/ours.json 2>&1 | tail -5; RES[bench_ours]=${PIPESTATUS[0]}
+  stamp "bench: ours with the unfused attention (DIFFUSE_CUDA_ATTN=unfused: cuBLAS QK^T, softmax, PV)"
+  DIFFUSE_CUDA_ATTN=unfused ours timeout $(tmo 120) $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 \
+    --size 512 --runs 5 --out $W/ours-unfused.ppm --json $W/ours-unfused.json 2>&1 | tail -3
+  RES[bench_unfused]=${PIPESTATUS[0]}
+  if [ -f $W/ours-unfused.ppm ] && [ -f $OUT/diffusers.ppm ]; then
+    echo "unfused attention: $(python3 tests/bench/gpu/sd15_diffusers.py psnr $OUT/diffusers.ppm $W/ours-unfused.ppm)"
+  fi
   if [ -f $OUT/ours.ppm ] && [ -f $OUT/diffusers.ppm ]; then
     python3 tests/bench/gpu/sd15_diffusers.py psnr $OUT/diffusers.ppm $OUT/ours.ppm | tee $OUT/psnr.json
   fi
-fi
+}
 
-if want profile; then
+step_diag () {
+  # where ours and diffusers part on the full-size model: images after 1 and 2
+  # steps, a VAE decode of fixed latents, the text encoder's hidden state; f16 and f32
+  M=$W/sd15
+  if [ ! -f $M/model_index.json ]; then
+    timeout $(tmo 150) python3 tests/bench/gpu/sd15_diffusers.py make $M tests/fixtures/clip-tokenizer 2>&1 | tail -1
+  fi
+  D=$W/diag
+  mkdir -p $D
+  for dt in float16 float32; do
+    stamp "diag: diffusers $dt"
+    timeout $(tmo 90) python3 tests/bench/gpu/sd15_diffusers.py diag $M --outdir $D --dtype $dt 2>&1 | grep -vE "Warning|deprecate" | tail -3
+    o=$([ $dt = float16 ] && echo f16 || echo f32)
+    stamp "diag: ours $o"
+    ours timeout $(tmo 60) $BIN/sd-bench-gpu $M --device cuda:0 --dtype $o --steps 1 --runs 1 --out $D/ours-$dt-s1.ppm \
+      --vae-out $D/ours-$dt-vae.ppm --te-out $D/ours-$dt-te.bin > /dev/null 2>$W/diag.err || tail -3 $W/diag.err
+    ours timeout $(tmo 60) $BIN/sd-bench-gpu $M --device cuda:0 --dtype $o --steps 2 --runs 1 --out $D/ours-$dt-s2.ppm \
+      > /dev/null 2>$W/diag.err || tail -3 $W/diag.err
+    ours timeout $(tmo 60) $BIN/sd-bench-gpu $M --device cuda:0 --dtype $o --steps 1 --guidance 1 --runs 1 \
+      --out $D/ours-$dt-s1g1.ppm > /dev/null 2>$W/diag.err || tail -3 $W/diag.err
+  done
+  cp $D/diffusers-float16-s1.ppm $D/ours-float16-s1.ppm $D/diffusers-float32-s1.ppm $D/ours-float32-s1.ppm $OUT/ 2>/dev/null
+  python3 tests/bench/gpu/sd15_diffusers.py compare $D | tee $OUT/diag.txt
+}
+
+step_blocks () {
+  # diffusers' own float16 run against its float32 run, block by block (sd15_diffusers.py blocks)
+  M=$W/sd15
+  if [ ! -f $M/model_index.json ]; then
+    timeout $(tmo 150) python3 tests/bench/gpu/sd15_diffusers.py make $M tests/fixtures/clip-tokenizer 2>&1 | tail -1
+  fi
+  stamp "blocks: diffusers float16 vs float32 on one CFG UNet call, step and decode"
+  timeout $(tmo 90) python3 tests/bench/gpu/sd15_diffusers.py blocks $M 2>&1 | grep -vE "Loading|Warning|deprecate" | tail -24
+}
+
+step_profile () {
   stamp "profile: per-op time of ours (DIFFUSE_CUDA_PROFILE=1, sd-bench-gpu 4 steps)"
   if [ -f $W/sd15/model_index.json ]; then
     DIFFUSE_CUDA_PROFILE=1 ours timeout $(tmo 120) $BIN/sd-bench-gpu $W/sd15 --device cuda:0 --dtype f16 --steps 4 \
@@ -102,16 +144,18 @@ if want profile; then
   else
     echo "no model (run the bench step first)"
   fi
-fi
+}
 
-if want sd; then
+step_sd () {
   stamp "sd: test-sd on cuda:0 (tiny pipelines vs diffusers fixtures)"
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 120) $BIN/test-sd 2>&1 | grep -vE "^# (Start|End)" | tail -40; RES[sd]=${PIPESTATUS[0]}
+  stamp "sd: test-sd-f16 on cuda:0 (the tiny pipeline loaded in f16 vs diffusers float16)"
+  DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 60) $BIN/test-sd-f16 2>&1 | grep -E "^# A|ok" | tail -8; RES[sd_f16]=${PIPESTATUS[0]}
   stamp "sd: test-animate on cuda:0 (tiny AnimateDiff pipelines vs diffusers fixtures)"
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 90) $BIN/test-animate 2>&1 | grep -vE "^# (Start|End)" | tail -30; RES[animate]=${PIPESTATUS[0]}
-fi
+}
 
-if want sanitize; then
+step_sanitize () {
   stamp "sanitize: compute-sanitizer memcheck, tiny-sd generate f16 on cuda:0"
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   if [ -n "$CS" ]; then
@@ -119,10 +163,19 @@ if want sanitize; then
       $BIN/sd-bench-gpu tests/fixtures/pipelines/tiny-sd --device cuda:0 --dtype f16 --steps 2 --size 64 --runs 1 \
       2>&1 | tail -3; RES[sanitize]=${PIPESTATUS[0]}
     grep -E "ERROR SUMMARY|LEAK SUMMARY|Invalid|out of bounds" $OUT/sanitizer.log | head -20
+    stamp "sanitize: the same with the unfused attention path"
+    DIFFUSE_CUDA_ATTN=unfused ours timeout $(tmo 120) $CS --tool memcheck --leak-check full --error-exitcode 3 \
+      --log-file $W/sanitizer-unfused.log $BIN/sd-bench-gpu tests/fixtures/pipelines/tiny-sd --device cuda:0 \
+      --dtype f16 --steps 2 --size 64 --runs 1 2>&1 | tail -1; RES[sanitize_unfused]=${PIPESTATUS[0]}
+    grep -E "ERROR SUMMARY|LEAK SUMMARY|Invalid|out of bounds" $W/sanitizer-unfused.log | head -10
   else
     echo "compute-sanitizer not found"; RES[sanitize]=127
   fi
-fi
+}
+
+for s in ${ONLY//,/ }; do
+  if declare -F step_$s >/dev/null; then step_$s; else echo "unknown step $s"; fi
+done
 
 stamp "summary"
 for k in "${!RES[@]}"; do printf "  %-16s exit %s\n" "$k" "${RES[$k]}"; done

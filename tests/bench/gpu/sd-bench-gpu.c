@@ -23,6 +23,7 @@
 #include <diffuse/clip_text.h>
 #include <diffuse/diffuse.h>
 #include <diffuse/vae.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,6 +87,45 @@ die (const char *what, GError *err)
   exit (1);
 }
 
+/* a host f32 contiguous copy of t (diagnostic outputs) */
+static DiffuseTensor *
+host_f32 (DiffuseTensor *t)
+{
+  DiffuseTensor *h = diffuse_to_device (t, diffuse_device_cpu ());
+  DiffuseTensor *f = diffuse_cast (h, DIFFUSE_DTYPE_F32);
+  DiffuseTensor *c = diffuse_contiguous (f);
+  diffuse_tensor_clear (&h);
+  diffuse_tensor_clear (&f);
+  return c;
+}
+
+/* [1, 3, H, W] decoder output in [-1, 1] -> PPM as diffusers' postprocess: (x / 2 + 0.5).clamp(0, 1) * 255, rounded */
+static void
+write_decoded_ppm (const char *path, DiffuseTensor *x)
+{
+  DiffuseTensor *c = host_f32 (x);
+  const int64_t *sh = c->shape;
+  int64_t H = sh[2], W = sh[3], plane = H * W;
+  const float *v = diffuse_tensor_f32 (c);
+  guint8 *rgb = g_malloc ((gsize) plane * 3);
+  for (int64_t i = 0; i < plane; i++)
+    for (int k = 0; k < 3; k++) {
+      float u = v[k * plane + i] / 2.0f + 0.5f;
+      u = u < 0.0f ? 0.0f : u > 1.0f ? 1.0f : u;
+      rgb[i * 3 + k] = (guint8) lrintf (u * 255.0f);
+    }
+  FILE *f = fopen (path, "wb");
+  if (!f) {
+    perror (path);
+    exit (1);
+  }
+  fprintf (f, "P6\n%" G_GINT64_FORMAT " %" G_GINT64_FORMAT "\n255\n", W, H);
+  fwrite (rgb, 1, (size_t) plane * 3, f);
+  fclose (f);
+  g_free (rgb);
+  diffuse_tensor_unref (c);
+}
+
 static void
 write_ppm (const char *path, const DiffuseImage *img)
 {
@@ -106,6 +146,7 @@ int
 main (int argc, char **argv)
 {
   g_autofree char *device_o = NULL, *dtype_o = NULL, *prompt_o = NULL, *out_path = NULL, *json_path = NULL;
+  g_autofree char *vae_out = NULL, *te_out = NULL;
   int steps = 20, size = 512, runs = 5, seed = 0;
   double guidance = 7.5;
   GOptionEntry entries[] = {
@@ -119,6 +160,9 @@ main (int argc, char **argv)
     { "prompt", 0, 0, G_OPTION_ARG_STRING, &prompt_o, "prompt", "P" },
     { "out", 0, 0, G_OPTION_ARG_STRING, &out_path, "image of the first timed run (PPM)", "FILE" },
     { "json", 0, 0, G_OPTION_ARG_STRING, &json_path, "results", "FILE" },
+    { "vae-out", 0, 0, G_OPTION_ARG_STRING, &vae_out, "the VAE decode of the fixed latents (PPM; diagnostics)", "FILE" },
+    { "te-out", 0, 0, G_OPTION_ARG_STRING, &te_out, "the text encoder's last hidden state for the fixed ids (raw f32)",
+      "FILE" },
     { NULL },
   };
   GError *err = NULL;
@@ -224,10 +268,10 @@ main (int argc, char **argv)
     int h = size / diffuse_vae_scale_factor (vae);
     int64_t n = 4 * (int64_t) h * h;
     float *v = g_new (float, n);
-    guint32 s = 1;
     for (int64_t i = 0; i < n; i++) {
-      s = s * 1664525u + 1013904223u;
-      v[i] = ((s >> 8) / 16777216.0f - 0.5f) * 4.0f;   /* ~ latents / scaling_factor range */
+      /* the same values as sd15_diffusers.py's fixed_latents (~ latents / scaling_factor range) */
+      guint32 s = (guint32) ((guint64) i * 2654435761u);
+      v[i] = (float) ((s / 4294967296.0 - 0.5) * 4.0);
     }
     int64_t shape[4] = { 1, 4, h, h };
     DiffuseTensor *lh = diffuse_tensor_from_f32 (v, 4, shape);
@@ -238,6 +282,8 @@ main (int argc, char **argv)
       DiffuseTensor *img = diffuse_vae_decode (vae, lat, NULL, &err);
       if (!img)
         die ("vae decode", err);
+      if (r == -1 && vae_out)
+        write_decoded_ppm (vae_out, img);
       sync_dev ();
       if (r >= 0)
         tmp[r] = (g_get_monotonic_time () - a) / 1e3;
@@ -266,6 +312,13 @@ main (int argc, char **argv)
         DiffuseClipTextOutput o = { 0 };
         if (!diffuse_clip_text_forward (te, ids, 1, L, NULL, &o, &err))
           die ("text encode", err);
+        if (r == -1 && k == 0 && te_out) {
+          DiffuseTensor *hc = host_f32 (o.last_hidden_state);
+          if (!g_file_set_contents (te_out, (const char *) diffuse_tensor_f32 (hc),
+                                    (gssize) (diffuse_tensor_numel (hc) * sizeof (float)), &err))
+            die ("te-out", err);
+          diffuse_tensor_unref (hc);
+        }
         diffuse_clip_text_output_clear (&o);
       }
       sync_dev ();
@@ -294,5 +347,11 @@ main (int argc, char **argv)
   diffuse_sd_unref (sd);
   diffuse_pipeline_model_unref (pm);
   diffuse_component_cache_unref (cache);
+  /* every device resource back to the driver (compute-sanitizer's leak check);
+   * FALSE: a tensor of ours is still alive */
+  if (!diffuse_devices_shutdown ()) {
+    fprintf (stderr, "error: tensors still alive on the device at exit\n");
+    return 1;
+  }
   return 0;
 }

@@ -4,6 +4,14 @@
   sd15_diffusers.py make  OUTDIR TOKENIZER_DIR   full-size SD 1.5 with random weights, fp16, diffusers format
   sd15_diffusers.py bench MODEL_DIR --out IMG.ppm --json FILE [--steps 20 --size 512 --runs 5 --seed 0]
   sd15_diffusers.py psnr  A.ppm B.ppm             PSNR (dB) of two 8-bit images
+  sd15_diffusers.py diag  MODEL_DIR --outdir D --dtype float16|float32
+        diagnostic outputs to compare with sd-bench-gpu's (--out/--vae-out/--te-out):
+        D/diffusers-<dtype>-s<N>.ppm (N = 1, 2 steps), -s1g1.ppm (1 step, guidance 1), D/diffusers-<dtype>-vae.ppm (decode of
+        fixed_latents), D/diffusers-<dtype>-te.bin (text encoder last hidden state of TE_IDS, f32)
+  sd15_diffusers.py compare D                      PSNR / max difference of every pair in D
+  sd15_diffusers.py blocks MODEL_DIR               where diffusers' own float16 run parts from its float32 run:
+        one CFG UNet call on the same inputs, per block (max |x|, infs, relative error), then the
+        first PNDM step and the VAE decode of its result
 
 bench measures what sd-bench-gpu.c measures, the same way (see its header):
 load_to_first_step_s (from_pretrained + .to("cuda") + the first generate up
@@ -93,6 +101,136 @@ def read_ppm(path):
     return np.frombuffer(parts[4][: w * h * 3], dtype=np.uint8).reshape(h, w, 3)
 
 
+def fixed_latents(h):
+    """[1, 4, h, h]: the values sd-bench-gpu.c decodes (a multiplicative hash of the index)"""
+    i = np.arange(4 * h * h, dtype=np.uint64)
+    s = (i * np.uint64(2654435761)) % np.uint64(2 ** 32)
+    return ((s.astype(np.float64) / 2 ** 32 - 0.5) * 4.0).astype(np.float32).reshape(1, 4, h, h)
+
+
+TE_IDS = [49406, 320] + [49407] * 75   # sd-bench-gpu.c's text-encode ids
+
+
+def diag(a):
+    from diffusers import StableDiffusionPipeline
+
+    dt = getattr(torch, a.dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(a.model, torch_dtype=dt, safety_checker=None,
+                                                   requires_safety_checker=False).to(a.device)
+    pipe.set_progress_bar_config(disable=True)
+    os.makedirs(a.outdir, exist_ok=True)
+    tag = os.path.join(a.outdir, "diffusers-" + a.dtype)
+    for steps, cfg, name in ((1, 7.5, "s1"), (2, 7.5, "s2"), (1, 1.0, "s1g1")):
+        g = torch.Generator("cpu").manual_seed(0)
+        img = pipe(PROMPT, height=512, width=512, num_inference_steps=steps, guidance_scale=cfg, generator=g,
+                   output_type="np").images[0]
+        write_ppm(f"{tag}-{name}.ppm", (np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+    with torch.no_grad():
+        lat = torch.from_numpy(fixed_latents(64)).to(a.device, dt)
+        x = pipe.vae.decode(lat, return_dict=False)[0].float()
+        u8 = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).cpu().numpy()
+        write_ppm(f"{tag}-vae.ppm", np.ascontiguousarray(u8))
+        h = pipe.text_encoder(torch.tensor([TE_IDS], device=a.device))[0].float().cpu().numpy()
+        h.tofile(f"{tag}-te.bin")
+
+
+def compare(d):
+    rows = []
+    for f in sorted(os.listdir(d)):
+        if not f.startswith("diffusers-"):
+            continue
+        o = os.path.join(d, "ours-" + f[len("diffusers-"):])
+        if not os.path.exists(o):
+            continue
+        p = os.path.join(d, f)
+        if f.endswith(".ppm"):
+            x, y = read_ppm(p).astype(np.float64), read_ppm(o).astype(np.float64)
+            mse = float(np.mean((x - y) ** 2))
+            v = float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+            rows.append(f"{f[len('diffusers-'):]:28s} PSNR {v:7.2f} dB  max |diff| {np.abs(x - y).max():.0f} levels")
+        else:
+            x, y = np.fromfile(p, dtype=np.float32), np.fromfile(o, dtype=np.float32)
+            if x.shape != y.shape:
+                rows.append(f"{f}: sizes differ {x.shape} {y.shape}")
+                continue
+            rows.append(f"{f[len('diffusers-'):]:28s} max |diff| {np.abs(x - y).max():.4g}  max |want| "
+                        f"{np.abs(x).max():.4g}  corr {np.corrcoef(x, y)[0, 1]:.6f}")
+    # the same side in f16 against f32: how far f16 alone moves each side
+    for side in ("diffusers", "ours"):
+        for name in ("s1", "s1g1", "vae"):
+            p, o = (os.path.join(d, f"{side}-{t}-{name}.ppm") for t in ("float16", "float32"))
+            if os.path.exists(p) and os.path.exists(o):
+                x, y = read_ppm(p).astype(np.float64), read_ppm(o).astype(np.float64)
+                mse = float(np.mean((x - y) ** 2))
+                v = float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+                rows.append(f"{side} f16 vs f32 {name:12s} PSNR {v:7.2f} dB")
+    print("\n".join(rows))
+
+
+def blocks(a):
+    from diffusers import StableDiffusionPipeline
+
+    DEV = os.environ.get("SD15_DEVICE", "cuda")   # cpu: a smoke test on a --tiny model
+    pipes = {}
+    for dt in (torch.float32, torch.float16):
+        p = StableDiffusionPipeline.from_pretrained(a.model, torch_dtype=dt, safety_checker=None,
+                                                    requires_safety_checker=False).to(DEV)
+        p.set_progress_bar_config(disable=True)
+        pipes[dt] = p
+    p32 = pipes[torch.float32]
+    with torch.no_grad():
+        cond, uncond = p32.encode_prompt(PROMPT, torch.device(DEV), 1, True, None)
+        emb = torch.cat([uncond, cond])
+        lat = torch.randn(1, 4, 64, 64, generator=torch.Generator("cpu").manual_seed(0)).to(DEV)
+        x = torch.cat([lat, lat])
+        p32.scheduler.set_timesteps(20)
+        t = p32.scheduler.timesteps[0]
+        outs = {}
+        for dt, p in pipes.items():
+            rec = []
+            hooks = []
+            mods = [("conv_in", p.unet.conv_in), ("time_embedding", p.unet.time_embedding)]
+            mods += [(f"down_blocks.{i}", m) for i, m in enumerate(p.unet.down_blocks)]
+            mods += [("mid_block", p.unet.mid_block)]
+            mods += [(f"up_blocks.{i}", m) for i, m in enumerate(p.unet.up_blocks)]
+            mods += [("conv_norm_out", p.unet.conv_norm_out), ("conv_out", p.unet.conv_out)]
+            for name, m in mods:
+                hooks.append(m.register_forward_hook(
+                    lambda mod, inp, out, name=name: rec.append((name, (out[0] if isinstance(out, tuple) else out).float()))))
+            eps = p.unet(x.to(dt), t, encoder_hidden_states=emb.to(dt)).sample.float()
+            for h in hooks:
+                h.remove()
+            outs[dt] = (rec, eps)
+        r32, e32 = outs[torch.float32]
+        r16, e16 = outs[torch.float16]
+        print(f"{'module':16s} {'max|f32|':>10s} {'max|f16|':>10s} {'inf16':>7s} {'rel err':>9s}")
+        for (n, a32), (_, a16) in zip(r32, r16):
+            fin = torch.isfinite(a16)
+            err = ((a16 - a32).abs()[fin].max() / a32.abs().max().clamp_min(1e-30)).item() if fin.any() else float("nan")
+            print(f"{n:16s} {a32.abs().max().item():10.4g} {a16.abs().max().item():10.4g} "
+                  f"{(~fin).sum().item():7d} {err:9.3g}")
+        for name, e in (("eps f32", e32), ("eps f16", e16)):
+            u, c = e.chunk(2)
+            g = u + 7.5 * (c - u)
+            print(f"{name}: max|eps| {e.abs().max().item():.4g}  max|cond-uncond| {(c - u).abs().max().item():.4g}  "
+                  f"max|guided| {g.abs().max().item():.4g}")
+        # the first PNDM step and the decode, each side in its own dtype
+        imgs = {}
+        for dt, (_, e) in outs.items():
+            p = pipes[dt]
+            p.scheduler.set_timesteps(20)
+            u, c = e.to(dt).chunk(2)
+            g = u + 7.5 * (c - u)
+            nxt = p.scheduler.step(g, t, lat.to(dt)).prev_sample
+            dec = p.vae.decode(nxt / p.vae.config.scaling_factor).sample.float()
+            print(f"{str(dt):14s} step 1: max|latents| {nxt.float().abs().max().item():.4g} "
+                  f"infs {(~torch.isfinite(nxt)).sum().item()}; decode max|x| {dec.abs().max().item():.4g} "
+                  f"infs {(~torch.isfinite(dec)).sum().item()}")
+            imgs[dt] = dec
+        d = (imgs[torch.float16] - imgs[torch.float32]).abs()
+        print(f"decoded f16 vs f32: max diff {d.max().item():.4g} (of range 2), mean {d.mean().item():.4g}")
+
+
 def bench(a):
     from diffusers import StableDiffusionPipeline
 
@@ -114,9 +252,15 @@ def bench(a):
         return kw
 
     def run(cb=None):
+        # the initial latents drawn in float32 and cast, passed explicitly: torch.randn(dtype=float16) on the
+        # CPU is not the same stream in every torch release (on the GPU image's torch 2.11 it differs from
+        # float32's, so diffusers' own fp16 image parted from its fp32 one at 13 dB; on torch 2.15 the two
+        # agree), while sd-bench-gpu draws as torch 2.15 does; with explicit latents both sides start alike
         g = torch.Generator("cpu").manual_seed(a.seed)
+        lat = torch.randn(1, 4, a.size // 8, a.size // 8, generator=g, dtype=torch.float32)
+        lat = lat.to(a.device, getattr(torch, a.dtype))
         out = pipe(PROMPT, height=a.size, width=a.size, num_inference_steps=a.steps, guidance_scale=a.guidance,
-                   generator=g, output_type="np", callback_on_step_end=cb)
+                   generator=g, latents=lat, output_type="np", callback_on_step_end=cb)
         sync()
         return out.images[0]
 
@@ -208,11 +352,26 @@ def main():
     p = sub.add_parser("psnr")
     p.add_argument("a")
     p.add_argument("b")
+    g = sub.add_parser("diag")
+    g.add_argument("model")
+    g.add_argument("--outdir", required=True)
+    g.add_argument("--dtype", default="float16")
+    g.add_argument("--device", default="cuda")
+    k = sub.add_parser("blocks")
+    k.add_argument("model")
+    c = sub.add_parser("compare")
+    c.add_argument("dir")
     a = ap.parse_args()
     if a.cmd == "make":
         make(a.outdir, a.tokdir, a.tiny)
     elif a.cmd == "bench":
         bench(a)
+    elif a.cmd == "diag":
+        diag(a)
+    elif a.cmd == "blocks":
+        blocks(a)
+    elif a.cmd == "compare":
+        compare(a.dir)
     else:
         psnr(a.a, a.b)
 
