@@ -540,6 +540,14 @@ main (int argc, char **argv)
     }
     run_variant (c, DIFFUSE_DTYPE_F16, "f16", 5e-3);
     run_variant (c, DIFFUSE_DTYPE_BF16, "bf16", 2e-2);
+    if (g_str_equal (op, "conv2d")) {
+      /* the row-wise im2col kernel (DIFFUSE_CUDA_IM2COL=rows), until it is the default */
+      g_setenv ("DIFFUSE_CUDA_IM2COL", "rows", TRUE);
+      run_variant (c, -1, "nat-r", MAX (tol, 2e-5));
+      run_variant (c, DIFFUSE_DTYPE_F16, "f16r", 5e-3);
+      run_variant (c, DIFFUSE_DTYPE_BF16, "bf16r", 2e-2);
+      g_unsetenv ("DIFFUSE_CUDA_IM2COL");
+    }
     if (g_str_equal (op, "sdpa")) {
       /* f16/bf16 attention runs on the tensor-core kernel; the simple one too */
       g_setenv ("DIFFUSE_CUDA_ATTN", "simple", TRUE);

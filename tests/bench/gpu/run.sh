@@ -93,6 +93,11 @@ step_bench () {
   DIFFUSE_CUDA_ATTN=unfused ours timeout $(tmo 120) $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 \
     --size 512 --runs 5 --out $W/ours-unfused.ppm --json $W/ours-unfused.json 2>&1 | tail -3
   RES[bench_unfused]=${PIPESTATUS[0]}
+  stamp "bench: ours with the row-wise im2col (DIFFUSE_CUDA_IM2COL=rows)"
+  DIFFUSE_CUDA_IM2COL=rows ours timeout $(tmo 120) $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 \
+    --size 512 --runs 5 --out $W/ours-rows.ppm --json $W/ours-rows.json 2>&1 | tail -1
+  RES[bench_rows]=${PIPESTATUS[0]}
+  [ -f $W/ours-rows.ppm ] && echo "rows im2col vs default: $(python3 tests/bench/gpu/sd15_diffusers.py psnr $OUT/ours.ppm $W/ours-rows.ppm)"
   if [ -f $W/ours-unfused.ppm ] && [ -f $OUT/diffusers.ppm ]; then
     echo "unfused attention: $(python3 tests/bench/gpu/sd15_diffusers.py psnr $OUT/diffusers.ppm $W/ours-unfused.ppm)"
   fi
@@ -163,8 +168,8 @@ step_sanitize () {
       $BIN/sd-bench-gpu tests/fixtures/pipelines/tiny-sd --device cuda:0 --dtype f16 --steps 2 --size 64 --runs 1 \
       2>&1 | tail -3; RES[sanitize]=${PIPESTATUS[0]}
     grep -E "ERROR SUMMARY|LEAK SUMMARY|Invalid|out of bounds" $OUT/sanitizer.log | head -20
-    stamp "sanitize: the same with the unfused attention path"
-    DIFFUSE_CUDA_ATTN=unfused ours timeout $(tmo 120) $CS --tool memcheck --leak-check full --error-exitcode 3 \
+    stamp "sanitize: the same with the unfused attention and the row-wise im2col"
+    DIFFUSE_CUDA_ATTN=unfused DIFFUSE_CUDA_IM2COL=rows ours timeout $(tmo 120) $CS --tool memcheck --leak-check full --error-exitcode 3 \
       --log-file $W/sanitizer-unfused.log $BIN/sd-bench-gpu tests/fixtures/pipelines/tiny-sd --device cuda:0 \
       --dtype f16 --steps 2 --size 64 --runs 1 2>&1 | tail -1; RES[sanitize_unfused]=${PIPESTATUS[0]}
     grep -E "ERROR SUMMARY|LEAK SUMMARY|Invalid|out of bounds" $W/sanitizer-unfused.log | head -10
