@@ -68,8 +68,9 @@ void diffuse_device_get_mem_stats (DiffuseDevice *dev, DiffuseMemStats *out);
  * streams and library handles go back to the driver (for leak checkers such
  * as compute-sanitizer, and hosts that unload the library).  Call it when
  * every tensor is freed; a device still holding tensors stays open, with a
- * warning naming it and its bytes, and the call returns FALSE.  A later
- * diffuse_device_get() opens a device afresh.  The CPU device is unaffected. */
+ * warning naming it and its bytes, and the call returns FALSE.  The
+ * DiffuseDevice pointers of closed devices are invalid afterwards; a later
+ * diffuse_device_get() opens the device afresh.  The CPU device is unaffected. */
 gboolean diffuse_devices_shutdown (void);
 void diffuse_device_reset_peak (DiffuseDevice *dev);
 
