@@ -323,6 +323,40 @@ effective_scheduler (GstDiffuseState *st)
   return !(s->user_set & GST_DIFFUSE_SET_SCHEDULER) && !s->scheduler ? st->suggested_scheduler : s->scheduler;
 }
 
+/* The three effective values, so a model load or unload that changes them
+ * can notify (notify::num-inference-steps etc. report what reads return). */
+typedef struct {
+  gint steps;
+  gdouble guidance;
+  gchar *scheduler;
+} Effective;
+
+static void
+effective_snapshot (GstDiffuseState *st, Effective *e)
+{
+  GST_OBJECT_LOCK (st->element);
+  e->steps = effective_steps (st);
+  e->guidance = effective_guidance (st);
+  e->scheduler = g_strdup (effective_scheduler (st));
+  GST_OBJECT_UNLOCK (st->element);
+}
+
+/* notifies every property whose effective value differs from before (freed here); no lock held */
+static void
+effective_notify (GstDiffuseState *st, Effective *before)
+{
+  Effective now;
+  effective_snapshot (st, &now);
+  if (now.steps != before->steps)
+    g_object_notify (G_OBJECT (st->element), "num-inference-steps");
+  if (now.guidance != before->guidance)
+    g_object_notify (G_OBJECT (st->element), "guidance-scale");
+  if (g_strcmp0 (now.scheduler, before->scheduler) != 0)
+    g_object_notify (G_OBJECT (st->element), "scheduler");
+  g_free (now.scheduler);
+  g_free (before->scheduler);
+}
+
 gboolean
 gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *value, GParamSpec *pspec)
 {
@@ -595,12 +629,15 @@ gst_diffuse_state_load (GstDiffuseState *st)
     diffuse_pipeline_model_unref (pm);
     goto out;
   }
+  Effective before;
+  effective_snapshot (st, &before);
   GST_OBJECT_LOCK (st->element);
   st->suggested_steps = sug_steps;
   st->suggested_guidance = sug_guidance;
   g_free (st->suggested_scheduler);
   st->suggested_scheduler = sug_sched;
   GST_OBJECT_UNLOCK (st->element);
+  effective_notify (st, &before);
   if (sug_steps > 0 || sug_guidance >= 0 || sug_sched)
     GST_INFO_OBJECT (st->element, "model suggests %d steps, guidance %g, scheduler %s (used where not set)",
                      sug_steps, sug_guidance, sug_sched ? sug_sched : "(its own)");
@@ -638,11 +675,14 @@ gst_diffuse_state_unload (GstDiffuseState *st)
 {
   g_clear_pointer (&st->sd, diffuse_sd_unref);
   g_clear_pointer (&st->pm, diffuse_pipeline_model_unref);
+  Effective before;
+  effective_snapshot (st, &before);
   GST_OBJECT_LOCK (st->element);
   st->suggested_steps = -1;
   st->suggested_guidance = -1;
   g_clear_pointer (&st->suggested_scheduler, g_free);
   GST_OBJECT_UNLOCK (st->element);
+  effective_notify (st, &before);
 }
 
 guint64

@@ -401,8 +401,28 @@ model_with_suggestions (const char *tmp, const char *json)
   return dst;
 }
 
+/* notify:: of the effective properties emitted while the model loads */
+typedef struct {
+  gint n_steps, n_guidance, last_steps;
+  gdouble last_guidance;
+} NotifyLog;
+
+static void
+on_notify (GObject *obj, GParamSpec *pspec, gpointer user_data)
+{
+  NotifyLog *nl = user_data;
+  if (g_str_equal (pspec->name, "num-inference-steps")) {
+    g_object_get (obj, "num-inference-steps", &nl->last_steps, NULL);
+    g_atomic_int_inc (&nl->n_steps);
+  } else if (g_str_equal (pspec->name, "guidance-scale")) {
+    g_object_get (obj, "guidance-scale", &nl->last_guidance, NULL);
+    g_atomic_int_inc (&nl->n_guidance);
+  }
+}
+
 /* One frame with steps/guidance left unset (steps < 0) or set; checks the
- * pixels against the core's with want_steps/guidance (and the progress count). */
+ * pixels against the core's with want_steps/guidance (and the progress count),
+ * and that loading the model notified the properties whose value it changed. */
 static void
 check_suggested_frame (const char *model, int steps, int want_steps, double want_guidance)
 {
@@ -410,6 +430,11 @@ check_suggested_frame (const char *model, int steps, int want_steps, double want
   g_object_set (h->element, "model", model, "seed", (gint64) 7, "prompt", "a cat", "num-buffers", 1, NULL);
   if (steps > 0)
     g_object_set (h->element, "num-inference-steps", steps, NULL);
+  gint steps_before = 0;
+  gdouble guidance_before = 0;
+  g_object_get (h->element, "num-inference-steps", &steps_before, "guidance-scale", &guidance_before, NULL);
+  NotifyLog nl = { 0 };
+  gulong nid = g_signal_connect (h->element, "notify", G_CALLBACK (on_notify), &nl);
   gst_harness_set_sink_caps_str (h, "video/x-raw,format=RGB,width=16,height=16");
   StepLog *log = g_new0 (StepLog, 1);
   GstBus *bus = gst_bus_new ();
@@ -426,6 +451,14 @@ check_suggested_frame (const char *model, int steps, int want_steps, double want
   g_object_get (h->element, "num-inference-steps", &got_steps, "guidance-scale", &got_guidance, NULL);
   fail_unless_equals_int (got_steps, want_steps);
   fail_unless_equals_float (got_guidance, want_guidance);
+  /* the load notified exactly the values it changed, and they read as the new ones */
+  fail_unless_equals_int (g_atomic_int_get (&nl.n_steps), steps_before != want_steps ? 1 : 0);
+  fail_unless_equals_int (g_atomic_int_get (&nl.n_guidance), guidance_before != want_guidance ? 1 : 0);
+  if (steps_before != want_steps)
+    fail_unless_equals_int (nl.last_steps, want_steps);
+  if (guidance_before != want_guidance)
+    fail_unless_equals_float (nl.last_guidance, want_guidance);
+  g_signal_handler_disconnect (h->element, nid);
   RefParams rp = ref_params_default ();
   rp.steps = want_steps;
   rp.guidance = want_guidance;
