@@ -160,6 +160,29 @@ cuda_count (void)
   return n;
 }
 
+/* Frees c and whatever of it exists (a failed open's part, or a whole device at close). */
+static void
+ctx_release (CudaCtx *c)
+{
+  dcu_pool_destroy (c);
+  for (int i = 0; i < 2; i++) {
+    if (c->stage[i])
+      cudaFreeHost (c->stage[i]);
+    if (c->stage_ev[i])
+      cudaEventDestroy (c->stage_ev[i]);
+  }
+  if (c->blas)
+    cublasDestroy (c->blas);
+  if (c->blas_ws)
+    cudaFree (c->blas_ws);
+  if (c->stream)
+    cudaStreamDestroy (c->stream);
+  cudaGetLastError ();
+  g_mutex_clear (&c->stage_lock);
+  g_mutex_clear (&c->blas_lock);
+  g_free (c);
+}
+
 static DiffuseDevice *
 cuda_open (int index, GError **error)
 {
@@ -217,15 +240,7 @@ cuda_open (int index, GError **error)
 fail:
 #undef OPEN_TRY
   cudaGetLastError ();
-  if (c->blas_ws)
-    cudaFree (c->blas_ws);
-  if (c->blas)
-    cublasDestroy (c->blas);
-  if (c->stream)
-    cudaStreamDestroy (c->stream);
-  g_mutex_clear (&c->stage_lock);
-  g_mutex_clear (&c->blas_lock);
-  g_free (c);
+  ctx_release (c);
   return NULL;
 }
 
@@ -235,24 +250,9 @@ cuda_close (DiffuseDevice *dev)
 {
   CudaCtx *c = dcu_ctx (dev);
   cudaSetDevice (c->index);
-  cudaStreamSynchronize (c->stream);
-  dcu_pool_destroy (c);
-  for (int i = 0; i < 2; i++) {
-    if (c->stage[i])
-      cudaFreeHost (c->stage[i]);
-    if (c->stage_ev[i])
-      cudaEventDestroy (c->stage_ev[i]);
-  }
-  if (c->blas)
-    cublasDestroy (c->blas);
-  if (c->blas_ws)
-    cudaFree (c->blas_ws);
   if (c->stream)
-    cudaStreamDestroy (c->stream);
-  cudaGetLastError ();
-  g_mutex_clear (&c->stage_lock);
-  g_mutex_clear (&c->blas_lock);
-  g_free (c);
+    cudaStreamSynchronize (c->stream);
+  ctx_release (c);
 }
 
 /* ---- the table -------------------------------------------------------------------- */
