@@ -481,13 +481,84 @@ graph_check (void)
   diffuse_tensor_unref (hg);
   diffuse_tensor_unref (hl);
 }
+
+/* --attn-timing: f16 attention at SD 1.5 512x512 shapes (CFG batch 2 x 8
+ * heads; the VAE's one 512-wide head) through each path, median of 10 after 2
+ * warm-ups, and each path's largest difference from the unfused one: the data
+ * for choosing the default path per shape. */
+static void
+attn_timing (void)
+{
+  static const struct { int64_t bh, lq, lk, d; const char *what; } shapes[] = {
+    { 16, 4096, 4096, 40, "self 64x64" },  { 16, 4096, 77, 40, "cross 64x64" },
+    { 16, 1024, 1024, 80, "self 32x32" },  { 16, 1024, 77, 80, "cross 32x32" },
+    { 16, 256, 256, 160, "self 16x16" },   { 16, 256, 77, 160, "cross 16x16" },
+    { 16, 64, 64, 160, "self 8x8 (mid)" }, { 1, 4096, 4096, 512, "VAE mid 64x64" },
+  };
+  static const char *modes[] = { "unfused", "default", "simple" };
+  for (guint si = 0; si < G_N_ELEMENTS (shapes); si++) {
+    const int64_t qs[4] = { 1, shapes[si].bh, shapes[si].lq, shapes[si].d };
+    const int64_t ks[4] = { 1, shapes[si].bh, shapes[si].lk, shapes[si].d };
+    DiffuseTensor *hq = rand_host (4, qs, 3 + si, 4.0f), *hk = rand_host (4, ks, 5 + si, 4.0f),
+                  *hv = rand_host (4, ks, 7 + si, 2.0f);
+    DiffuseTensor *cq = diffuse_cast (hq, DIFFUSE_DTYPE_F16), *ck = diffuse_cast (hk, DIFFUSE_DTYPE_F16),
+                  *cv = diffuse_cast (hv, DIFFUSE_DTYPE_F16);
+    DiffuseTensor *q = diffuse_to_device (cq, gpu), *k = diffuse_to_device (ck, gpu), *v = diffuse_to_device (cv, gpu);
+    DiffuseTensor *ref = NULL;
+    for (guint mi = 0; mi < G_N_ELEMENTS (modes); mi++) {
+      if (g_str_equal (modes[mi], "default"))
+        g_unsetenv ("DIFFUSE_CUDA_ATTN");
+      else
+        g_setenv ("DIFFUSE_CUDA_ATTN", modes[mi], TRUE);
+      double t[10];
+      DiffuseTensor *o = NULL;
+      GError *err = NULL;
+      for (int r = -2; r < 10; r++) {
+        diffuse_tensor_clear (&o);
+        gint64 a = g_get_monotonic_time ();
+        o = diffuse_sdpa (q, k, v, NULL, FALSE, 0.0f);
+        if (!o || !diffuse_cuda_synchronize (gpu, &err))
+          break;
+        if (r >= 0)
+          t[r] = (g_get_monotonic_time () - a) / 1e3;
+      }
+      if (!o) {
+        diffuse_tensor_take_error (&err);
+        say ("attn %-16s %-8s failed: %s\n", shapes[si].what, modes[mi], err ? err->message : "?");
+        g_clear_error (&err);
+        continue;
+      }
+      for (int i = 1; i < 10; i++)   /* insertion sort for the median */
+        for (int j = i; j > 0 && t[j] < t[j - 1]; j--) {
+          double x = t[j];
+          t[j] = t[j - 1];
+          t[j - 1] = x;
+        }
+      double diff = ref ? diffuse_tensor_max_abs_diff (o, ref) : 0.0;
+      say ("attn %-16s BH %3" G_GINT64_FORMAT " Lq %5" G_GINT64_FORMAT " Lk %5" G_GINT64_FORMAT " D %3" G_GINT64_FORMAT
+           "  %-8s %8.3f ms  max|o - unfused| %.3g\n", shapes[si].what, shapes[si].bh, shapes[si].lq, shapes[si].lk,
+           shapes[si].d, modes[mi], 0.5 * (t[4] + t[5]), diff);
+      if (!ref)
+        ref = o;
+      else
+        diffuse_tensor_unref (o);
+    }
+    g_unsetenv ("DIFFUSE_CUDA_ATTN");
+    diffuse_tensor_clear (&ref);
+    DiffuseTensor *all[] = { hq, hk, hv, cq, ck, cv, q, k, v };
+    for (guint i = 0; i < G_N_ELEMENTS (all); i++)
+      diffuse_tensor_clear (&all[i]);
+  }
+}
 #endif
 
 int
 main (int argc, char **argv)
 {
   g_autofree char *device_s = NULL, *fixtures_s = NULL, *report_path = NULL, *filter = NULL;
+  gboolean attn_only = FALSE;
   GOptionEntry entries[] = {
+    { "attn-timing", 0, 0, G_OPTION_ARG_NONE, &attn_only, "only time f16 attention at SD 1.5 shapes per path", NULL },
     { "device", 0, 0, G_OPTION_ARG_STRING, &device_s, "device (cuda:0)", "DEV" },
     { "fixtures", 0, 0, G_OPTION_ARG_STRING, &fixtures_s, "tests/fixtures folder", "DIR" },
     { "report", 0, 0, G_OPTION_ARG_STRING, &report_path, "also write the lines here", "FILE" },
@@ -514,6 +585,15 @@ main (int argc, char **argv)
   }
   if (report_path)
     report = fopen (report_path, "w");
+  if (attn_only) {
+#if DIFFUSE_HAVE_CUDA
+    if (diffuse_device_is_cuda (gpu))
+      attn_timing ();
+#endif
+    if (report)
+      fclose (report);
+    return 0;
+  }
   g_autofree char *json_path = g_build_filename (fixtures, "ops", "cases.json", NULL);
   g_autofree char *st_path = g_build_filename (fixtures, "ops", "ops.safetensors", NULL);
   g_autoptr (JsonParser) parser = json_parser_new ();

@@ -74,6 +74,8 @@ step_ops () {
   grep -E "^FAIL" $W/gpu-ops.out | head -40
   tail -c 2000 $W/gpu-ops.err
   grep -E "^SUMMARY|^SKIP|graph" $W/gpu-ops.out
+  stamp "ops: f16 attention per path at SD 1.5 shapes (gpu-ops --attn-timing)"
+  ours timeout $(tmo 60) $BIN/gpu-ops --device cuda:0 --attn-timing 2>&1 | grep -E "^attn"
 }
 
 step_bench () {
