@@ -485,11 +485,7 @@ diffuse_animate_generate (DiffuseAnimate *a, const DiffuseAnimateParams *params,
   /* in the pipeline's dtype, as diffusers' randn_tensor (see sd.c) */
   const DiffuseRngDType rdt = _diffuse_pipeline_rng_dtype (udt);
   diffuse_scheduler_set_noise_dtype (sched, rdt);
-  diffuse_rng_randn_as (rng, rdt, lat, total);
-  const float sigma = diffuse_scheduler_init_noise_sigma (sched);
-  for (size_t i = 0; i < total; i++)
-    lat[i] = lat[i] * sigma;
-  diffuse_rng_round (rdt, lat, total);
+  _diffuse_pipeline_initial_latents (rng, sched, rdt, lat, total);
 
   /* 4. denoising loop */
   guint n_ts = 0;

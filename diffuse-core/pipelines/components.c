@@ -128,3 +128,14 @@ _diffuse_pipeline_rng_dtype (DiffuseDType dt)
 {
   return dt == DIFFUSE_DTYPE_F16 ? DIFFUSE_RNG_F16 : dt == DIFFUSE_DTYPE_BF16 ? DIFFUSE_RNG_BF16 : DIFFUSE_RNG_F32;
 }
+
+void
+_diffuse_pipeline_initial_latents (DiffuseRng *rng, DiffuseScheduler *sched, DiffuseRngDType rdt, float *lat,
+                                   size_t n)
+{
+  diffuse_rng_randn_as (rng, rdt, lat, n);
+  const float sigma = diffuse_scheduler_init_noise_sigma (sched);
+  for (size_t i = 0; i < n; i++)
+    lat[i] = lat[i] * sigma;
+  diffuse_rng_round (rdt, lat, n);
+}

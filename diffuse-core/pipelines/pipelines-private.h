@@ -9,6 +9,7 @@
 #include <diffuse/clip_text.h>
 #include <diffuse/clip_tokenizer.h>
 #include <diffuse/rng.h>
+#include <diffuse/scheduler.h>
 
 G_BEGIN_DECLS
 
@@ -33,5 +34,11 @@ gboolean _diffuse_pipeline_place (DiffuseTensor **t, DiffuseDevice *dev, Diffuse
 
 /* The dtype diffusers' randn_tensor draws in for tensors of dtype dt. */
 DiffuseRngDType _diffuse_pipeline_rng_dtype (DiffuseDType dt);
+
+/* prepare_latents of text2img / AnimateDiff: randn_tensor (n values, dtype
+ * rdt) * init_noise_sigma, the product rounded to rdt (a tensor of that dtype
+ * in diffusers). */
+void _diffuse_pipeline_initial_latents (DiffuseRng *rng, DiffuseScheduler *sched, DiffuseRngDType rdt, float *lat,
+                                        size_t n);
 
 G_END_DECLS

@@ -373,8 +373,8 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     goto out;
   diffuse_scheduler_set_eta (sched, p.eta);
   /* diffusers draws every noise in the pipeline's dtype (randn_tensor (...,
-   * dtype=prompt_embeds.dtype / model_output.dtype)): an f16 pipeline draws
-   * f16 values, another stream than f32 */
+   * dtype=prompt_embeds.dtype / model_output.dtype)): an f16 pipeline's noise
+   * is f16 values (rng.h: rounded, and a different tail when n % 16 != 0) */
   const DiffuseRngDType rdt = _diffuse_pipeline_rng_dtype (diffuse_unet_dtype (sd->unet));
   diffuse_scheduler_set_noise_dtype (sched, rdt);
   rng = diffuse_rng_new (p.seed);
@@ -393,11 +393,7 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
 
   if (sd->task == DIFFUSE_SD_TEXT2IMG) {
     /* 3. prepare_latents: randn(shape, generator) * init_noise_sigma */
-    diffuse_rng_randn_as (rng, rdt, lat, total);
-    float sigma = diffuse_scheduler_init_noise_sigma (sched);
-    for (size_t i = 0; i < total; i++)
-      lat[i] = lat[i] * sigma;
-    diffuse_rng_round (rdt, lat, total);   /* the product is a tensor of that dtype too */
+    _diffuse_pipeline_initial_latents (rng, sched, rdt, lat, total);
   } else {
     /* 3'. get_timesteps + prepare_latents of the img2img pipeline */
     guint steps_left = 0;

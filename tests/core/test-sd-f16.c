@@ -55,9 +55,7 @@ run_psnr (JsonObject *c, DiffuseDType dt, const char *device, int *worst)
   p.scheduler = json_object_get_string_member (c, "scheduler");
   DiffuseImage *init = NULL;
   if (i2i) {
-    const DiffuseStEntry *e = diffuse_safetensors_find (init_images, "init_image");
-    g_assert_nonnull (e);
-    init = diffuse_image_from_rgb8 (e->data, (int) e->shape[1], (int) e->shape[0], (int) e->shape[1] * 3);
+    init = tu_st_image (init_images, "init_image");
     p.image = init;
     p.strength = (float) json_object_get_double_member (c, "strength");
   }

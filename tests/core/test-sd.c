@@ -106,9 +106,7 @@ run_case (gconstpointer data)
   }
   DiffuseImage *init = NULL;
   if (strcmp (task, "img2img") == 0) {
-    const DiffuseStEntry *e = diffuse_safetensors_find (images, "init_image");
-    g_assert_nonnull (e);
-    init = diffuse_image_from_rgb8 (e->data, (int) e->shape[1], (int) e->shape[0], (int) e->shape[1] * 3);
+    init = tu_st_image (images, "init_image");
     p.image = init;
     p.strength = (float) json_object_get_double_member (c, "strength");
   }

@@ -96,3 +96,12 @@ tu_rm_rf (const char *path)
     g_unlink (path);
   }
 }
+
+DiffuseImage *
+tu_st_image (DiffuseSafetensors *st, const char *name)
+{
+  const DiffuseStEntry *e = diffuse_safetensors_find (st, name);
+  g_assert_nonnull (e);
+  g_assert_cmpint (e->dtype, ==, DIFFUSE_ST_U8);
+  return diffuse_image_from_rgb8 (e->data, (int) e->shape[1], (int) e->shape[0], (int) e->shape[1] * 3);
+}

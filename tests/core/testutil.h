@@ -13,5 +13,7 @@ DiffuseTensor *tu_get (DiffuseSafetensors *st, const char *name);
 /* Asserts max|got - want| <= atol + rtol * max|want|; prints the figures. */
 void tu_assert_close (DiffuseTensor *got, DiffuseTensor *want, double atol, double rtol, const char *what);
 /* A temporary directory removed (recursively) by tu_rm_rf. */
+/* The [H, W, 3] u8 entry `name` of st as an image (asserts it exists). */
+DiffuseImage *tu_st_image (DiffuseSafetensors *st, const char *name);
 char *tu_mkdtemp (void);
 void tu_rm_rf (const char *path);

@@ -129,8 +129,8 @@ gboolean diffuse_scheduler_add_noise (DiffuseScheduler *s, const float *original
                                       size_t n, double timestep, GError **error);
 
 /* The dtype the step noise is drawn in: diffusers' randn_tensor (...,
- * dtype=model_output.dtype), so an f16 UNet draws f16 noise (another stream
- * than f32 for n >= 16, see rng.h).  DIFFUSE_RNG_F32 by default. */
+ * dtype=model_output.dtype), so an f16 UNet draws f16 noise (rounded, and
+ * with another tail when n % 16 != 0: rng.h).  DIFFUSE_RNG_F32 by default. */
 void diffuse_scheduler_set_noise_dtype (DiffuseScheduler *s, DiffuseRngDType dtype);
 
 /* DDIM's eta (0 by default): DDIMScheduler.step (..., eta=eta). */
