@@ -150,21 +150,6 @@ k_attention (AttnArgs a)
 #define SP (WN + 4)   /* row stride of S (floats): lanes walking rows hit 8 banks, not 1 */
 #define PP (WN + 8)   /* row stride of P (16-bit elements), same reason */
 
-template <typename T>
-__device__ __forceinline__ T from_f (float v);
-template <>
-__device__ __forceinline__ __half
-from_f<__half> (float v)
-{
-  return __float2half_rn (v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16
-from_f<__nv_bfloat16> (float v)
-{
-  return __float2bfloat16_rn (v);
-}
-
 static size_t
 wmma_smem (int64_t DP)
 {

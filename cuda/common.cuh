@@ -232,6 +232,22 @@ tv_ld (const TView &v, int64_t i)
   return ldf (v.p, v.dt, tv_off (v, i));
 }
 
+/* f32 -> a 16-bit tensor-core type, rounded to nearest even */
+template <typename T>
+__device__ __forceinline__ T from_f (float v);
+template <>
+__device__ __forceinline__ __half
+from_f<__half> (float v)
+{
+  return __float2half_rn (v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16
+from_f<__nv_bfloat16> (float v)
+{
+  return __float2bfloat16_rn (v);
+}
+
 /* Grid size for a grid-stride loop over n items with 256-thread blocks. */
 static inline unsigned
 dcu_blocks (const CudaCtx *c, int64_t n, int threads = 256)

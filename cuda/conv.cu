@@ -5,9 +5,17 @@
  * (P output positions) is built in a pool scratch buffer in the compute
  * dtype — all images at once when it fits in DCU_COL_BUDGET, else per image
  * in chunks of output positions — and multiplied by the weight [Cout, K].
- * Layout stays NCHW (the interface's); an implicit-GEMM / channels-last
- * kernel is the next step once measured (see docs/gpu-check.md). */
+ * Layout stays NCHW (the interface's).
+ *
+ * For f16/bf16 with Cin a multiple of 8 there is also an implicit GEMM
+ * (k_conv_igemm, below): no column matrix at all — the input is transposed
+ * once to channels-last, the weight reordered to [Cout][kh][kw][Cin], and
+ * the tensor-core kernel gathers its B tiles straight from the input, bias
+ * added in its epilogue, output written NCHW.  DIFFUSE_CUDA_CONV=implicit
+ * uses it wherever it applies, =auto where its grid fills the GPU; the
+ * default stays im2col until a GPU run has measured both. */
 #include "common.cuh"
+#include <mma.h>
 #include <string.h>
 
 #define DCU_COL_BUDGET ((int64_t) 128 << 20)
@@ -96,6 +104,269 @@ launch_im2col (CudaCtx *c, void *col, int dt, DiffuseTensor *x, const ConvGeom &
   return dcu_check_launch (error, "im2col");
 }
 
+/* ---- implicit GEMM (f16/bf16, tensor cores, f32 accumulation) -------------
+ *
+ * GEMM view: Y[m = cout][n = (img, oy, ox)] = sum_k W[m][k] X[k][n] with
+ * k = (ky, kx, ci) — ci fastest, so with Cin % 8 == 0 every 8 consecutive k
+ * are one 16-byte vector of the channels-last input at one pixel (or 8 zeros
+ * of padding).  A block of 8 warps computes a 128 x 128 tile of Y, walking K
+ * in steps of 32: the next step's A (weights) and B (gathered input) vectors
+ * are loaded into registers while the tensor cores work on the current
+ * step's shared-memory copy.  Warps are 2 (m) x 4 (n), each 64 x 32 = 4 x 2
+ * WMMA 16x16x16 accumulators.  Shared rows are IG_LD = 40 elements (80 B):
+ * 16-byte aligned vector stores, fragment pointers at multiples of 32 B. */
+#define IG_BM 128
+#define IG_BN 128
+#define IG_BK 32
+#define IG_LD (IG_BK + 8)
+
+template <typename T>
+struct IgArgs {
+  const T *x;        /* [N][H][W][Cin] */
+  const T *w;        /* [M][K], K = kh * kw * Cin, (ky, kx, ci) order */
+  const float *bias; /* [M] or NULL */
+  T *y;              /* [N][M][Ho][Wo] */
+  int M, K, Cin, H, W, kw, Wo, sh, sw, ph, pw;
+  int P;             /* Ho * Wo */
+  int NP;            /* N * P: the GEMM's n */
+};
+
+template <typename T>
+__global__ void __launch_bounds__ (256, 2)   /* <= 128 registers: two blocks per SM */
+k_conv_igemm (IgArgs<T> a)
+{
+  using namespace nvcuda;
+  __shared__ __align__ (128) T As[IG_BM * IG_LD];   /* [m][k] */
+  __shared__ __align__ (128) T Bs[IG_BN * IG_LD];   /* [n][k] */
+  __shared__ __align__ (128) float Cs[8 * 256];     /* one 16x16 f32 tile per warp (epilogue) */
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int m0 = blockIdx.y * IG_BM, n0 = blockIdx.x * IG_BN;
+
+  /* this thread's load slots: rows r0 and r0 + 64 of both tiles, k quarter kq */
+  const int kq = (tid & 3) * 8, r0 = tid >> 2;
+  bool aval[2], pval[2];
+  int iy0[2], ix0[2];
+  int64_t pbase[2];
+  for (int s = 0; s < 2; s++) {
+    aval[s] = m0 + r0 + 64 * s < a.M;
+    const int p = n0 + r0 + 64 * s;
+    pval[s] = p < a.NP;
+    const int pc = pval[s] ? p : 0;
+    const int img = pc / a.P, pix = pc - img * a.P;
+    const int oy = pix / a.Wo, ox = pix - oy * a.Wo;
+    iy0[s] = oy * a.sh - a.ph;
+    ix0[s] = ox * a.sw - a.pw;
+    pbase[s] = (int64_t) img * a.H * a.W;
+  }
+
+  uint4 ra[2], rb[2];
+  const uint4 zero4 = make_uint4 (0u, 0u, 0u, 0u);
+  auto load = [&] (int k0) {
+    const int k = k0 + kq;
+    const bool kin = k < a.K;
+    int ky = 0, kx = 0, ci = 0;
+    if (kin) {
+      const int r = k / a.Cin;
+      ci = k - r * a.Cin;
+      ky = r / a.kw;
+      kx = r - ky * a.kw;
+    }
+    for (int s = 0; s < 2; s++) {
+      ra[s] = zero4;
+      if (aval[s] && kin)
+        ra[s] = __ldg ((const uint4 *) (a.w + (int64_t) (m0 + r0 + 64 * s) * a.K + k));
+      rb[s] = zero4;
+      const int iy = iy0[s] + ky, ix = ix0[s] + kx;
+      if (pval[s] && kin && iy >= 0 && iy < a.H && ix >= 0 && ix < a.W)
+        rb[s] = __ldg ((const uint4 *) (a.x + ((pbase[s] + (int64_t) iy * a.W + ix) * a.Cin + ci)));
+    }
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+  for (int i = 0; i < 4; i++)
+    for (int j = 0; j < 2; j++)
+      wmma::fill_fragment (acc[i][j], 0.0f);
+  const int wm = warp >> 2, wn = warp & 3;
+  const int nk = (a.K + IG_BK - 1) / IG_BK;
+
+  load (0);
+  for (int kt = 0; kt < nk; kt++) {
+    __syncthreads ();   /* the previous step's tiles are consumed */
+    for (int s = 0; s < 2; s++) {
+      *(uint4 *) (As + (r0 + 64 * s) * IG_LD + kq) = ra[s];
+      *(uint4 *) (Bs + (r0 + 64 * s) * IG_LD + kq) = rb[s];
+    }
+    __syncthreads ();
+    if (kt + 1 < nk)
+      load ((kt + 1) * IG_BK);   /* in flight while the tensor cores work */
+#pragma unroll
+    for (int kk = 0; kk < IG_BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+        wmma::load_matrix_sync (fa[i], As + (wm * 64 + i * 16) * IG_LD + kk, IG_LD);
+#pragma unroll
+      for (int j = 0; j < 2; j++)
+        wmma::load_matrix_sync (fb[j], Bs + (wn * 32 + j * 16) * IG_LD + kk, IG_LD);
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+          wmma::mma_sync (acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+  }
+
+  /* epilogue: each 16x16 accumulator through this warp's shared tile; lane
+   * l writes row l / 2, 8 consecutive columns (output positions) */
+  float *cs = Cs + warp * 256;
+  const int rr = lane >> 1, cc0 = (lane & 1) * 8;
+  for (int i = 0; i < 4; i++)
+    for (int j = 0; j < 2; j++) {
+      wmma::store_matrix_sync (cs, acc[i][j], 16, wmma::mem_row_major);
+      __syncwarp ();
+      const int m = m0 + wm * 64 + i * 16 + rr;
+      if (m < a.M) {
+        const float bv = a.bias ? a.bias[m] : 0.0f;
+        for (int c = 0; c < 8; c++) {
+          const int p = n0 + wn * 32 + j * 16 + cc0 + c;
+          if (p >= a.NP)
+            break;
+          const int img = p / a.P, pix = p - img * a.P;
+          a.y[((int64_t) img * a.M + m) * a.P + pix] = from_f<T> (cs[rr * 16 + cc0 + c] + bv);
+        }
+      }
+      __syncwarp ();
+    }
+}
+
+/* x [N][C][H][W] (any strides, 16-bit elements) -> xt [N][H][W][C], through
+ * 32 x 33 shared tiles: both the reads (along H*W) and the writes (along C)
+ * coalesced when x is contiguous.  grid (ceil (HW / 32), ceil (C / 32), N),
+ * block (32, 8). */
+__global__ void
+k_nchw_to_nhwc (uint16_t *xt, const uint16_t *x, int64_t s0, int64_t s1, int64_t s2, int64_t s3, int C, int W,
+                int HW)
+{
+  __shared__ uint16_t tile[32][33];
+  const int n = blockIdx.z, p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  for (int j = ty; j < 32; j += 8) {
+    const int c = c0 + j, p = p0 + tx;
+    if (c < C && p < HW) {
+      const int yy = p / W, xx = p - yy * W;
+      tile[j][tx] = x[n * s0 + c * s1 + yy * s2 + xx * s3];
+    }
+  }
+  __syncthreads ();
+  for (int j = ty; j < 32; j += 8) {
+    const int p = p0 + j, c = c0 + tx;
+    if (p < HW && c < C)
+      xt[((int64_t) n * HW + p) * C + c] = tile[tx][j];
+  }
+}
+
+/* w [Cout][Cin][kh*kw] -> wt [Cout][kh*kw][Cin] (16-bit elements) */
+__global__ void
+k_weight_khwc (uint16_t *wt, const uint16_t *w, int64_t total, int Cin, int khw)
+{
+  const int64_t K = (int64_t) Cin * khw;
+  for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < total; i += (int64_t) gridDim.x * blockDim.x) {
+    const int64_t co = i / K;
+    const int rem = (int) (i - co * K), r = rem / Cin, ci = rem - r * Cin;
+    wt[i] = w[(co * Cin + ci) * khw + r];
+  }
+}
+
+/* Which convolutions take the implicit GEMM: DIFFUSE_CUDA_CONV=implicit every
+ * one it can compute, =auto those whose grid covers every SM at least once
+ * (smaller ones — the UNet's 8x8 .. 32x32 levels — keep im2col + cuBLAS,
+ * whose split-K fills the GPU), anything else none. */
+static gboolean
+igemm_ok (CudaCtx *c, int dt, const ConvGeom &g, int64_t N, int64_t Cout)
+{
+  const char *e = g_getenv ("DIFFUSE_CUDA_CONV");
+  if (!e || (strcmp (e, "implicit") != 0 && strcmp (e, "auto") != 0))
+    return FALSE;
+  if ((dt != DIFFUSE_DTYPE_F16 && dt != DIFFUSE_DTYPE_BF16) || g.Cin % 8 != 0)
+    return FALSE;
+  const int64_t NP = N * g.P;
+  if (g.K > G_MAXINT || NP > G_MAXINT - IG_BN || g.H * g.W > G_MAXINT || Cout > (int64_t) 65535 * IG_BM ||
+      N > 65535)
+    return FALSE;
+  if (strcmp (e, "auto") == 0) {
+    const int64_t blocks = ((NP + IG_BN - 1) / IG_BN) * ((Cout + IG_BM - 1) / IG_BM);
+    if (blocks < c->sm_count)
+      return FALSE;
+  }
+  return TRUE;
+}
+
+template <typename T>
+static gboolean
+launch_igemm (CudaCtx *c, const IgArgs<T> &a, GError **error)
+{
+  dim3 grid ((unsigned) ((a.NP + IG_BN - 1) / IG_BN), (unsigned) ((a.M + IG_BM - 1) / IG_BM));
+  k_conv_igemm<T><<<grid, 256, 0, c->stream>>> (a);
+  return dcu_check_launch (error, "conv2d (implicit GEMM)");
+}
+
+static gboolean
+conv_igemm (CudaCtx *c, DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *wc, DiffuseTensor *b, const ConvGeom &g,
+            GError **error)
+{
+  const int dt = out->dtype;
+  const int64_t N = x->shape[0], Cout = wc->shape[0], khw = g.kh * g.kw;
+  gboolean ok = FALSE;
+  void *xt = NULL, *wt = NULL;
+  DiffuseTensor *bf = NULL;
+  DiffuseTensor *xs = (int) x->dtype == dt ? diffuse_tensor_ref (x) : dcu_contig (x, dt, error);
+  if (!xs)
+    return FALSE;
+  xt = dcu_scratch (c, (size_t) (N * g.Cin * g.H * g.W) * 2, error);
+  wt = xt ? dcu_scratch (c, (size_t) (Cout * g.K) * 2, error) : NULL;
+  if (!wt)
+    goto done;
+  if (b) {
+    bf = dcu_contig (b, DIFFUSE_DTYPE_F32, error);
+    if (!bf)
+      goto done;
+  }
+  {
+    const int HW = (int) (g.H * g.W);
+    dim3 tgrid ((unsigned) ((HW + 31) / 32), (unsigned) ((g.Cin + 31) / 32), (unsigned) N);
+    k_nchw_to_nhwc<<<tgrid, dim3 (32, 8), 0, c->stream>>> ((uint16_t *) xt, (const uint16_t *) dcu_ptr (xs),
+                                                          xs->stride[0], xs->stride[1], xs->stride[2], xs->stride[3],
+                                                          (int) g.Cin, (int) g.W, HW);
+    if (!dcu_check_launch (error, "conv2d (channels-last input)"))
+      goto done;
+    const int64_t wtotal = Cout * g.K;
+    k_weight_khwc<<<dcu_blocks (c, wtotal), 256, 0, c->stream>>> ((uint16_t *) wt, (const uint16_t *) dcu_ptr (wc),
+                                                                    wtotal, (int) g.Cin, (int) khw);
+    if (!dcu_check_launch (error, "conv2d (weight reorder)"))
+      goto done;
+  }
+  if (dt == DIFFUSE_DTYPE_F16) {
+    IgArgs<__half> a = { (const __half *) xt, (const __half *) wt, bf ? (const float *) dcu_ptr (bf) : NULL,
+                         (__half *) dcu_ptr (out), (int) Cout, (int) g.K, (int) g.Cin, (int) g.H, (int) g.W,
+                         (int) g.kw, (int) g.Wo, g.sh, g.sw, g.ph, g.pw, (int) g.P, (int) (N * g.P) };
+    ok = launch_igemm (c, a, error);
+  } else {
+    IgArgs<__nv_bfloat16> a = { (const __nv_bfloat16 *) xt, (const __nv_bfloat16 *) wt,
+                                bf ? (const float *) dcu_ptr (bf) : NULL, (__nv_bfloat16 *) dcu_ptr (out),
+                                (int) Cout, (int) g.K, (int) g.Cin, (int) g.H, (int) g.W, (int) g.kw, (int) g.Wo,
+                                g.sh, g.sw, g.ph, g.pw, (int) g.P, (int) (N * g.P) };
+    ok = launch_igemm (c, a, error);
+  }
+done:
+  dcu_scratch_free (c, xt);
+  dcu_scratch_free (c, wt);
+  diffuse_tensor_clear (&bf);
+  diffuse_tensor_unref (xs);
+  return ok;
+}
+
 gboolean
 dcu_conv2d (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTensor *b, int sh, int sw, int ph, int pw,
             GError **error)
@@ -130,6 +401,11 @@ dcu_conv2d (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
   if (!wc)
     return FALSE;
   const gboolean pointwise = g.kh == 1 && g.kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  if (!(pointwise && x->dtype == dt && diffuse_tensor_is_contiguous (x)) && igemm_ok (c, dt, g, N, Cout)) {
+    ok = conv_igemm (c, out, x, wc, b, g, error);   /* bias added in its epilogue */
+    diffuse_tensor_unref (wc);
+    return ok;
+  }
   if (pointwise && x->dtype == dt && diffuse_tensor_is_contiguous (x)) {
     /* out[n] (Cout x P) = W (Cout x Cin) x[n] (Cin x P) */
     ok = dcu_gemm (c, dt, FALSE, FALSE, g.P, Cout, g.Cin, 1.0f, dcu_ptr (x), g.P, g.Cin * g.P, dcu_ptr (wc), g.Cin, 0,

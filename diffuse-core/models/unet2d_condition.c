@@ -846,6 +846,10 @@ add_residual (DiffuseUNet *u, DiffuseTensor *a, DiffuseTensor *r, const char *wh
   return out;
 }
 
+static DiffuseTensor *forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t,
+                                     DiffuseTensor *encoder_hidden_states, const DiffuseUNetForwardArgs *args,
+                                     GError **error);
+
 DiffuseTensor *
 diffuse_unet_forward (DiffuseUNet *u, DiffuseTensor *sample, const float *timesteps, int n_timesteps,
                       DiffuseTensor *encoder_hidden_states, const DiffuseUNetForwardArgs *args, GError **error)
@@ -853,7 +857,61 @@ diffuse_unet_forward (DiffuseUNet *u, DiffuseTensor *sample, const float *timest
   g_return_val_if_fail (u != NULL && sample != NULL && timesteps != NULL && n_timesteps > 0, NULL);
   if (!check_inputs (u, sample, n_timesteps, encoder_hidden_states, args, error))
     return NULL;
+  /* the timesteps as an f32 [B] tensor on the model's device */
   const int64_t B = sample->shape[0];
+  float *tv = g_new (float, B);
+  for (int64_t b = 0; b < B; b++)
+    tv[b] = timesteps[n_timesteps == 1 ? 0 : b];
+  DiffuseTensor *th = diffuse_tensor_from_f32 (tv, 1, (int64_t[]) { B });
+  g_free (tv);
+  DiffuseTensor *t = th ? diffuse_to_device (th, u->dev) : NULL;
+  diffuse_tensor_unref (th);
+  if (!t) {
+    if (!diffuse_tensor_take_error (error))
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_FAILED, "%s: timesteps to %s failed", u->label,
+                   diffuse_device_name (u->dev));
+    return NULL;
+  }
+  DiffuseTensor *out = forward_impl (u, sample, t, encoder_hidden_states, args, error);
+  diffuse_tensor_unref (t);
+  return out;
+}
+
+DiffuseTensor *
+diffuse_unet_forward_t (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *timesteps,
+                        DiffuseTensor *encoder_hidden_states, const DiffuseUNetForwardArgs *args, GError **error)
+{
+  g_return_val_if_fail (u != NULL && sample != NULL && timesteps != NULL, NULL);
+  if (!check_inputs (u, sample, 1, encoder_hidden_states, args, error))
+    return NULL;
+  if (timesteps->ndim != 1 || timesteps->shape[0] != sample->shape[0]) {
+    char *d = diffuse_tensor_describe (timesteps);
+    arg_error (error, "%s: timesteps %s should be [%" G_GINT64_FORMAT "] (one per sample)", u->label, d,
+               sample->shape[0]);
+    g_free (d);
+    return NULL;
+  }
+  /* no copy when they already are f32 on the model's device (a CUDA graph
+   * capture refuses host-to-device copies) */
+  DiffuseTensor *td = diffuse_to_device (timesteps, u->dev);
+  DiffuseTensor *t = diffuse_cast (td, DIFFUSE_DTYPE_F32);
+  diffuse_tensor_clear (&td);
+  if (!t) {
+    if (!diffuse_tensor_take_error (error))
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_FAILED, "%s: timesteps to %s failed", u->label,
+                   diffuse_device_name (u->dev));
+    return NULL;
+  }
+  DiffuseTensor *out = forward_impl (u, sample, t, encoder_hidden_states, args, error);
+  diffuse_tensor_unref (t);
+  return out;
+}
+
+/* t: f32 [B] on the model's device; inputs checked */
+static DiffuseTensor *
+forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t, DiffuseTensor *encoder_hidden_states,
+              const DiffuseUNetForwardArgs *args, GError **error)
+{
   const int n = u->n_blocks;
   DiffuseTensor *x = NULL, *emb = NULL, *ctx = NULL;
   DiffuseTensor **res = NULL;
@@ -866,16 +924,8 @@ diffuse_unet_forward (DiffuseUNet *u, DiffuseTensor *sample, const float *timest
   gboolean forward_upsample_size = sample->shape[2] % factor != 0 || sample->shape[3] % factor != 0;
 
   /* 1. time: sinusoidal embedding in f32, then the model's dtype */
-  float *tv = g_new (float, B);
-  for (int64_t b = 0; b < B; b++)
-    tv[b] = timesteps[n_timesteps == 1 ? 0 : b];
-  DiffuseTensor *th = diffuse_tensor_from_f32 (tv, 1, (int64_t[]) { B });
-  g_free (tv);
-  DiffuseTensor *t = th ? diffuse_to_device (th, u->dev) : NULL;
-  diffuse_tensor_unref (th);
   DiffuseTensor *t_emb = diffuse_timestep_embedding (t, u->block_out[0], u->flip_sin_to_cos, u->freq_shift, 1.0f,
                                                      10000.0f);
-  diffuse_tensor_unref (t);
   t_emb = swap (t_emb, diffuse_cast (t_emb, u->dtype));
   DiffuseTensor *cond = args && args->timestep_cond ? to_model (u, args->timestep_cond) : NULL;
   emb = diffuse_blk_timestep_embedding_forward (&u->time_embedding, t_emb, cond);

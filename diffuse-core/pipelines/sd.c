@@ -13,6 +13,10 @@
 #include <diffuse/scheduler.h>
 #include <diffuse/rng.h>
 #include <diffuse/error.h>
+#include "diffuse-config.h"
+#if DIFFUSE_HAVE_CUDA
+#include "diffuse-cuda.h"
+#endif
 #include <math.h>
 #include <string.h>
 
@@ -257,6 +261,110 @@ op_error (GError **error, const char *what)
   return FALSE;
 }
 
+/* The UNet call of a denoising step.  On a CUDA device with
+ * DIFFUSE_CUDA_GRAPH=1 the step's inputs are copied into fixed device
+ * tensors; the first call runs eagerly (it warms the pool and cuBLAS), the
+ * second is captured as a CUDA graph and replayed, and every later call only
+ * replays it: one launch instead of a thousand (cuda/diffuse-cuda.h).  A
+ * capture that fails is reported once and the loop goes on eagerly.  Off by
+ * default until a GPU run has compared it with the eager loop (issue 7). */
+typedef struct {
+  DiffuseUNet *unet;
+  DiffuseTensor *ehs, *tcond;   /* borrowed: alive until unet_step_clear */
+  int batch;
+  gboolean use_graph;
+  int calls;
+  DiffuseTensor *x_in, *t_in;   /* the fixed inputs */
+  DiffuseTensor *out;           /* the captured forward's output */
+#if DIFFUSE_HAVE_CUDA
+  DiffuseCudaGraph *graph;
+#endif
+} UNetStep;
+
+static void
+unet_step_init (UNetStep *s, DiffuseUNet *unet, DiffuseTensor *ehs, DiffuseTensor *tcond, int batch)
+{
+  memset (s, 0, sizeof *s);
+  s->unet = unet;
+  s->ehs = ehs;
+  s->tcond = tcond;
+  s->batch = batch;
+#if DIFFUSE_HAVE_CUDA
+  const char *e = g_getenv ("DIFFUSE_CUDA_GRAPH");
+  s->use_graph = diffuse_device_is_cuda (diffuse_unet_device (unet)) && e && g_str_equal (e, "1");
+#endif
+}
+
+static void
+unet_step_clear (UNetStep *s)
+{
+#if DIFFUSE_HAVE_CUDA
+  g_clear_pointer (&s->graph, diffuse_cuda_graph_free);
+#endif
+  diffuse_tensor_clear (&s->out);
+  diffuse_tensor_clear (&s->x_in);
+  diffuse_tensor_clear (&s->t_in);
+}
+
+/* x: [batch, C, h, w] in the UNet's dtype on its device */
+static DiffuseTensor *
+unet_step_run (UNetStep *s, DiffuseTensor *x, double t, GError **error)
+{
+  DiffuseUNetForwardArgs args = { 0 };
+  args.timestep_cond = s->tcond;
+  float *tv = g_new (float, s->batch);
+  for (int b = 0; b < s->batch; b++)
+    tv[b] = (float) t;
+  if (!s->use_graph) {
+    DiffuseTensor *out = diffuse_unet_forward (s->unet, x, tv, s->batch, s->ehs, &args, error);
+    g_free (tv);
+    return out;
+  }
+  DiffuseDevice *dev = diffuse_unet_device (s->unet);
+  DiffuseTensor *th = diffuse_tensor_from_f32 (tv, 1, (int64_t[]) { s->batch });
+  g_free (tv);
+  if (!s->x_in) {
+    s->x_in = diffuse_tensor_new (dev, x->dtype, x->ndim, x->shape);
+    s->t_in = diffuse_tensor_new (dev, DIFFUSE_DTYPE_F32, 1, (int64_t[]) { s->batch });
+  }
+  gboolean ok = th && s->x_in && s->t_in && diffuse_copy_into (s->x_in, x) && diffuse_copy_into (s->t_in, th);
+  diffuse_tensor_clear (&th);
+  if (!ok) {
+    op_error (error, "UNet inputs");
+    return NULL;
+  }
+#if DIFFUSE_HAVE_CUDA
+  if (s->graph) {
+    if (!diffuse_cuda_graph_replay (s->graph, error))
+      return NULL;
+    return diffuse_tensor_ref (s->out);
+  }
+  if (s->calls++ == 1) {
+    GError *err = NULL;
+    DiffuseTensor *o = NULL;
+    DiffuseCudaGraph *g = NULL;
+    if (diffuse_cuda_graph_begin (dev, &err)) {
+      o = diffuse_unet_forward_t (s->unet, s->x_in, s->t_in, s->ehs, &args, &err);
+      g = diffuse_cuda_graph_end (dev, err ? NULL : &err);   /* ends the capture in any case */
+    }
+    if (g && o) {
+      s->graph = g;
+      s->out = o;
+      if (!diffuse_cuda_graph_replay (s->graph, error))
+        return NULL;
+      return diffuse_tensor_ref (s->out);
+    }
+    g_message ("%s: the UNet step could not be captured as a CUDA graph (%s); running it eagerly",
+               diffuse_device_name (dev), err ? err->message : "unknown reason");
+    g_clear_error (&err);
+    g_clear_pointer (&g, diffuse_cuda_graph_free);
+    diffuse_tensor_clear (&o);
+    s->use_graph = FALSE;
+  }
+#endif
+  return diffuse_unet_forward_t (s->unet, s->x_in, s->t_in, s->ehs, &args, error);
+}
+
 GPtrArray *
 diffuse_sd_generate (DiffuseSD *sd, const DiffuseSDParams *params, GError **error)
 {
@@ -459,7 +567,6 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   const int batch = cfg ? 2 * n : n;
   int64_t mshape[4] = { batch, C, h, w };
   DiffuseTensor *model_in = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 4, mshape);
-  float *tbuf = g_new (float, batch);
   float *eps = g_new (float, total);
   int total_steps = (int) (n_ts - begin), step = 0;
   DiffuseDevice *udev = dev;
@@ -471,6 +578,8 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   gboolean ok = model_in && dembeds2;
   if (!ok)
     op_error (error, "UNet inputs");
+  UNetStep ustep;
+  unet_step_init (&ustep, sd->unet, dembeds2, dtcond, batch);
   while (ok && diffuse_scheduler_position (sched) < n_ts) {
     if (cancelled (&p, error)) {
       ok = FALSE;
@@ -482,15 +591,11 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     if (cfg)
       memcpy (mi + total, lat, total * sizeof (float));
     diffuse_scheduler_scale_model_input (sched, mi, (size_t) batch * per);
-    for (int b = 0; b < batch; b++)
-      tbuf[b] = (float) t;
     gint64 u0 = g_get_monotonic_time ();
     DiffuseTensor *x = diffuse_to_device (model_in, udev);
     DiffuseTensor *x2 = diffuse_cast (x, udt);
     diffuse_tensor_clear (&x);
-    DiffuseUNetForwardArgs args = { 0 };
-    args.timestep_cond = dtcond;
-    DiffuseTensor *out = x2 ? diffuse_unet_forward (sd->unet, x2, tbuf, batch, dembeds2, &args, error) : NULL;
+    DiffuseTensor *out = x2 ? unet_step_run (&ustep, x2, t, error) : NULL;
     diffuse_tensor_clear (&x2);
     DiffuseTensor *ho = out ? host_f32 (out) : NULL;
     diffuse_tensor_clear (&out);
@@ -530,7 +635,7 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   }
   tm->step_other_us = g_get_monotonic_time () - loop_start - tm->unet_us;
   t_mark = g_get_monotonic_time ();
-  g_free (tbuf);
+  unet_step_clear (&ustep);
   g_free (eps);
   diffuse_tensor_clear (&model_in);
   diffuse_tensor_clear (&dembeds2);

@@ -413,6 +413,46 @@ test_forward_errors (void)
   diffuse_unet_unref (u);
 }
 
+/* diffuse_unet_forward_t: the timesteps as a [B] tensor (the form a CUDA
+ * graph captures) give the fixture's output, bit for bit the float form's */
+static void
+test_timestep_tensor (void)
+{
+  if (!tu_have_fixture ("unet/sd15/io.safetensors"))
+    return;
+  GError *err = NULL;
+  DiffuseUNet *u = load_unet ("sd15", DIFFUSE_DTYPE_F32, &err);
+  g_assert_no_error (err);
+  Case c;
+  case_open (&c, "sd15");
+  g_assert_cmpint (c.nt, ==, c.sample->shape[0]);
+  g_assert_cmpfloat (c.t[0], !=, c.t[1]);   /* two different timesteps: the order matters */
+  DiffuseTensor *got = diffuse_unet_forward_t (u, c.sample, c.timestep, c.ehs, NULL, &err);
+  g_assert_no_error (err);
+  tu_assert_close (got, c.want, 0.0, 1e-4, "sd15 forward_t");
+  DiffuseTensor *ref = diffuse_unet_forward (u, c.sample, c.t, c.nt, c.ehs, NULL, &err);
+  g_assert_no_error (err);
+  g_assert_cmpfloat (diffuse_tensor_max_abs_diff (got, ref), ==, 0.0);
+  diffuse_tensor_unref (got);
+  diffuse_tensor_unref (ref);
+
+  /* one timestep per sample, as a 1-D tensor */
+  DiffuseTensor *t3 = diffuse_tensor_zeros (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 1, (int64_t[]) { 3 });
+  DiffuseTensor *t21 = diffuse_tensor_zeros (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 2, (int64_t[]) { 2, 1 });
+  DiffuseTensor *bad[2] = { t3, t21 };
+  for (int i = 0; i < 2; i++) {
+    DiffuseTensor *o = diffuse_unet_forward_t (u, c.sample, bad[i], c.ehs, NULL, &err);
+    g_assert_null (o);
+    g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+    g_assert_nonnull (strstr (err->message, "timesteps"));
+    g_test_message ("%s", err->message);
+    g_clear_error (&err);
+    diffuse_tensor_unref (bad[i]);
+  }
+  case_close (&c);
+  diffuse_unet_unref (u);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -425,5 +465,6 @@ main (int argc, char **argv)
   g_test_add_func ("/unet/config-errors", test_config_errors);
   g_test_add_func ("/unet/weight-keys", test_weight_keys);
   g_test_add_func ("/unet/forward-errors", test_forward_errors);
+  g_test_add_func ("/unet/timestep-tensor", test_timestep_tensor);
   return g_test_run ();
 }

@@ -733,6 +733,15 @@ emb("embedding_one", 4, 5, [2])
 emb("embedding_f16", 20, 8, [19, 0, 5, 5], dtype=torch.float16)
 emb("embedding_bf16", 9, 6, [8, 1], dtype=torch.bfloat16)
 
+# ---------------------------------------------------------------- conv2d, larger
+# Shapes for the CUDA implicit-GEMM convolution (f16/bf16, Cin % 8 == 0): more
+# than one 128-wide tile in cout and in output positions, K = 9 * Cin not a
+# multiple of its 32-step, stride 2.  Added last so the cases above keep their
+# values.
+conv("conv_tiles_f16", [1, 8, 8, 17], 130, 3, ph=1, dtype=torch.float16)
+conv("conv_deep_k_bf16", [2, 48, 5, 6], 24, 3, ph=1, dtype=torch.bfloat16)
+conv("conv_s2_f16", [2, 16, 11, 9], 20, 3, sh=2, ph=1, dtype=torch.float16)
+
 # ---------------------------------------------------------------- write
 
 os.makedirs(OUT, exist_ok=True)

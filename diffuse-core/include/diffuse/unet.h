@@ -97,4 +97,13 @@ DiffuseTensor *diffuse_unet_forward (DiffuseUNet *u, DiffuseTensor *sample, cons
                                      DiffuseTensor *encoder_hidden_states, const DiffuseUNetForwardArgs *args,
                                      GError **error);
 
+/* The same with the timesteps as a tensor: [B] (one per sample; any dtype
+ * and device: made f32 on the model's).  When they already are f32 on the
+ * model's device and sample, encoder_hidden_states and timestep_cond are on
+ * it in its dtype, the forward copies nothing between host and device — the
+ * form a CUDA graph can capture (diffuse-cuda.h). */
+DiffuseTensor *diffuse_unet_forward_t (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *timesteps,
+                                       DiffuseTensor *encoder_hidden_states, const DiffuseUNetForwardArgs *args,
+                                       GError **error);
+
 G_END_DECLS

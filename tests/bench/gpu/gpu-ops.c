@@ -627,6 +627,13 @@ main (int argc, char **argv)
       run_variant (c, DIFFUSE_DTYPE_F16, "f16r", 5e-3);
       run_variant (c, DIFFUSE_DTYPE_BF16, "bf16r", 2e-2);
       g_unsetenv ("DIFFUSE_CUDA_IM2COL");
+      /* the implicit GEMM (DIFFUSE_CUDA_CONV=implicit: every f16/bf16 conv
+       * with Cin % 8 == 0 that is not a plain 1x1), until it is the default */
+      g_setenv ("DIFFUSE_CUDA_CONV", "implicit", TRUE);
+      run_variant (c, -1, "nat-i", MAX (tol, 2e-5));
+      run_variant (c, DIFFUSE_DTYPE_F16, "f16i", 5e-3);
+      run_variant (c, DIFFUSE_DTYPE_BF16, "bf16i", 2e-2);
+      g_unsetenv ("DIFFUSE_CUDA_CONV");
     }
     if (g_str_equal (op, "sdpa")) {
       /* f16/bf16 attention runs on the tensor-core kernel; the simple one too */

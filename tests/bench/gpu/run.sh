@@ -78,6 +78,15 @@ step_ops () {
   ours timeout $(tmo 60) $BIN/gpu-ops --device cuda:0 --attn-timing 2>&1 | grep -E "^attn"
 }
 
+# variant NAME VAR=VALUE...: ours again with those settings, $W/ours-NAME.{json,ppm}
+variant () {
+  local name=$1; shift
+  stamp "bench: ours, $name ($*)"
+  env "$@" LD_LIBRARY_PATH=$OURLIB timeout $(tmo 120) $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 \
+    --size 512 --runs 5 --out $W/ours-$name.ppm --json $W/ours-$name.json 2>&1 | grep -vE '^\{' | tail -2
+  RES[bench_$name]=${PIPESTATUS[0]}
+}
+
 step_bench () {
   stamp "bench: make full-size SD 1.5 (random fp16 weights)"
   M=$W/sd15
@@ -91,15 +100,42 @@ step_bench () {
   stamp "bench: ours (sd-bench-gpu, f16)"
   ours timeout $(tmo 200) $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 --size 512 --runs 5 \
     --out $OUT/ours.ppm --json $OUT/ours.json 2>&1 | tail -5; RES[bench_ours]=${PIPESTATUS[0]}
-  stamp "bench: ours with the unfused attention (DIFFUSE_CUDA_ATTN=unfused: cuBLAS QK^T, softmax, PV)"
-  DIFFUSE_CUDA_ATTN=unfused ours timeout $(tmo 120) $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 \
-    --size 512 --runs 5 --out $W/ours-unfused.ppm --json $W/ours-unfused.json 2>&1 | tail -3
-  RES[bench_unfused]=${PIPESTATUS[0]}
-  stamp "bench: ours with the row-wise im2col (DIFFUSE_CUDA_IM2COL=rows)"
-  DIFFUSE_CUDA_IM2COL=rows ours timeout $(tmo 120) $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 \
-    --size 512 --runs 5 --out $W/ours-rows.ppm --json $W/ours-rows.json 2>&1 | tail -1
-  RES[bench_rows]=${PIPESTATUS[0]}
-  [ -f $W/ours-rows.ppm ] && echo "rows im2col vs default: $(python3 tests/bench/gpu/sd15_diffusers.py psnr $OUT/ours.ppm $W/ours-rows.ppm)"
+  variant unfused DIFFUSE_CUDA_ATTN=unfused
+  # the prepared variants, each alone and then together (docs/gpu-check.md section 8)
+  variant rows DIFFUSE_CUDA_IM2COL=rows
+  variant implicit DIFFUSE_CUDA_CONV=implicit
+  variant conv-auto DIFFUSE_CUDA_CONV=auto
+  variant graph DIFFUSE_CUDA_GRAPH=1
+  variant all DIFFUSE_CUDA_GRAPH=1 DIFFUSE_CUDA_CONV=auto DIFFUSE_CUDA_IM2COL=rows DIFFUSE_CUDA_ATTN=unfused
+  python3 - "$W" "$OUT" <<'PY' | tee $OUT/variants.txt
+import json, os, subprocess, sys
+w, out = sys.argv[1], sys.argv[2]
+def load(p):
+    try:
+        return json.load(open(p))
+    except Exception:
+        return None
+d = load(os.path.join(out, "diffusers.json"))
+rows = [("default", os.path.join(out, "ours"))] + [
+    (n, os.path.join(w, "ours-" + n)) for n in ("unfused", "rows", "implicit", "conv-auto", "graph", "all")]
+print(f"{'variant':10s} {'total_s':>8s} {'x diff.':>7s} {'unet_ms':>8s} {'vae_ms':>7s} {'peak_res_GB':>11s} {'PSNR vs diffusers':>17s}")
+for n, base in rows:
+    j = load(base + ".json")
+    if not j:
+        print(f"{n:10s} (no result)")
+        continue
+    ps = "-"
+    if os.path.exists(base + ".ppm") and os.path.exists(os.path.join(out, "diffusers.ppm")):
+        r = subprocess.run([sys.executable, "tests/bench/gpu/sd15_diffusers.py", "psnr",
+                            os.path.join(out, "diffusers.ppm"), base + ".ppm"], capture_output=True, text=True)
+        try:
+            ps = f"{json.loads(r.stdout.strip().splitlines()[-1])['psnr_db']:.2f} dB"
+        except Exception:
+            ps = "?"
+    ratio = j["total_s"] / d["total_s"] if d and d.get("total_s") else float("nan")
+    print(f"{n:10s} {j['total_s']:8.4f} {ratio:7.3f} {j['unet_step_ms']:8.2f} {j['vae_decode_ms']:7.2f} "
+          f"{j['peak_reserved_bytes'] / 1e9:11.2f} {ps:>17s}")
+PY
   if [ -f $W/ours-unfused.ppm ] && [ -f $OUT/diffusers.ppm ]; then
     echo "unfused attention: $(python3 tests/bench/gpu/sd15_diffusers.py psnr $OUT/diffusers.ppm $W/ours-unfused.ppm)"
   fi
@@ -158,6 +194,11 @@ step_sd () {
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 120) $BIN/test-sd 2>&1 | grep -vE "^# (Start|End)" | tail -40; RES[sd]=${PIPESTATUS[0]}
   stamp "sd: test-sd-f16 on cuda:0 (the tiny pipeline loaded in f16 vs diffusers float16)"
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 60) $BIN/test-sd-f16 2>&1 | grep -E "^# A|ok" | tail -8; RES[sd_f16]=${PIPESTATUS[0]}
+  stamp "sd: test-sd and test-sd-f16 on cuda:0 with the CUDA graph and the implicit-GEMM convolution"
+  DIFFUSE_CUDA_GRAPH=1 DIFFUSE_CUDA_CONV=implicit DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 120) $BIN/test-sd 2>&1 \
+    | grep -E "^not ok|^# (A|B)|CUDA graph|^ok" | tail -12; RES[sd_graph]=${PIPESTATUS[0]}
+  DIFFUSE_CUDA_GRAPH=1 DIFFUSE_CUDA_CONV=implicit DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 60) $BIN/test-sd-f16 2>&1 \
+    | grep -E "^# A|ok|CUDA graph" | tail -8; RES[sd_f16_graph]=${PIPESTATUS[0]}
   stamp "sd: test-animate on cuda:0 (tiny AnimateDiff pipelines vs diffusers fixtures)"
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 90) $BIN/test-animate 2>&1 | grep -vE "^# (Start|End)" | tail -30; RES[animate]=${PIPESTATUS[0]}
 }
@@ -170,10 +211,11 @@ step_sanitize () {
       $BIN/sd-bench-gpu tests/fixtures/pipelines/tiny-sd --device cuda:0 --dtype f16 --steps 2 --size 64 --runs 1 \
       2>&1 | tail -3; RES[sanitize]=${PIPESTATUS[0]}
     grep -E "ERROR SUMMARY|LEAK SUMMARY|Invalid|out of bounds" $OUT/sanitizer.log | head -20
-    stamp "sanitize: the same with the unfused attention and the row-wise im2col"
-    DIFFUSE_CUDA_ATTN=unfused DIFFUSE_CUDA_IM2COL=rows ours timeout $(tmo 120) $CS --tool memcheck --leak-check full --error-exitcode 3 \
+    stamp "sanitize: the same with the unfused attention, the row-wise im2col, the implicit GEMM and the CUDA graph"
+    DIFFUSE_CUDA_ATTN=unfused DIFFUSE_CUDA_IM2COL=rows DIFFUSE_CUDA_CONV=implicit DIFFUSE_CUDA_GRAPH=1 ours timeout $(tmo 120) \
+      $CS --tool memcheck --leak-check full --error-exitcode 3 \
       --log-file $W/sanitizer-unfused.log $BIN/sd-bench-gpu tests/fixtures/pipelines/tiny-sd --device cuda:0 \
-      --dtype f16 --steps 2 --size 64 --runs 1 2>&1 | tail -1; RES[sanitize_unfused]=${PIPESTATUS[0]}
+      --dtype f16 --steps 3 --size 64 --runs 1 2>&1 | tail -1; RES[sanitize_unfused]=${PIPESTATUS[0]}
     grep -E "ERROR SUMMARY|LEAK SUMMARY|Invalid|out of bounds" $W/sanitizer-unfused.log | head -10
   else
     echo "compute-sanitizer not found"; RES[sanitize]=127
