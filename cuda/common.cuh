@@ -234,15 +234,15 @@ tv_ld (const TView &v, int64_t i)
 
 /* f32 -> a 16-bit tensor-core type, rounded to nearest even */
 template <typename T>
-__device__ __forceinline__ T from_f (float v);
+__host__ __device__ __forceinline__ T from_f (float v);
 template <>
-__device__ __forceinline__ __half
+__host__ __device__ __forceinline__ __half
 from_f<__half> (float v)
 {
   return __float2half_rn (v);
 }
 template <>
-__device__ __forceinline__ __nv_bfloat16
+__host__ __device__ __forceinline__ __nv_bfloat16
 from_f<__nv_bfloat16> (float v)
 {
   return __float2bfloat16_rn (v);

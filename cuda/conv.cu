@@ -131,6 +131,108 @@ struct IgArgs {
   int NP;            /* N * P: the GEMM's n */
 };
 
+/* The kernel's index math lives in __host__ __device__ pieces so that
+ * _diffuse_cuda_conv_igemm_emulate (below) runs the same loads, staging and
+ * epilogue on the host, and test-ops checks them against torch without a GPU. */
+#ifdef __CUDA_ARCH__
+#define IG_LDG(p) __ldg (p)
+#else
+#define IG_LDG(p) (*(p))
+#endif
+
+/* One thread's load slots: rows r0 and r0 + 64 of both tiles (A: output
+ * channels m0 + r; B: output positions n0 + r), the k quarter kq. */
+template <typename T>
+struct IgSlots {
+  int kq, r0;
+  bool aval[2], pval[2];
+  int iy0[2], ix0[2];
+  int64_t pbase[2];
+
+  __host__ __device__ void
+  init (const IgArgs<T> &a, int tid, int m0, int n0)
+  {
+    kq = (tid & 3) * 8;
+    r0 = tid >> 2;
+    for (int s = 0; s < 2; s++) {
+      aval[s] = m0 + r0 + 64 * s < a.M;
+      const int p = n0 + r0 + 64 * s;
+      pval[s] = p < a.NP;
+      const int pc = pval[s] ? p : 0;
+      const int img = pc / a.P, pix = pc - img * a.P;
+      const int oy = pix / a.Wo, ox = pix - oy * a.Wo;
+      iy0[s] = oy * a.sh - a.ph;
+      ix0[s] = ox * a.sw - a.pw;
+      pbase[s] = (int64_t) img * a.H * a.W;
+    }
+  }
+
+  /* the 8-element vectors of the K step starting at k0 (zeros outside) */
+  __host__ __device__ void
+  load (const IgArgs<T> &a, int m0, int k0, uint4 ra[2], uint4 rb[2]) const
+  {
+    const int k = k0 + kq;
+    const bool kin = k < a.K;
+    int ky = 0, kx = 0, ci = 0;
+    if (kin) {
+      const int r = k / a.Cin;
+      ci = k - r * a.Cin;
+      ky = r / a.kw;
+      kx = r - ky * a.kw;
+    }
+    for (int s = 0; s < 2; s++) {
+      ra[s] = make_uint4 (0u, 0u, 0u, 0u);
+      if (aval[s] && kin)
+        ra[s] = IG_LDG ((const uint4 *) (a.w + (int64_t) (m0 + r0 + 64 * s) * a.K + k));
+      rb[s] = make_uint4 (0u, 0u, 0u, 0u);
+      const int iy = iy0[s] + ky, ix = ix0[s] + kx;
+      if (pval[s] && kin && iy >= 0 && iy < a.H && ix >= 0 && ix < a.W)
+        rb[s] = IG_LDG ((const uint4 *) (a.x + ((pbase[s] + (int64_t) iy * a.W + ix) * a.Cin + ci)));
+    }
+  }
+
+  /* into the shared tiles As [m][IG_LD], Bs [n][IG_LD] */
+  __host__ __device__ void
+  stage (T *As, T *Bs, const uint4 ra[2], const uint4 rb[2]) const
+  {
+    for (int s = 0; s < 2; s++) {
+      *(uint4 *) (As + (r0 + 64 * s) * IG_LD + kq) = ra[s];
+      *(uint4 *) (Bs + (r0 + 64 * s) * IG_LD + kq) = rb[s];
+    }
+  }
+};
+
+/* Epilogue of one 16x16 accumulator tile cs (row-major f32) whose first
+ * element is (m = mb, n = nb): lane l writes row l / 2, 8 consecutive output
+ * positions, bias added, NCHW. */
+template <typename T>
+__host__ __device__ __forceinline__ void
+ig_epilogue_lane (const IgArgs<T> &a, const float *cs, int lane, int mb, int nb)
+{
+  const int rr = lane >> 1, cc0 = (lane & 1) * 8;
+  const int m = mb + rr;
+  if (m >= a.M)
+    return;
+  const float bv = a.bias ? a.bias[m] : 0.0f;
+  for (int c = 0; c < 8; c++) {
+    const int p = nb + cc0 + c;
+    if (p >= a.NP)
+      break;
+    const int img = p / a.P, pix = p - img * a.P;
+    a.y[((int64_t) img * a.M + m) * a.P + pix] = from_f<T> (cs[rr * 16 + cc0 + c] + bv);
+  }
+}
+
+/* wt[i] of the [Cout][kh*kw][Cin] weight comes from w[this] of [Cout][Cin][kh*kw] */
+__host__ __device__ __forceinline__ int64_t
+ig_khwc_src (int64_t i, int Cin, int khw)
+{
+  const int64_t K = (int64_t) Cin * khw;
+  const int64_t co = i / K;
+  const int rem = (int) (i - co * K), r = rem / Cin, ci = rem - r * Cin;
+  return (co * Cin + ci) * khw + r;
+}
+
 template <typename T>
 __global__ void __launch_bounds__ (256, 2)   /* <= 128 registers: two blocks per SM */
 k_conv_igemm (IgArgs<T> a)
@@ -142,64 +244,24 @@ k_conv_igemm (IgArgs<T> a)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int m0 = blockIdx.y * IG_BM, n0 = blockIdx.x * IG_BN;
-
-  /* this thread's load slots: rows r0 and r0 + 64 of both tiles, k quarter kq */
-  const int kq = (tid & 3) * 8, r0 = tid >> 2;
-  bool aval[2], pval[2];
-  int iy0[2], ix0[2];
-  int64_t pbase[2];
-  for (int s = 0; s < 2; s++) {
-    aval[s] = m0 + r0 + 64 * s < a.M;
-    const int p = n0 + r0 + 64 * s;
-    pval[s] = p < a.NP;
-    const int pc = pval[s] ? p : 0;
-    const int img = pc / a.P, pix = pc - img * a.P;
-    const int oy = pix / a.Wo, ox = pix - oy * a.Wo;
-    iy0[s] = oy * a.sh - a.ph;
-    ix0[s] = ox * a.sw - a.pw;
-    pbase[s] = (int64_t) img * a.H * a.W;
-  }
-
+  IgSlots<T> sl;
+  sl.init (a, tid, m0, n0);
   uint4 ra[2], rb[2];
-  const uint4 zero4 = make_uint4 (0u, 0u, 0u, 0u);
-  auto load = [&] (int k0) {
-    const int k = k0 + kq;
-    const bool kin = k < a.K;
-    int ky = 0, kx = 0, ci = 0;
-    if (kin) {
-      const int r = k / a.Cin;
-      ci = k - r * a.Cin;
-      ky = r / a.kw;
-      kx = r - ky * a.kw;
-    }
-    for (int s = 0; s < 2; s++) {
-      ra[s] = zero4;
-      if (aval[s] && kin)
-        ra[s] = __ldg ((const uint4 *) (a.w + (int64_t) (m0 + r0 + 64 * s) * a.K + k));
-      rb[s] = zero4;
-      const int iy = iy0[s] + ky, ix = ix0[s] + kx;
-      if (pval[s] && kin && iy >= 0 && iy < a.H && ix >= 0 && ix < a.W)
-        rb[s] = __ldg ((const uint4 *) (a.x + ((pbase[s] + (int64_t) iy * a.W + ix) * a.Cin + ci)));
-    }
-  };
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
   for (int i = 0; i < 4; i++)
     for (int j = 0; j < 2; j++)
       wmma::fill_fragment (acc[i][j], 0.0f);
-  const int wm = warp >> 2, wn = warp & 3;
+  const int wm = warp >> 2, wn = warp & 3;   /* this warp: rows wm*64.., columns wn*32.. */
   const int nk = (a.K + IG_BK - 1) / IG_BK;
 
-  load (0);
+  sl.load (a, m0, 0, ra, rb);
   for (int kt = 0; kt < nk; kt++) {
     __syncthreads ();   /* the previous step's tiles are consumed */
-    for (int s = 0; s < 2; s++) {
-      *(uint4 *) (As + (r0 + 64 * s) * IG_LD + kq) = ra[s];
-      *(uint4 *) (Bs + (r0 + 64 * s) * IG_LD + kq) = rb[s];
-    }
+    sl.stage (As, Bs, ra, rb);
     __syncthreads ();
     if (kt + 1 < nk)
-      load ((kt + 1) * IG_BK);   /* in flight while the tensor cores work */
+      sl.load (a, m0, (kt + 1) * IG_BK, ra, rb);   /* in flight while the tensor cores work */
 #pragma unroll
     for (int kk = 0; kk < IG_BK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
@@ -218,25 +280,13 @@ k_conv_igemm (IgArgs<T> a)
     }
   }
 
-  /* epilogue: each 16x16 accumulator through this warp's shared tile; lane
-   * l writes row l / 2, 8 consecutive columns (output positions) */
+  /* epilogue: each accumulator through this warp's shared 16x16 tile */
   float *cs = Cs + warp * 256;
-  const int rr = lane >> 1, cc0 = (lane & 1) * 8;
   for (int i = 0; i < 4; i++)
     for (int j = 0; j < 2; j++) {
       wmma::store_matrix_sync (cs, acc[i][j], 16, wmma::mem_row_major);
       __syncwarp ();
-      const int m = m0 + wm * 64 + i * 16 + rr;
-      if (m < a.M) {
-        const float bv = a.bias ? a.bias[m] : 0.0f;
-        for (int c = 0; c < 8; c++) {
-          const int p = n0 + wn * 32 + j * 16 + cc0 + c;
-          if (p >= a.NP)
-            break;
-          const int img = p / a.P, pix = p - img * a.P;
-          a.y[((int64_t) img * a.M + m) * a.P + pix] = from_f<T> (cs[rr * 16 + cc0 + c] + bv);
-        }
-      }
+      ig_epilogue_lane (a, cs, lane, m0 + wm * 64 + i * 16, n0 + wn * 32 + j * 16);
       __syncwarp ();
     }
 }
@@ -271,12 +321,8 @@ k_nchw_to_nhwc (uint16_t *xt, const uint16_t *x, int64_t s0, int64_t s1, int64_t
 __global__ void
 k_weight_khwc (uint16_t *wt, const uint16_t *w, int64_t total, int Cin, int khw)
 {
-  const int64_t K = (int64_t) Cin * khw;
-  for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < total; i += (int64_t) gridDim.x * blockDim.x) {
-    const int64_t co = i / K;
-    const int rem = (int) (i - co * K), r = rem / Cin, ci = rem - r * Cin;
-    wt[i] = w[(co * Cin + ci) * khw + r];
-  }
+  for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < total; i += (int64_t) gridDim.x * blockDim.x)
+    wt[i] = w[ig_khwc_src (i, Cin, khw)];
 }
 
 /* Which convolutions take the implicit GEMM: DIFFUSE_CUDA_CONV=implicit every
@@ -442,4 +488,125 @@ done:
   dcu_scratch_free (c, col);
   diffuse_tensor_unref (wc);
   return ok;
+}
+
+/* ---- the implicit GEMM on the host (tests) ------------------------------ */
+
+template <typename T>
+static float
+to_f32 (T v)
+{
+  return (float) v;
+}
+
+/* Every block of the grid, in turn: the 256 threads' slots, loads and
+ * staging as the kernel does them (IgSlots), the eight warps' 4 x 2 WMMA
+ * tiles by loops over the shared tiles, the epilogue per lane. */
+template <typename T>
+static void
+igemm_emulate (const IgArgs<T> &a)
+{
+  const int gx = (a.NP + IG_BN - 1) / IG_BN, gy = (a.M + IG_BM - 1) / IG_BM;
+  const int nk = (a.K + IG_BK - 1) / IG_BK;
+  T *As = g_new0 (T, IG_BM * IG_LD), *Bs = g_new0 (T, IG_BN * IG_LD);
+  float *acc = g_new (float, IG_BM * IG_BN);
+  float cs[256];
+  IgSlots<T> *sl = g_new (IgSlots<T>, 256);
+  for (int by = 0; by < gy; by++)
+    for (int bx = 0; bx < gx; bx++) {
+      const int m0 = by * IG_BM, n0 = bx * IG_BN;
+      for (int tid = 0; tid < 256; tid++)
+        sl[tid].init (a, tid, m0, n0);
+      memset (acc, 0, sizeof (float) * IG_BM * IG_BN);
+      for (int kt = 0; kt < nk; kt++) {
+        for (int tid = 0; tid < 256; tid++) {
+          uint4 ra[2], rb[2];
+          sl[tid].load (a, m0, kt * IG_BK, ra, rb);
+          sl[tid].stage (As, Bs, ra, rb);
+        }
+        for (int warp = 0; warp < 8; warp++) {
+          const int wm = warp >> 2, wn = warp & 3;
+          for (int kk = 0; kk < IG_BK; kk += 16)
+            for (int i = 0; i < 4; i++)
+              for (int j = 0; j < 2; j++)
+                for (int r = 0; r < 16; r++)
+                  for (int c = 0; c < 16; c++) {
+                    const T *ar = As + (wm * 64 + i * 16 + r) * IG_LD + kk;   /* row_major A */
+                    const T *bc = Bs + (wn * 32 + j * 16 + c) * IG_LD + kk;   /* col_major B */
+                    float sum = 0.0f;
+                    for (int t = 0; t < 16; t++)
+                      sum += to_f32 (ar[t]) * to_f32 (bc[t]);
+                    acc[(wm * 64 + i * 16 + r) * IG_BN + wn * 32 + j * 16 + c] += sum;
+                  }
+        }
+      }
+      for (int warp = 0; warp < 8; warp++) {
+        const int wm = warp >> 2, wn = warp & 3;
+        for (int i = 0; i < 4; i++)
+          for (int j = 0; j < 2; j++) {
+            for (int r = 0; r < 16; r++)
+              for (int c = 0; c < 16; c++)
+                cs[r * 16 + c] = acc[(wm * 64 + i * 16 + r) * IG_BN + wn * 32 + j * 16 + c];
+            for (int lane = 0; lane < 32; lane++)
+              ig_epilogue_lane (a, cs, lane, m0 + wm * 64 + i * 16, n0 + wn * 32 + j * 16);
+          }
+      }
+    }
+  g_free (As);
+  g_free (Bs);
+  g_free (acc);
+  g_free (sl);
+}
+
+extern "C" DiffuseTensor *
+_diffuse_cuda_conv_igemm_emulate (DiffuseTensor *x, DiffuseTensor *w, DiffuseTensor *b, int sh, int sw, int ph,
+                                  int pw)
+{
+  g_return_val_if_fail (x && w && x->ndim == 4 && w->ndim == 4, NULL);
+  const int dt = x->dtype;
+  if ((dt != DIFFUSE_DTYPE_F16 && dt != DIFFUSE_DTYPE_BF16) || (int) w->dtype != dt || x->shape[1] % 8 != 0 ||
+      w->shape[1] != x->shape[1] || !diffuse_device_is_cpu (x->storage->dev) ||
+      !diffuse_device_is_cpu (w->storage->dev))
+    return NULL;
+  const int N = (int) x->shape[0], Cin = (int) x->shape[1], H = (int) x->shape[2], W = (int) x->shape[3];
+  const int Cout = (int) w->shape[0], kh = (int) w->shape[2], kw = (int) w->shape[3], khw = kh * kw;
+  const int Ho = (H + 2 * ph - kh) / sh + 1, Wo = (W + 2 * pw - kw) / sw + 1;
+  if (Ho < 1 || Wo < 1)
+    return NULL;
+  DiffuseTensor *xc = diffuse_contiguous (x), *wc = diffuse_contiguous (w);
+  DiffuseTensor *bf = NULL;
+  if (b) {
+    DiffuseTensor *b32 = diffuse_cast (b, DIFFUSE_DTYPE_F32);
+    bf = diffuse_contiguous (b32);
+    diffuse_tensor_clear (&b32);
+  }
+  int64_t oshape[4] = { N, Cout, Ho, Wo };
+  DiffuseTensor *out = diffuse_tensor_new (diffuse_device_cpu (), (DiffuseDType) dt, 4, oshape);
+  const int64_t K = (int64_t) khw * Cin;
+  uint16_t *xt = g_new (uint16_t, (int64_t) N * Cin * H * W);
+  uint16_t *wt = g_new (uint16_t, Cout * K);
+  const uint16_t *xs = (const uint16_t *) dcu_ptr (xc), *ws = (const uint16_t *) dcu_ptr (wc);
+  for (int n = 0; n < N; n++)
+    for (int c = 0; c < Cin; c++)
+      for (int p = 0; p < H * W; p++)
+        xt[((int64_t) n * H * W + p) * Cin + c] = xs[((int64_t) n * Cin + c) * H * W + p];
+  for (int64_t i = 0; i < Cout * K; i++)
+    wt[i] = ws[ig_khwc_src (i, Cin, khw)];
+  const float *bias = bf ? (const float *) dcu_ptr (bf) : NULL;
+  if (dt == DIFFUSE_DTYPE_F16) {
+    IgArgs<__half> a = { (const __half *) xt, (const __half *) wt, bias, (__half *) dcu_ptr (out), Cout, (int) K,
+                         Cin, H, W, kw, Wo, sh, sw, ph, pw, Ho * Wo, N * Ho * Wo };
+    igemm_emulate (a);
+  } else {
+    IgArgs<__nv_bfloat16> a = { (const __nv_bfloat16 *) xt, (const __nv_bfloat16 *) wt, bias,
+                                (__nv_bfloat16 *) dcu_ptr (out), Cout, (int) K, Cin, H, W, kw, Wo, sh, sw, ph, pw,
+                                Ho * Wo, N * Ho * Wo };
+    igemm_emulate (a);
+  }
+  g_free (xt);
+  g_free (wt);
+  diffuse_tensor_unref (xc);
+  diffuse_tensor_unref (wc);
+  diffuse_tensor_clear (&bf);
+  return out;
 }
