@@ -129,7 +129,20 @@ struct IgArgs {
   int M, K, Cin, H, W, kw, Wo, sh, sw, ph, pw;
   int P;             /* Ho * Wo */
   int NP;            /* N * P: the GEMM's n */
+  float *ws;         /* split-K: NULL, or f32 partial sums [splits][M][NP] (blockIdx.z = split) */
+  int ksteps;        /* split-K: K steps per split */
 };
+
+/* Split-K for grids smaller than the GPU: `want` splits of the nk K steps,
+ * evened out so that every split has at least one step; returns the number
+ * of splits, *ksteps the steps of each (the last may have fewer). */
+__host__ __device__ __forceinline__ int
+ig_split (int nk, int want, int *ksteps)
+{
+  want = want < 1 ? 1 : (want > nk ? nk : want);
+  *ksteps = (nk + want - 1) / want;
+  return (nk + *ksteps - 1) / *ksteps;
+}
 
 /* The kernel's index math lives in __host__ __device__ pieces so that
  * _diffuse_cuda_conv_igemm_emulate (below) runs the same loads, staging and
@@ -223,6 +236,40 @@ ig_epilogue_lane (const IgArgs<T> &a, const float *cs, int lane, int mb, int nb)
   }
 }
 
+/* Split-K: the partial sums of a 16x16 tile (same lane layout, no bias) */
+template <typename T>
+__host__ __device__ __forceinline__ void
+ig_partial_lane (const IgArgs<T> &a, const float *cs, int lane, int mb, int nb, int z)
+{
+  const int rr = lane >> 1, cc0 = (lane & 1) * 8;
+  const int m = mb + rr;
+  if (m >= a.M)
+    return;
+  float *dst = a.ws + ((int64_t) z * a.M + m) * a.NP;
+  for (int c = 0; c < 8; c++) {
+    const int p = nb + cc0 + c;
+    if (p >= a.NP)
+      break;
+    dst[p] = cs[rr * 16 + cc0 + c];
+  }
+}
+
+/* Split-K: output element i = m * NP + p, the splits summed, bias added, NCHW */
+template <typename T>
+__host__ __device__ __forceinline__ void
+ig_reduce_one (const IgArgs<T> &a, int splits, int64_t i)
+{
+  const int64_t MN = (int64_t) a.M * a.NP;
+  float v = 0.0f;
+  for (int z = 0; z < splits; z++)
+    v += a.ws[z * MN + i];
+  const int m = (int) (i / a.NP), p = (int) (i - (int64_t) m * a.NP);
+  if (a.bias)
+    v += a.bias[m];
+  const int img = p / a.P, pix = p - img * a.P;
+  a.y[((int64_t) img * a.M + m) * a.P + pix] = from_f<T> (v);
+}
+
 /* wt[i] of the [Cout][kh*kw][Cin] weight comes from w[this] of [Cout][Cin][kh*kw] */
 __host__ __device__ __forceinline__ int64_t
 ig_khwc_src (int64_t i, int Cin, int khw)
@@ -249,14 +296,18 @@ k_conv_igemm (IgArgs<T> a)
   uint4 ra[2], rb[2];
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4][2];
+#pragma unroll
   for (int i = 0; i < 4; i++)
+#pragma unroll
     for (int j = 0; j < 2; j++)
       wmma::fill_fragment (acc[i][j], 0.0f);
   const int wm = warp >> 2, wn = warp & 3;   /* this warp: rows wm*64.., columns wn*32.. */
-  const int nk = (a.K + IG_BK - 1) / IG_BK;
+  const int nk_all = (a.K + IG_BK - 1) / IG_BK;
+  const int kt0 = a.ws ? (int) blockIdx.z * a.ksteps : 0;
+  const int nk = a.ws ? min (nk_all, kt0 + a.ksteps) : nk_all;
 
-  sl.load (a, m0, 0, ra, rb);
-  for (int kt = 0; kt < nk; kt++) {
+  sl.load (a, m0, kt0 * IG_BK, ra, rb);
+  for (int kt = kt0; kt < nk; kt++) {
     __syncthreads ();   /* the previous step's tiles are consumed */
     sl.stage (As, Bs, ra, rb);
     __syncthreads ();
@@ -282,13 +333,26 @@ k_conv_igemm (IgArgs<T> a)
 
   /* epilogue: each accumulator through this warp's shared 16x16 tile */
   float *cs = Cs + warp * 256;
+#pragma unroll   /* constant indices: acc stays in registers */
   for (int i = 0; i < 4; i++)
+#pragma unroll
     for (int j = 0; j < 2; j++) {
       wmma::store_matrix_sync (cs, acc[i][j], 16, wmma::mem_row_major);
       __syncwarp ();
-      ig_epilogue_lane (a, cs, lane, m0 + wm * 64 + i * 16, n0 + wn * 32 + j * 16);
+      if (a.ws)
+        ig_partial_lane (a, cs, lane, m0 + wm * 64 + i * 16, n0 + wn * 32 + j * 16, (int) blockIdx.z);
+      else
+        ig_epilogue_lane (a, cs, lane, m0 + wm * 64 + i * 16, n0 + wn * 32 + j * 16);
       __syncwarp ();
     }
+}
+
+template <typename T>
+__global__ void
+k_igemm_reduce (IgArgs<T> a, int splits, int64_t total)
+{
+  for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < total; i += (int64_t) gridDim.x * blockDim.x)
+    ig_reduce_one (a, splits, i);
 }
 
 /* x [N][C][H][W] (any strides, 16-bit elements) -> xt [N][H][W][C], through
@@ -326,9 +390,9 @@ k_weight_khwc (uint16_t *wt, const uint16_t *w, int64_t total, int Cin, int khw)
 }
 
 /* Which convolutions take the implicit GEMM: DIFFUSE_CUDA_CONV=implicit every
- * one it can compute, =auto those whose grid covers every SM at least once
- * (smaller ones — the UNet's 8x8 .. 32x32 levels — keep im2col + cuBLAS,
- * whose split-K fills the GPU), anything else none. */
+ * one it can compute (grids smaller than the GPU split K, see igemm_splits),
+ * =auto those whose grid covers every SM at least once (smaller ones — the
+ * UNet's 8x8 .. 32x32 levels — keep im2col + cuBLAS), anything else none. */
 static gboolean
 igemm_ok (CudaCtx *c, int dt, const ConvGeom &g, int64_t N, int64_t Cout)
 {
@@ -349,13 +413,49 @@ igemm_ok (CudaCtx *c, int dt, const ConvGeom &g, int64_t N, int64_t Cout)
   return TRUE;
 }
 
+/* Splits of K for DIFFUSE_CUDA_CONV=implicit when the grid has fewer blocks
+ * than two per SM: enough to reach two per SM, each split >= 4 K steps, at
+ * most 64.  1: no split. */
+static int
+igemm_splits (CudaCtx *c, int64_t NP, int64_t M, int nk)
+{
+  const char *e = g_getenv ("DIFFUSE_CUDA_CONV");
+  if (!e || strcmp (e, "implicit") != 0)
+    return 1;
+  const int64_t blocks = ((NP + IG_BN - 1) / IG_BN) * ((M + IG_BM - 1) / IG_BM);
+  const int64_t target = 2 * (int64_t) MAX (c->sm_count, 1);
+  if (blocks >= target)
+    return 1;
+  int64_t want = (target + blocks - 1) / blocks;
+  want = MIN (want, MIN ((int64_t) 64, (int64_t) nk / 4));
+  return (int) MAX (want, (int64_t) 1);
+}
+
 template <typename T>
 static gboolean
-launch_igemm (CudaCtx *c, const IgArgs<T> &a, GError **error)
+launch_igemm (CudaCtx *c, IgArgs<T> a, GError **error)
 {
-  dim3 grid ((unsigned) ((a.NP + IG_BN - 1) / IG_BN), (unsigned) ((a.M + IG_BM - 1) / IG_BM));
+  const int nk = (a.K + IG_BK - 1) / IG_BK;
+  int ksteps = nk;
+  const int splits = ig_split (nk, igemm_splits (c, a.NP, a.M, nk), &ksteps);
+  void *ws = NULL;
+  if (splits > 1) {
+    ws = dcu_scratch (c, (size_t) splits * a.M * a.NP * sizeof (float), error);
+    if (!ws)
+      return FALSE;
+    a.ws = (float *) ws;
+    a.ksteps = ksteps;
+  }
+  dim3 grid ((unsigned) ((a.NP + IG_BN - 1) / IG_BN), (unsigned) ((a.M + IG_BM - 1) / IG_BM), (unsigned) splits);
   k_conv_igemm<T><<<grid, 256, 0, c->stream>>> (a);
-  return dcu_check_launch (error, "conv2d (implicit GEMM)");
+  gboolean ok = dcu_check_launch (error, "conv2d (implicit GEMM)");
+  if (ok && splits > 1) {
+    const int64_t total = (int64_t) a.M * a.NP;
+    k_igemm_reduce<T><<<dcu_blocks (c, total), 256, 0, c->stream>>> (a, splits, total);
+    ok = dcu_check_launch (error, "conv2d (implicit GEMM, split-K sum)");
+  }
+  dcu_scratch_free (c, ws);
+  return ok;
 }
 
 static gboolean
@@ -396,13 +496,13 @@ conv_igemm (CudaCtx *c, DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *wc,
   if (dt == DIFFUSE_DTYPE_F16) {
     IgArgs<__half> a = { (const __half *) xt, (const __half *) wt, bf ? (const float *) dcu_ptr (bf) : NULL,
                          (__half *) dcu_ptr (out), (int) Cout, (int) g.K, (int) g.Cin, (int) g.H, (int) g.W,
-                         (int) g.kw, (int) g.Wo, g.sh, g.sw, g.ph, g.pw, (int) g.P, (int) (N * g.P) };
+                         (int) g.kw, (int) g.Wo, g.sh, g.sw, g.ph, g.pw, (int) g.P, (int) (N * g.P), NULL, 0 };
     ok = launch_igemm (c, a, error);
   } else {
     IgArgs<__nv_bfloat16> a = { (const __nv_bfloat16 *) xt, (const __nv_bfloat16 *) wt,
                                 bf ? (const float *) dcu_ptr (bf) : NULL, (__nv_bfloat16 *) dcu_ptr (out),
                                 (int) Cout, (int) g.K, (int) g.Cin, (int) g.H, (int) g.W, (int) g.kw, (int) g.Wo,
-                                g.sh, g.sw, g.ph, g.pw, (int) g.P, (int) (N * g.P) };
+                                g.sh, g.sw, g.ph, g.pw, (int) g.P, (int) (N * g.P), NULL, 0 };
     ok = launch_igemm (c, a, error);
   }
 done:
@@ -504,21 +604,30 @@ to_f32 (T v)
  * tiles by loops over the shared tiles, the epilogue per lane. */
 template <typename T>
 static void
-igemm_emulate (const IgArgs<T> &a)
+igemm_emulate (IgArgs<T> a, int want_splits)
 {
   const int gx = (a.NP + IG_BN - 1) / IG_BN, gy = (a.M + IG_BM - 1) / IG_BM;
-  const int nk = (a.K + IG_BK - 1) / IG_BK;
+  const int nk_all = (a.K + IG_BK - 1) / IG_BK;
+  int ksteps = nk_all;
+  const int splits = ig_split (nk_all, want_splits, &ksteps);
+  if (splits > 1) {
+    a.ws = g_new (float, (int64_t) splits * a.M * a.NP);
+    a.ksteps = ksteps;
+  }
   T *As = g_new0 (T, IG_BM * IG_LD), *Bs = g_new0 (T, IG_BN * IG_LD);
   float *acc = g_new (float, IG_BM * IG_BN);
   float cs[256];
   IgSlots<T> *sl = g_new (IgSlots<T>, 256);
+  for (int bz = 0; bz < splits; bz++)
   for (int by = 0; by < gy; by++)
     for (int bx = 0; bx < gx; bx++) {
       const int m0 = by * IG_BM, n0 = bx * IG_BN;
+      const int kt0 = a.ws ? bz * a.ksteps : 0;
+      const int nk = a.ws ? MIN (nk_all, kt0 + a.ksteps) : nk_all;
       for (int tid = 0; tid < 256; tid++)
         sl[tid].init (a, tid, m0, n0);
       memset (acc, 0, sizeof (float) * IG_BM * IG_BN);
-      for (int kt = 0; kt < nk; kt++) {
+      for (int kt = kt0; kt < nk; kt++) {
         for (int tid = 0; tid < 256; tid++) {
           uint4 ra[2], rb[2];
           sl[tid].load (a, m0, kt * IG_BK, ra, rb);
@@ -548,10 +657,18 @@ igemm_emulate (const IgArgs<T> &a)
               for (int c = 0; c < 16; c++)
                 cs[r * 16 + c] = acc[(wm * 64 + i * 16 + r) * IG_BN + wn * 32 + j * 16 + c];
             for (int lane = 0; lane < 32; lane++)
-              ig_epilogue_lane (a, cs, lane, m0 + wm * 64 + i * 16, n0 + wn * 32 + j * 16);
+              if (a.ws)
+                ig_partial_lane (a, cs, lane, m0 + wm * 64 + i * 16, n0 + wn * 32 + j * 16, bz);
+              else
+                ig_epilogue_lane (a, cs, lane, m0 + wm * 64 + i * 16, n0 + wn * 32 + j * 16);
           }
       }
     }
+  if (a.ws) {
+    for (int64_t i = 0; i < (int64_t) a.M * a.NP; i++)
+      ig_reduce_one (a, splits, i);
+    g_free (a.ws);
+  }
   g_free (As);
   g_free (Bs);
   g_free (acc);
@@ -560,7 +677,7 @@ igemm_emulate (const IgArgs<T> &a)
 
 extern "C" DiffuseTensor *
 _diffuse_cuda_conv_igemm_emulate (DiffuseTensor *x, DiffuseTensor *w, DiffuseTensor *b, int sh, int sw, int ph,
-                                  int pw)
+                                  int pw, int splits)
 {
   g_return_val_if_fail (x && w && x->ndim == 4 && w->ndim == 4, NULL);
   const int dt = x->dtype;
@@ -595,13 +712,13 @@ _diffuse_cuda_conv_igemm_emulate (DiffuseTensor *x, DiffuseTensor *w, DiffuseTen
   const float *bias = bf ? (const float *) dcu_ptr (bf) : NULL;
   if (dt == DIFFUSE_DTYPE_F16) {
     IgArgs<__half> a = { (const __half *) xt, (const __half *) wt, bias, (__half *) dcu_ptr (out), Cout, (int) K,
-                         Cin, H, W, kw, Wo, sh, sw, ph, pw, Ho * Wo, N * Ho * Wo };
-    igemm_emulate (a);
+                         Cin, H, W, kw, Wo, sh, sw, ph, pw, Ho * Wo, N * Ho * Wo, NULL, 0 };
+    igemm_emulate (a, splits);
   } else {
     IgArgs<__nv_bfloat16> a = { (const __nv_bfloat16 *) xt, (const __nv_bfloat16 *) wt, bias,
                                 (__nv_bfloat16 *) dcu_ptr (out), Cout, (int) K, Cin, H, W, kw, Wo, sh, sw, ph, pw,
-                                Ho * Wo, N * Ho * Wo };
-    igemm_emulate (a);
+                                Ho * Wo, N * Ho * Wo, NULL, 0 };
+    igemm_emulate (a, splits);
   }
   g_free (xt);
   g_free (wt);

@@ -59,10 +59,11 @@ void diffuse_cuda_graph_free (DiffuseCudaGraph *graph);
  * slots, gather addresses, K steps, staging and epilogue, the same code —
  * run on the host, the tensor-core products done by loops.  x [N, Cin, H, W]
  * and w [Cout, Cin, kh, kw] f16 or bf16 (both the same) on the CPU, Cin % 8
- * == 0; b NULL or [Cout].  Returns [N, Cout, Ho, Wo] in x's dtype, or NULL
- * where the kernel does not apply. */
+ * == 0; b NULL or [Cout]; splits > 1: split-K into that many (at most
+ * one per K step) and the partial sums' reduction.  Returns [N, Cout, Ho,
+ * Wo] in x's dtype, or NULL where the kernel does not apply. */
 DiffuseTensor *_diffuse_cuda_conv_igemm_emulate (DiffuseTensor *x, DiffuseTensor *w, DiffuseTensor *b, int sh,
-                                                 int sw, int ph, int pw);
+                                                 int sw, int ph, int pw, int splits);
 
 /* Called by the tensor layer once (registers "cuda" with diffuse_backend_register). */
 void _diffuse_cuda_register (void);

@@ -581,16 +581,21 @@ run_case (gconstpointer data)
    * 16-bit case with Cin % 8 == 0, against torch with the case's tolerance */
   if (g_str_equal (op, "conv2d") && ins[0] && ins[1] && ins[0]->dtype != DIFFUSE_DTYPE_F32 &&
       ins[0]->shape[1] % 8 == 0) {
-    DiffuseTensor *emu = _diffuse_cuda_conv_igemm_emulate (ins[0], ins[1], ins[2], pint (c, "stride_h"),
-                                                           pint (c, "stride_w"), pint (c, "pad_h"), pint (c, "pad_w"));
-    g_autofree char *what = g_strdup_printf ("%s.out (implicit GEMM, host)", cname);
-    if (!emu) {
-      g_test_fail_printf ("%s: not computed", what);
-    } else {
-      DiffuseTensor *want = raw_tensor (cname, "out");
-      compare (what, emu, want, tol, ew);
-      diffuse_tensor_unref (want);
-      diffuse_tensor_unref (emu);
+    /* one block per K range, and split-K in 3 (K steps 3..14 in these cases) */
+    for (int splits = 1; splits <= 3; splits += 2) {
+      DiffuseTensor *emu = _diffuse_cuda_conv_igemm_emulate (ins[0], ins[1], ins[2], pint (c, "stride_h"),
+                                                             pint (c, "stride_w"), pint (c, "pad_h"),
+                                                             pint (c, "pad_w"), splits);
+      g_autofree char *what = g_strdup_printf ("%s.out (implicit GEMM on the host, %d split%s)", cname, splits,
+                                               splits > 1 ? "s" : "");
+      if (!emu) {
+        g_test_fail_printf ("%s: not computed", what);
+      } else {
+        DiffuseTensor *want = raw_tensor (cname, "out");
+        compare (what, emu, want, tol, ew);
+        diffuse_tensor_unref (want);
+        diffuse_tensor_unref (emu);
+      }
     }
   }
 #endif

@@ -107,6 +107,7 @@ step_bench () {
   variant conv-auto DIFFUSE_CUDA_CONV=auto
   variant graph DIFFUSE_CUDA_GRAPH=1
   variant all DIFFUSE_CUDA_GRAPH=1 DIFFUSE_CUDA_CONV=auto DIFFUSE_CUDA_IM2COL=rows DIFFUSE_CUDA_ATTN=unfused
+  variant all-i DIFFUSE_CUDA_GRAPH=1 DIFFUSE_CUDA_CONV=implicit DIFFUSE_CUDA_ATTN=unfused
   python3 - "$W" "$OUT" <<'PY' | tee $OUT/variants.txt
 import json, os, subprocess, sys
 w, out = sys.argv[1], sys.argv[2]
@@ -117,7 +118,7 @@ def load(p):
         return None
 d = load(os.path.join(out, "diffusers.json"))
 rows = [("default", os.path.join(out, "ours"))] + [
-    (n, os.path.join(w, "ours-" + n)) for n in ("unfused", "rows", "implicit", "conv-auto", "graph", "all")]
+    (n, os.path.join(w, "ours-" + n)) for n in ("unfused", "rows", "implicit", "conv-auto", "graph", "all", "all-i")]
 print(f"{'variant':10s} {'total_s':>8s} {'x diff.':>7s} {'unet_ms':>8s} {'vae_ms':>7s} {'peak_res_GB':>11s} {'PSNR vs diffusers':>17s}")
 for n, base in rows:
     j = load(base + ".json")
