@@ -222,15 +222,19 @@ k_attention_wmma (AttnArgs a, int DP)
     }
     __syncwarp ();
 
-    /* online softmax of the warp's 16 rows */
-    if (lane < 16) {
-      const int r = warp * 16 + lane;
+    /* online softmax of the warp's 16 rows: two lanes per row (lanes 2r and
+     * 2r + 1), each over half of the tile's keys, max and sum combined by a
+     * shuffle; the row's pair agrees on mn, so the branch below is uniform
+     * per pair and every lane reaches both shuffles */
+    {
+      const int r = warp * 16 + (lane >> 1), j0 = (lane & 1) * (WN / 2);
       const int64_t row = q0 + r;
       float *sr = S + r * SP;
       T *pr = P + r * PP;
-      float m = mrow[r], mt = -INFINITY;
+      const float m = mrow[r];
+      float mt = -INFINITY;
       const int64_t mb = b * a.ms[0] + h * a.ms[1] + row * a.ms[2];
-      for (int j = 0; j < WN; j++) {
+      for (int j = j0; j < j0 + WN / 2; j++) {
         const int64_t key = kv0 + j;
         float v = sr[j] * a.scale;
         if (row >= a.Lq || key >= a.Lk || (a.causal && key > row))
@@ -240,21 +244,27 @@ k_attention_wmma (AttnArgs a, int DP)
         sr[j] = v;
         mt = fmaxf (mt, v);
       }
+      mt = fmaxf (mt, __shfl_xor_sync (0xffffffffu, mt, 1));
       const float mn = fmaxf (m, mt);
+      float ps = 0.0f, corr = 1.0f;
       if (mn == -INFINITY) {
-        for (int j = 0; j < WN; j++)
+        for (int j = j0; j < j0 + WN / 2; j++)
           pr[j] = zero;
-        crow[r] = 1.0f;
       } else {
-        const float corr = expf (m - mn);
-        float ps = 0.0f;
-        for (int j = 0; j < WN; j++) {
+        corr = expf (m - mn);
+        for (int j = j0; j < j0 + WN / 2; j++) {
           float pj = expf (sr[j] - mn);
           ps += pj;
           pr[j] = from_f<T> (pj);
         }
-        lrow[r] = lrow[r] * corr + ps;
-        mrow[r] = mn;
+      }
+      ps += __shfl_xor_sync (0xffffffffu, ps, 1);
+      __syncwarp ();   /* both lanes have read mrow[r] */
+      if ((lane & 1) == 0) {
+        if (mn != -INFINITY) {
+          lrow[r] = lrow[r] * corr + ps;
+          mrow[r] = mn;
+        }
         crow[r] = corr;
       }
     }

@@ -185,6 +185,9 @@ step_profile () {
   if [ -f $W/sd15/model_index.json ]; then
     DIFFUSE_CUDA_PROFILE=1 ours timeout $(tmo 120) $BIN/sd-bench-gpu $W/sd15 --device cuda:0 --dtype f16 --steps 4 \
       --size 512 --runs 1 2>&1 | tail -30; RES[profile]=${PIPESTATUS[0]}
+    stamp "profile: the same with the implicit-GEMM convolution (split-K) and the unfused attention"
+    DIFFUSE_CUDA_PROFILE=1 DIFFUSE_CUDA_CONV=implicit DIFFUSE_CUDA_ATTN=unfused ours timeout $(tmo 120) \
+      $BIN/sd-bench-gpu $W/sd15 --device cuda:0 --dtype f16 --steps 4 --size 512 --runs 1 2>&1 | grep -E "^ |in all"
   else
     echo "no model (run the bench step first)"
   fi
