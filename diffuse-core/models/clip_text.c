@@ -8,16 +8,11 @@
  *   text_embeds = pooled @ text_projection^T   (WithProjection)
  */
 #include <diffuse/clip_text.h>
+#include "clip_private.h"
 #include <diffuse/error.h>
 #include <float.h>
 #include <math.h>
 #include <string.h>
-
-typedef struct {
-  DiffuseTensor *ln1_w, *ln1_b, *ln2_w, *ln2_b;
-  DiffuseTensor *q_w, *q_b, *k_w, *k_b, *v_w, *v_b, *o_w, *o_b;
-  DiffuseTensor *fc1_w, *fc1_b, *fc2_w, *fc2_b;
-} ClipLayer;
 
 struct _DiffuseClipText {
   gint ref_count;
@@ -29,103 +24,12 @@ struct _DiffuseClipText {
   gboolean use_attention_mask;
   DiffuseActivation act;
   DiffuseTensor *tok_emb, *pos_emb;
-  ClipLayer *layers;
+  DiffuseClipLayer *layers;
   DiffuseTensor *final_w, *final_b;
   DiffuseTensor *proj_w;       /* NULL without projection */
 };
 
 /* ---- loading ----------------------------------------------------------- */
-
-typedef struct {
-  DiffuseWeights *w;
-  DiffuseDevice *dev;
-  DiffuseDType dtype;
-  const char *prefix;          /* "text_model." or "" */
-  const char *component;       /* for messages */
-  GHashTable *used;            /* names consumed */
-  GError **error;
-} Loader;
-
-/* Loads prefix+name and checks its shape (ndim entries of shape). */
-static DiffuseTensor *
-load (Loader *ld, const char *prefix, const char *name, int ndim, const int64_t *shape)
-{
-  if (*ld->error)
-    return NULL;
-  char *key = g_strconcat (prefix, name, NULL);
-  if (!diffuse_weights_has (ld->w, key)) {
-    g_set_error (ld->error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "%s: tensor '%s' is missing from %s",
-                 ld->component, key, diffuse_weights_describe (ld->w));
-    g_free (key);
-    return NULL;
-  }
-  const DiffuseStEntry *e = diffuse_weights_entry (ld->w, key);
-  gboolean fits = e->ndim == ndim;
-  for (int i = 0; fits && i < ndim; i++)
-    fits = e->shape[i] == shape[i];
-  if (!fits) {
-    GString *want = g_string_new ("["), *got = g_string_new ("[");
-    for (int i = 0; i < ndim; i++)
-      g_string_append_printf (want, "%s%" G_GINT64_FORMAT, i ? ", " : "", (gint64) shape[i]);
-    for (int i = 0; i < e->ndim; i++)
-      g_string_append_printf (got, "%s%" G_GINT64_FORMAT, i ? ", " : "", (gint64) e->shape[i]);
-    g_string_append_c (want, ']');
-    g_string_append_c (got, ']');
-    g_set_error (ld->error, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG,
-                 "%s: tensor '%s' in %s has shape %s, the config needs %s", ld->component, key,
-                 diffuse_weights_describe (ld->w), got->str, want->str);
-    g_string_free (want, TRUE);
-    g_string_free (got, TRUE);
-    g_free (key);
-    return NULL;
-  }
-  DiffuseTensor *t = diffuse_weights_get (ld->w, key, ld->dtype, ld->dev, ld->error);
-  if (t)
-    g_hash_table_add (ld->used, key);
-  else
-    g_free (key);
-  return t;
-}
-
-static DiffuseTensor *
-load1 (Loader *ld, const char *name, int64_t a)
-{
-  return load (ld, ld->prefix, name, 1, (int64_t[]) { a });
-}
-
-static DiffuseTensor *
-load2 (Loader *ld, const char *name, int64_t a, int64_t b)
-{
-  return load (ld, ld->prefix, name, 2, (int64_t[]) { a, b });
-}
-
-static void
-warn_unused (Loader *ld)
-{
-  guint n = 0;
-  const char **names = diffuse_weights_names (ld->w, &n);
-  GString *list = NULL;
-  guint n_unused = 0;
-  for (guint i = 0; i < n; i++) {
-    const char *nm = names[i];
-    if (g_hash_table_contains (ld->used, nm))
-      continue;
-    /* a persistent buffer in older files; transformers drops it silently */
-    if (g_str_has_suffix (nm, "embeddings.position_ids"))
-      continue;
-    if (!list)
-      list = g_string_new (NULL);
-    if (n_unused < 8)
-      g_string_append_printf (list, "%s'%s'", n_unused ? ", " : "", nm);
-    n_unused++;
-  }
-  g_free (names);
-  if (list) {
-    g_warning ("%s: %u unexpected tensor(s) in %s not used by the model: %s%s", ld->component, n_unused,
-               diffuse_weights_describe (ld->w), list->str, n_unused > 8 ? ", ..." : "");
-    g_string_free (list, TRUE);
-  }
-}
 
 static gboolean
 has_projection_arch (DiffuseConfig *config)
@@ -144,13 +48,8 @@ clip_text_free (DiffuseClipText *m)
 {
   diffuse_tensor_clear (&m->tok_emb);
   diffuse_tensor_clear (&m->pos_emb);
-  for (int i = 0; m->layers && i < m->n_layers; i++) {
-    ClipLayer *l = &m->layers[i];
-    DiffuseTensor **all[] = { &l->ln1_w, &l->ln1_b, &l->ln2_w, &l->ln2_b, &l->q_w, &l->q_b, &l->k_w, &l->k_b,
-                              &l->v_w, &l->v_b, &l->o_w, &l->o_b, &l->fc1_w, &l->fc1_b, &l->fc2_w, &l->fc2_b };
-    for (guint j = 0; j < G_N_ELEMENTS (all); j++)
-      diffuse_tensor_clear (all[j]);
-  }
+  for (int i = 0; m->layers && i < m->n_layers; i++)
+    _diffuse_clip_layer_clear (&m->layers[i]);
   g_free (m->layers);
   diffuse_tensor_clear (&m->final_w);
   diffuse_tensor_clear (&m->final_b);
@@ -205,49 +104,26 @@ diffuse_clip_text_new (DiffuseConfig *config, DiffuseWeights *weights, DiffuseDe
 
   char *component = g_strdup_printf ("%s (%s)", with_proj ? "CLIPTextModelWithProjection" : "CLIPTextModel",
                                      label);
-  Loader ld = { weights, dev, dtype, "text_model.", component,
-                g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL), error };
+  DiffuseClipLoader ld;
+  _diffuse_clip_loader_init (&ld, weights, dev, dtype, "text_model.", component, error);
   /* transformers 5 writes CLIPTextModel without the prefix and loads both */
   if (!diffuse_weights_has (weights, "text_model.embeddings.token_embedding.weight") &&
       diffuse_weights_has (weights, "embeddings.token_embedding.weight"))
     ld.prefix = "";
 
   int64_t D = m->hidden, F = m->inter;
-  m->tok_emb = load2 (&ld, "embeddings.token_embedding.weight", m->vocab, D);
-  m->pos_emb = load2 (&ld, "embeddings.position_embedding.weight", m->max_pos, D);
-  m->layers = g_new0 (ClipLayer, m->n_layers);
-  for (int i = 0; i < m->n_layers && !*error; i++) {
-    ClipLayer *l = &m->layers[i];
-    char *p = g_strdup_printf ("%sencoder.layers.%d.", ld.prefix, i);
-#define L1(field, name, a) l->field = load (&ld, p, name, 1, (int64_t[]) { a })
-#define L2(field, name, a, b) l->field = load (&ld, p, name, 2, (int64_t[]) { a, b })
-    L1 (ln1_w, "layer_norm1.weight", D);
-    L1 (ln1_b, "layer_norm1.bias", D);
-    L2 (q_w, "self_attn.q_proj.weight", D, D);
-    L1 (q_b, "self_attn.q_proj.bias", D);
-    L2 (k_w, "self_attn.k_proj.weight", D, D);
-    L1 (k_b, "self_attn.k_proj.bias", D);
-    L2 (v_w, "self_attn.v_proj.weight", D, D);
-    L1 (v_b, "self_attn.v_proj.bias", D);
-    L2 (o_w, "self_attn.out_proj.weight", D, D);
-    L1 (o_b, "self_attn.out_proj.bias", D);
-    L1 (ln2_w, "layer_norm2.weight", D);
-    L1 (ln2_b, "layer_norm2.bias", D);
-    L2 (fc1_w, "mlp.fc1.weight", F, D);
-    L1 (fc1_b, "mlp.fc1.bias", F);
-    L2 (fc2_w, "mlp.fc2.weight", D, F);
-    L1 (fc2_b, "mlp.fc2.bias", D);
-#undef L1
-#undef L2
-    g_free (p);
-  }
-  m->final_w = load1 (&ld, "final_layer_norm.weight", D);
-  m->final_b = load1 (&ld, "final_layer_norm.bias", D);
+  m->tok_emb = _diffuse_clip_load2 (&ld, "embeddings.token_embedding.weight", m->vocab, D);
+  m->pos_emb = _diffuse_clip_load2 (&ld, "embeddings.position_embedding.weight", m->max_pos, D);
+  m->layers = g_new0 (DiffuseClipLayer, m->n_layers);
+  for (int i = 0; i < m->n_layers && !*error; i++)
+    _diffuse_clip_layer_load (&ld, &m->layers[i], i, D, F);
+  m->final_w = _diffuse_clip_load1 (&ld, "final_layer_norm.weight", D);
+  m->final_b = _diffuse_clip_load1 (&ld, "final_layer_norm.bias", D);
   if (with_proj)
-    m->proj_w = load (&ld, "", "text_projection.weight", 2, (int64_t[]) { m->proj_dim, D });
+    m->proj_w = _diffuse_clip_load (&ld, "", "text_projection.weight", 2, (int64_t[]) { m->proj_dim, D });
   if (!*error)
-    warn_unused (&ld);
-  g_hash_table_unref (ld.used);
+    _diffuse_clip_warn_unused (&ld);
+  _diffuse_clip_loader_clear (&ld);
   g_free (component);
   if (*error)
     goto fail;
@@ -304,68 +180,6 @@ diffuse_clip_text_output_clear (DiffuseClipTextOutput *out)
     diffuse_tensor_clear (&out->hidden_states[i]);
   g_free (out->hidden_states);
   memset (out, 0, sizeof *out);
-}
-
-/* [B, L, D] -> view [B, H, L, hd] */
-static DiffuseTensor *
-split_heads (DiffuseTensor *x, int64_t B, int64_t L, int H, int64_t hd)
-{
-  if (!x)
-    return NULL;
-  DiffuseTensor *r = diffuse_reshape_4d (x, B, L, H, hd);
-  diffuse_tensor_unref (x);
-  if (!r)
-    return NULL;
-  DiffuseTensor *p = diffuse_permute (r, (const int[]) { 0, 2, 1, 3 });
-  diffuse_tensor_unref (r);
-  return p;
-}
-
-/* One pre-LN encoder layer; returns the new hidden state (h is not modified). */
-static DiffuseTensor *
-encoder_layer (DiffuseClipText *m, const ClipLayer *l, DiffuseTensor *h, DiffuseTensor *mask, int64_t B,
-               int64_t L)
-{
-  int H = m->n_heads;
-  int64_t D = m->hidden, hd = D / H;
-
-  DiffuseTensor *x = diffuse_layer_norm (h, l->ln1_w, l->ln1_b, m->eps);
-  DiffuseTensor *q = split_heads (diffuse_linear (x, l->q_w, l->q_b), B, L, H, hd);
-  DiffuseTensor *k = split_heads (diffuse_linear (x, l->k_w, l->k_b), B, L, H, hd);
-  DiffuseTensor *v = split_heads (diffuse_linear (x, l->v_w, l->v_b), B, L, H, hd);
-  diffuse_tensor_clear (&x);
-  DiffuseTensor *a = diffuse_sdpa (q, k, v, mask, TRUE, (float) (1.0 / sqrt ((double) hd)));
-  diffuse_tensor_clear (&q);
-  diffuse_tensor_clear (&k);
-  diffuse_tensor_clear (&v);
-  /* [B, H, L, hd] -> [B, L, H, hd] -> [B, L, D] */
-  DiffuseTensor *at = a ? diffuse_permute (a, (const int[]) { 0, 2, 1, 3 }) : NULL;
-  diffuse_tensor_clear (&a);
-  DiffuseTensor *ac = diffuse_contiguous (at);
-  diffuse_tensor_clear (&at);
-  DiffuseTensor *a3 = ac ? diffuse_reshape (ac, 3, (const int64_t[]) { B, L, D }) : NULL;
-  diffuse_tensor_clear (&ac);
-  DiffuseTensor *o = diffuse_linear (a3, l->o_w, l->o_b);
-  diffuse_tensor_clear (&a3);
-  DiffuseTensor *h1 = o ? diffuse_add (h, o) : NULL;
-  diffuse_tensor_clear (&o);
-
-  x = diffuse_layer_norm (h1, l->ln2_w, l->ln2_b, m->eps);
-  DiffuseTensor *f = diffuse_linear (x, l->fc1_w, l->fc1_b);
-  diffuse_tensor_clear (&x);
-  DiffuseTensor *g = diffuse_activation (f, m->act);
-  diffuse_tensor_clear (&f);
-  f = diffuse_linear (g, l->fc2_w, l->fc2_b);
-  diffuse_tensor_clear (&g);
-  if (!f) {
-    diffuse_tensor_clear (&h1);
-    return NULL;
-  }
-  /* h1 is ours alone: accumulate the MLP branch in place */
-  if (!diffuse_axpy_inplace (h1, 1.0f, f))
-    diffuse_tensor_clear (&h1);
-  diffuse_tensor_unref (f);
-  return h1;
 }
 
 static gboolean
@@ -459,7 +273,7 @@ diffuse_clip_text_forward (DiffuseClipText *m, const int32_t *input_ids, int bat
       out->hidden_states[i] = diffuse_tensor_ref (h);
     if (i == keep_idx)
       kept = diffuse_tensor_ref (h);
-    DiffuseTensor *next = encoder_layer (m, &m->layers[i], h, mask, B, L);
+    DiffuseTensor *next = _diffuse_clip_encoder_layer (&m->layers[i], h, mask, TRUE, m->n_heads, m->eps, m->act);
     diffuse_tensor_unref (h);
     h = next;
     if (!h) {

@@ -34,6 +34,19 @@ build_tokenizer (DiffuseComponent *c, gpointer user_data, GError **error)
   return diffuse_clip_tokenizer_load (diffuse_component_folder (c), error);
 }
 
+static gpointer
+build_safety_checker (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return diffuse_safety_checker_new (diffuse_component_config (c), diffuse_component_weights (c),
+                                     diffuse_component_device (c), diffuse_component_dtype (c), error);
+}
+
+static gpointer
+build_image_processor (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return diffuse_clip_image_processor_new (diffuse_component_config (c), error);
+}
+
 gpointer
 _diffuse_pipeline_object (DiffusePipelineModel *pm, const char *name, const char *want_class, DiffuseComponentBuildFunc build,
                   GDestroyNotify destroy, GError **error)
@@ -77,6 +90,21 @@ _diffuse_pipeline_tokenizer (DiffusePipelineModel *pm, GError **error)
 {
   return _diffuse_pipeline_object (pm, "tokenizer", "CLIPTokenizer", build_tokenizer,
                                    (GDestroyNotify) diffuse_clip_tokenizer_unref, error);
+}
+
+DiffuseSafetyChecker *
+_diffuse_pipeline_safety_checker (DiffusePipelineModel *pm, GError **error)
+{
+  return _diffuse_pipeline_object (pm, "safety_checker", "StableDiffusionSafetyChecker", build_safety_checker,
+                                   (GDestroyNotify) diffuse_safety_checker_unref, error);
+}
+
+DiffuseClipImageProcessor *
+_diffuse_pipeline_feature_extractor (DiffusePipelineModel *pm, GError **error)
+{
+  /* CLIPImageProcessor, or CLIPFeatureExtractor in older checkpoints */
+  return _diffuse_pipeline_object (pm, "feature_extractor", "CLIP", build_image_processor,
+                                   (GDestroyNotify) diffuse_clip_image_processor_free, error);
 }
 
 /* [1, L, D] embeddings of one prompt as diffusers' encode_prompt makes them:

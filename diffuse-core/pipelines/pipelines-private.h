@@ -7,6 +7,7 @@
 #include <diffuse/unet.h>
 #include <diffuse/vae.h>
 #include <diffuse/clip_text.h>
+#include <diffuse/safety_checker.h>
 #include <diffuse/clip_tokenizer.h>
 #include <diffuse/rng.h>
 #include <diffuse/scheduler.h>
@@ -22,6 +23,8 @@ DiffuseUNet *_diffuse_pipeline_unet (DiffusePipelineModel *pm, GError **error);
 DiffuseVae *_diffuse_pipeline_vae (DiffusePipelineModel *pm, GError **error);
 DiffuseClipText *_diffuse_pipeline_text_encoder (DiffusePipelineModel *pm, GError **error);
 DiffuseClipTokenizer *_diffuse_pipeline_tokenizer (DiffusePipelineModel *pm, GError **error);
+DiffuseSafetyChecker *_diffuse_pipeline_safety_checker (DiffusePipelineModel *pm, GError **error);
+DiffuseClipImageProcessor *_diffuse_pipeline_feature_extractor (DiffusePipelineModel *pm, GError **error);
 
 /* [1, L, D] prompt embeddings (diffusers' encode_prompt for one prompt; clip_skip 0 = none). */
 DiffuseTensor *_diffuse_pipeline_encode_prompt (DiffuseClipTokenizer *tokenizer, DiffuseClipText *text_encoder,

@@ -28,6 +28,8 @@ struct _DiffuseSD {
   DiffuseVae *vae;
   DiffuseClipText *text_encoder;
   DiffuseClipTokenizer *tokenizer;
+  DiffuseSafetyChecker *safety_checker;          /* NULL: none */
+  DiffuseClipImageProcessor *feature_extractor;  /* with the checker */
   DiffuseConfig *scheduler_config;
   char *scheduler_class;
   GMutex lock;                    /* one generate() at a time */
@@ -119,10 +121,71 @@ diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error)
     diffuse_sd_unref (sd);
     return NULL;
   }
-  if (diffuse_pipeline_model_get (pm, "safety_checker"))
-    g_message ("%s lists a safety checker; gst-diffuse does not run it yet, so no safety check is applied to the "
-               "generated images", diffuse_pipeline_model_folder (pm));
+  if (diffuse_pipeline_model_get (pm, "safety_checker")) {
+    if (!diffuse_pipeline_model_get (pm, "feature_extractor")) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
+                   "%s: the pipeline has a safety checker but no feature extractor; make sure to define a "
+                   "feature_extractor if you want to use the safety checker, or load it with safety_checker = none",
+                   diffuse_pipeline_model_folder (pm));
+      diffuse_sd_unref (sd);
+      return NULL;
+    }
+    sd->safety_checker = _diffuse_pipeline_safety_checker (pm, error);
+    if (sd->safety_checker)
+      sd->feature_extractor = _diffuse_pipeline_feature_extractor (pm, error);
+    if (!sd->feature_extractor) {
+      diffuse_sd_unref (sd);
+      return NULL;
+    }
+  }
   return sd;
+}
+
+gboolean
+diffuse_sd_has_safety_checker (DiffuseSD *sd)
+{
+  return sd->safety_checker != NULL;
+}
+
+/* diffusers' run_safety_checker: the images as 8-bit RGB (numpy_to_pil)
+ * through the feature extractor, the checker; flagged images become black. */
+static gboolean
+run_safety_checker (DiffuseSD *sd, GPtrArray *images, GError **error)
+{
+  const int n = (int) images->len;
+  guint8 **rgb = g_new0 (guint8 *, n);
+  int *w = g_new (int, n), *h = g_new (int, n);
+  gboolean *flags = g_new0 (gboolean, n);
+  for (int i = 0; i < n; i++) {
+    const DiffuseImage *img = g_ptr_array_index (images, i);
+    w[i] = img->width;
+    h[i] = img->height;
+    rgb[i] = g_new (guint8, (size_t) img->width * img->height * 3);
+    diffuse_image_to_rgb8 (img, rgb[i], img->width * 3);
+  }
+  DiffuseTensor *pv = diffuse_clip_image_processor_preprocess (sd->feature_extractor, (const guint8 *const *) rgb, w,
+                                                               h, NULL, n, error);
+  gboolean ok = pv && diffuse_safety_checker_check (sd->safety_checker, pv, flags, NULL, error);
+  gboolean any = FALSE;
+  for (int i = 0; ok && i < n; i++) {
+    DiffuseImage *img = g_ptr_array_index (images, i);
+    img->nsfw = flags[i];
+    if (flags[i]) {
+      memset (img->pixels, 0, sizeof (float) * (size_t) img->width * img->height * 3);
+      any = TRUE;
+    }
+  }
+  if (any)
+    g_warning ("Potential NSFW content was detected in one or more images. A black image will be returned instead. "
+               "Try again with a different prompt and/or seed.");
+  diffuse_tensor_clear (&pv);
+  for (int i = 0; i < n; i++)
+    g_free (rgb[i]);
+  g_free (rgb);
+  g_free (w);
+  g_free (h);
+  g_free (flags);
+  return ok;
 }
 
 DiffuseSD *
@@ -683,6 +746,12 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     diffuse_tensor_unref (hd);
   }
   tm->decode_us = g_get_monotonic_time () - t_mark;
+  if (sd->safety_checker) {
+    t_mark = g_get_monotonic_time ();
+    if (!run_safety_checker (sd, images, error))
+      g_clear_pointer (&images, g_ptr_array_unref);
+    tm->safety_us = g_get_monotonic_time () - t_mark;
+  }
 
 out:
   g_mutex_unlock (&sd->lock);

@@ -11,6 +11,7 @@
 #include <diffuse/scheduler.h>
 #include <diffuse/clip_tokenizer.h>
 #include <diffuse/clip_text.h>
+#include <diffuse/safety_checker.h>
 #include <diffuse/unet.h>
 #include <diffuse/vae.h>
 #include <diffuse/sd.h>

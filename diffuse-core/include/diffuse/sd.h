@@ -30,6 +30,10 @@ typedef gboolean (*DiffuseStepFunc) (int step, int total, gpointer user_data);
 typedef struct {
   int width, height;
   float *pixels;
+  /* has_nsfw_concept: the pipeline's safety checker flagged the image, and
+   * its pixels are black (0), as diffusers returns it.  FALSE when the
+   * pipeline has no safety checker. */
+  gboolean nsfw;
 } DiffuseImage;
 
 void diffuse_image_free (DiffuseImage *img);
@@ -71,6 +75,7 @@ typedef struct {
   gint64 unet_us;         /* UNet forwards, including moving their inputs/outputs */
   gint64 step_other_us;   /* the rest of the loop: scale_model_input, CFG combine, scheduler step */
   gint64 decode_us;       /* VAE decode and conversion to images */
+  gint64 safety_us;       /* the safety checker (feature extractor + CLIP vision model) */
   int n_unet_calls;
 } DiffuseSDTimings;
 
@@ -78,7 +83,14 @@ typedef struct {
 GPtrArray *diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, DiffuseSDTimings *timings,
                                       GError **error);
 
+/* A pipeline whose model has a safety_checker component runs it on every
+ * generated image, as diffusers' run_safety_checker (DiffuseImage.nsfw);
+ * that needs the feature_extractor component too (DIFFUSE_ERROR_NOT_FOUND
+ * otherwise).  Load with the override safety_checker = none to turn it off
+ * (the loader warns when the model asks for it: requires_safety_checker). */
 DiffuseSD *diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error);
+/* TRUE when generate() runs a safety checker. */
+gboolean diffuse_sd_has_safety_checker (DiffuseSD *sd);
 DiffuseSD *diffuse_sd_ref (DiffuseSD *sd);
 void diffuse_sd_unref (DiffuseSD *sd);
 
