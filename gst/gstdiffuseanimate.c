@@ -778,7 +778,7 @@ gst_diffuse_animate_class_init (GstDiffuseAnimateClass *klass)
   gobject_class->get_property = gst_diffuse_animate_get_property;
   gobject_class->finalize = gst_diffuse_animate_finalize;
 
-  gst_diffuse_install_properties (gobject_class, FALSE, DEFAULT_SEED_INCREMENT);
+  gst_diffuse_install_properties (gobject_class, FALSE, FALSE, DEFAULT_SEED_INCREMENT);
   g_object_class_install_property (gobject_class, PROP_IS_LIVE,
       g_param_spec_boolean ("is-live", "Is live",
           "Act as a live source: a clip's frames are timestamped from the running time at which it is made",

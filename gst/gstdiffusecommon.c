@@ -120,6 +120,7 @@ gst_diffuse_state_init (GstDiffuseState *st, GstElement *element, DiffuseSDTask 
   st->settings.seed_increment = default_seed_increment;
   st->settings.clip_skip = 0;
   st->settings.strength = GST_DIFFUSE_DEFAULT_STRENGTH;
+  st->settings.safety_checker = TRUE;
   st->cancellable = g_cancellable_new ();
   st->last_gen_time = GST_CLOCK_TIME_NONE;
   st->suggested_steps = -1;
@@ -140,7 +141,8 @@ gst_diffuse_state_finalize (GstDiffuseState *st)
 #define RW (G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS)
 
 void
-gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gint64 default_seed_increment)
+gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gboolean with_safety_checker,
+                                gint64 default_seed_increment)
 {
   init_debug ();
   gchar *def_model = gst_diffuse_default_model ();
@@ -208,6 +210,13 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gin
             "How much the input frame is transformed: 0 passes it through untouched, 1 ignores it "
             "(denoising runs int(num-inference-steps * strength) steps)",
             0.0, 1.0, GST_DIFFUSE_DEFAULT_STRENGTH, RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
+  if (with_safety_checker)
+    g_object_class_install_property (klass, GST_DIFFUSE_PROP_SAFETY_CHECKER,
+        g_param_spec_boolean ("safety-checker", "Safety checker",
+            "Run the model's safety checker (diffusers' StableDiffusionSafetyChecker) when it has one: a "
+            "flagged frame leaves black, with a warning and a \"diffuse-nsfw\" element message.  FALSE loads "
+            "the model without it (safety_checker=None) and warns",
+            TRUE, RW | GST_PARAM_MUTABLE_READY));
   g_object_class_install_property (klass, GST_DIFFUSE_PROP_RESIDENT_BYTES,
       g_param_spec_uint64 ("resident-bytes", "Resident bytes",
           "Bytes of model weights held by the component cache this element uses (shared with the "
@@ -290,6 +299,7 @@ gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, const GValue
     case GST_DIFFUSE_PROP_SEED_INCREMENT: s->seed_increment = g_value_get_int64 (value); break;
     case GST_DIFFUSE_PROP_CLIP_SKIP: s->clip_skip = g_value_get_int (value); break;
     case GST_DIFFUSE_PROP_STRENGTH: s->strength = g_value_get_double (value); break;
+    case GST_DIFFUSE_PROP_SAFETY_CHECKER: s->safety_checker = g_value_get_boolean (value); break;
     default:
       GST_OBJECT_UNLOCK (st->element);
       return FALSE;
@@ -392,6 +402,7 @@ gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *valu
     case GST_DIFFUSE_PROP_SEED_INCREMENT: g_value_set_int64 (value, s->seed_increment); break;
     case GST_DIFFUSE_PROP_CLIP_SKIP: g_value_set_int (value, s->clip_skip); break;
     case GST_DIFFUSE_PROP_STRENGTH: g_value_set_double (value, s->strength); break;
+    case GST_DIFFUSE_PROP_SAFETY_CHECKER: g_value_set_boolean (value, s->safety_checker); break;
     default:
       GST_OBJECT_UNLOCK (st->element);
       return FALSE;
@@ -538,6 +549,17 @@ is_cancel (GstDiffuseState *st, const GError *err)
          g_error_matches (err, G_IO_ERROR, G_IO_ERROR_CANCELLED) || gst_diffuse_state_is_flushing (st);
 }
 
+/* model_index.json names a safety checker (a non-null entry) */
+static gboolean
+model_lists_safety_checker (DiffusePipelineModel *pm)
+{
+  JsonNode *n = diffuse_config_get_node (diffuse_pipeline_model_index (pm), "safety_checker");
+  if (!n || !JSON_NODE_HOLDS_ARRAY (n))
+    return FALSE;
+  JsonArray *a = json_node_get_array (n);
+  return json_array_get_length (a) == 2 && !JSON_NODE_HOLDS_NULL (json_array_get_element (a, 1));
+}
+
 gboolean
 gst_diffuse_state_load (GstDiffuseState *st)
 {
@@ -586,6 +608,13 @@ gst_diffuse_state_load (GstDiffuseState *st)
   lp.progress = load_progress;
   lp.progress_data = st;
   lp.cancellable = get_cancellable (st);
+  /* safety-checker=false: diffusers' from_pretrained (..., safety_checker=None) */
+  GHashTable *no_checker = NULL;
+  if (!s.safety_checker) {
+    no_checker = g_hash_table_new (g_str_hash, g_str_equal);
+    g_hash_table_insert (no_checker, (gpointer) "safety_checker", NULL);
+    lp.overrides = no_checker;
+  }
 
   GstClockTime t0 = gst_util_get_timestamp ();
   /* one load at a time in the process: a second element asking for the
@@ -594,8 +623,15 @@ gst_diffuse_state_load (GstDiffuseState *st)
   DiffusePipelineModel *pm = diffuse_pipeline_model_load (s.model, &lp, cache, &err);
   gst_diffuse_global_unlock ();
   g_object_unref (lp.cancellable);
+  g_clear_pointer (&no_checker, g_hash_table_unref);
   if (cache)
     diffuse_component_cache_unref (cache);
+  if (pm && !s.safety_checker && model_lists_safety_checker (pm))
+    GST_ELEMENT_WARNING (st->element, LIBRARY, SETTINGS,
+        ("The safety checker of model \"%s\" is disabled (safety-checker=false): generated frames are not "
+         "screened", s.model),
+        ("Ensure that you abide by the conditions of the Stable Diffusion license and do not expose unfiltered "
+         "results in services or applications open to the public (diffusers' warning)"));
   if (!pm) {
     if (is_cancel (st, err)) {
       GST_DEBUG_OBJECT (st->element, "load cancelled");
@@ -782,6 +818,15 @@ gst_diffuse_state_generate (GstDiffuseState *st, const GstDiffuseSettings *s, in
     }
     g_clear_error (&err);
     return NULL;
+  }
+  if (img->nsfw) {
+    GST_ELEMENT_WARNING (st->element, STREAM, FAILED,
+        ("Potential NSFW content was detected in frame %" G_GUINT64_FORMAT "; a black frame is output instead. "
+         "Try again with a different prompt and/or seed.", frame),
+        ("the safety checker of model \"%s\" flagged it", s->model));
+    gst_element_post_message (st->element,
+        gst_message_new_element (GST_OBJECT (st->element),
+            gst_structure_new ("diffuse-nsfw", "frame", G_TYPE_UINT64, frame, NULL)));
   }
   *ret = GST_FLOW_OK;
   return img;

@@ -7,6 +7,8 @@
  *   "diffuse-progress"  step (int), total (int), frame (guint64) — one per denoising step
  *   "diffuse-download"  file (string), bytes (guint64), total-bytes (guint64) — Hub downloads
  *   "diffuse-load"      component (string), done (guint64), total (guint64) — components loaded
+ *   "diffuse-nsfw"      frame (guint64) — the model's safety checker flagged this frame, which
+ *                       leaves black (diffusers' has_nsfw_concept); a warning is posted too
  */
 #pragma once
 
@@ -38,6 +40,7 @@ enum {
   GST_DIFFUSE_PROP_STRENGTH,        /* installed by diffuseimg2img only */
   GST_DIFFUSE_PROP_RESIDENT_BYTES,
   GST_DIFFUSE_PROP_LOAD_COUNT,
+  GST_DIFFUSE_PROP_SAFETY_CHECKER,  /* not installed by diffuseanimate (AnimateDiff has none) */
   GST_DIFFUSE_PROP_LAST
 };
 
@@ -66,6 +69,7 @@ typedef struct {
   gint64 seed_increment;
   gint clip_skip;
   gdouble strength;
+  gboolean safety_checker;  /* run the model's safety checker (loaded without it when FALSE) */
   guint user_set;           /* GST_DIFFUSE_SET_*: set by the user, so the model's suggestion does not apply */
 } GstDiffuseSettings;
 
@@ -111,8 +115,10 @@ void gst_diffuse_state_init (GstDiffuseState *st, GstElement *element, DiffuseSD
                              gint64 default_seed_increment);
 void gst_diffuse_state_finalize (GstDiffuseState *st);
 
-/* Installs the shared properties (strength only when with_strength). */
-void gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gint64 default_seed_increment);
+/* Installs the shared properties (strength only when with_strength,
+ * safety-checker only when with_safety_checker). */
+void gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gboolean with_safety_checker,
+                                     gint64 default_seed_increment);
 /* TRUE when prop_id is one of the shared properties (then handled). */
 gboolean gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, const GValue *value, GParamSpec *pspec);
 gboolean gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *value, GParamSpec *pspec);

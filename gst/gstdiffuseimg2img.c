@@ -270,7 +270,7 @@ gst_diffuse_img2img_class_init (GstDiffuseImg2ImgClass *klass)
   gobject_class->set_property = gst_diffuse_img2img_set_property;
   gobject_class->get_property = gst_diffuse_img2img_get_property;
   gobject_class->finalize = gst_diffuse_img2img_finalize;
-  gst_diffuse_install_properties (gobject_class, TRUE, DEFAULT_SEED_INCREMENT);
+  gst_diffuse_install_properties (gobject_class, TRUE, TRUE, DEFAULT_SEED_INCREMENT);
 
   gst_element_class_set_static_metadata (element_class, "Diffusion image-to-image filter", "Filter/Effect/Video",
       "Restyles video frames towards a text prompt with a diffusers Stable Diffusion img2img pipeline",

@@ -413,7 +413,7 @@ gst_diffuse_text2img_class_init (GstDiffuseText2ImgClass *klass)
   gobject_class->get_property = gst_diffuse_text2img_get_property;
   gobject_class->finalize = gst_diffuse_text2img_finalize;
 
-  gst_diffuse_install_properties (gobject_class, FALSE, DEFAULT_SEED_INCREMENT);
+  gst_diffuse_install_properties (gobject_class, FALSE, TRUE, DEFAULT_SEED_INCREMENT);
   g_object_class_install_property (gobject_class, PROP_IS_LIVE,
       g_param_spec_boolean ("is-live", "Is live",
           "Act as a live source: frames are timestamped with the running time at which they are made",

@@ -28,6 +28,7 @@
 
 static char *opt_variant, *opt_dtype, *opt_revision, *opt_device, *opt_class;
 static gboolean opt_offline;
+static gboolean opt_no_safety_checker;
 static gint64 opt_shard;
 static char *opt_prompt, *opt_negative, *opt_scheduler, *opt_output;
 static char *opt_prompts_file, *opt_output_dir, *opt_adapter;
@@ -42,6 +43,8 @@ static GOptionEntry entries[] = {
   { "device", 0, 0, G_OPTION_ARG_STRING, &opt_device, "Device (cpu, auto, cuda:N)", "DEV" },
   { "pipeline-class", 0, 0, G_OPTION_ARG_STRING, &opt_class, "Load as this pipeline class", "CLASS" },
   { "offline", 0, 0, G_OPTION_ARG_NONE, &opt_offline, "Use the Hub cache only", NULL },
+  { "no-safety-checker", 0, 0, G_OPTION_ARG_NONE, &opt_no_safety_checker,
+    "Load without the model's safety checker (safety_checker=None; warns)", NULL },
   { "max-shard-size", 0, 0, G_OPTION_ARG_INT64, &opt_shard, "Shard weights above this many bytes (save)", "BYTES" },
   { "prompt", 'p', 0, G_OPTION_ARG_STRING, &opt_prompt, "Prompt (generate)", "TEXT" },
   { "negative-prompt", 'n', 0, G_OPTION_ARG_STRING, &opt_negative, "Negative prompt (generate)", "TEXT" },
@@ -304,8 +307,9 @@ generate (DiffusePipelineModel *pm)
       if (!write_image (img, name, &err))
         rc = fail (&err);
       else
-        printf ("wrote %s (%dx%d, \"%s\", seed %" G_GUINT64_FORMAT ", %d steps, %.3f s)\n", name, img->width,
-                img->height, p.prompt, p.seed, p.num_inference_steps, (t1 - t0) / 1e6);
+        printf ("wrote %s (%dx%d, \"%s\", seed %" G_GUINT64_FORMAT ", %d steps, %.3f s)%s\n", name, img->width,
+                img->height, p.prompt, p.seed, p.num_inference_steps, (t1 - t0) / 1e6,
+                img->nsfw ? " - flagged by the safety checker: black" : "");
       g_free (name);
     }
     g_ptr_array_unref (imgs);
@@ -467,6 +471,12 @@ main (int argc, char **argv)
   lp.device = opt_device;
   lp.pipeline_class = opt_class;
   lp.offline = opt_offline;
+  GHashTable *no_checker = NULL;
+  if (opt_no_safety_checker) {
+    no_checker = g_hash_table_new (g_str_hash, g_str_equal);
+    g_hash_table_insert (no_checker, (gpointer) "safety_checker", NULL);
+    lp.overrides = no_checker;
+  }
   lp.progress = progress;
   if (opt_dtype) {
     if (!diffuse_dtype_from_string (opt_dtype, &lp.dtype)) {
@@ -514,6 +524,7 @@ main (int argc, char **argv)
     rc = 2;
   }
   g_clear_error (&err);
+  g_clear_pointer (&no_checker, g_hash_table_unref);
   diffuse_component_cache_unref (cache);
   g_option_context_free (ctx);
   return rc;

@@ -500,6 +500,145 @@ GST_START_TEST (test_model_suggestions)
 }
 GST_END_TEST;
 
+/* ---- the safety checker ------------------------------------------------------------ */
+
+/* tiny-sd's components + fixtures/safety's checker and feature extractor in tmp/safe */
+static gchar *
+model_with_safety_checker (const char *tmp)
+{
+  const char *fx = g_getenv ("DIFFUSE_FIXTURES");
+  gchar *dst = g_build_filename (tmp, "safe", NULL);
+  gchar *cmd = g_strdup_printf ("mkdir -p '%s' && cd '%s' && for c in unet vae text_encoder tokenizer scheduler; do "
+                                "ln -s '%s/pipelines/tiny-sd/'$c $c; done && ln -s '%s/safety/safety_checker' "
+                                "safety_checker && ln -s '%s/safety/feature_extractor' feature_extractor",
+                                dst, dst, fx ? fx : TEST_FIXTURES_DIR, fx ? fx : TEST_FIXTURES_DIR,
+                                fx ? fx : TEST_FIXTURES_DIR);
+  fail_unless_equals_int (system (cmd), 0);
+  g_free (cmd);
+  gchar *index = g_build_filename (dst, "model_index.json", NULL);
+  fail_unless (g_file_set_contents (index,
+      "{\"_class_name\": \"StableDiffusionPipeline\", \"_diffusers_version\": \"0.42.1\", "
+      "\"feature_extractor\": [\"transformers\", \"CLIPImageProcessor\"], "
+      "\"safety_checker\": [\"stable_diffusion\", \"StableDiffusionSafetyChecker\"], "
+      "\"requires_safety_checker\": true, \"scheduler\": [\"diffusers\", \"PNDMScheduler\"], "
+      "\"text_encoder\": [\"transformers\", \"CLIPTextModel\"], \"tokenizer\": [\"transformers\", \"CLIPTokenizer\"], "
+      "\"unet\": [\"diffusers\", \"UNet2DConditionModel\"], \"vae\": [\"diffusers\", \"AutoencoderKL\"]}", -1, NULL));
+  g_free (index);
+  return dst;
+}
+
+static gint core_warnings;
+
+static void
+count_core_warning (const gchar *domain, GLogLevelFlags level, const gchar *message, gpointer user_data)
+{
+  g_atomic_int_inc (&core_warnings);
+}
+
+/* One 64x64 frame of "a red circle", seed 100 (flagged by the fixture checker,
+ * tests/reference/make_safety_fixtures.py); the bus messages in *msgs. */
+static GstBuffer *
+safety_frame (const char *model, gboolean checker, GList **msgs)
+{
+  GstHarness *h = gst_harness_new ("diffusetext2img");
+  g_object_set (h->element, "model", model, "num-inference-steps", 4, "seed", (gint64) 100, "prompt", "a red circle",
+                "num-buffers", 1, "safety-checker", checker, NULL);
+  gst_harness_set_sink_caps_str (h, "video/x-raw,format=RGB,width=64,height=64");
+  GstBus *bus = gst_bus_new ();
+  gst_element_set_bus (h->element, bus);
+  gst_harness_play (h);
+  GstBuffer *buf = NULL;
+  for (int i = 0; i < 5 && !buf; i++)   /* 60 s each: slow under valgrind */
+    buf = gst_harness_pull (h);
+  GstMessage *m;
+  while ((m = gst_bus_pop_filtered (bus, GST_MESSAGE_WARNING | GST_MESSAGE_ELEMENT)))
+    *msgs = g_list_append (*msgs, m);
+  gst_element_set_bus (h->element, NULL);
+  gst_object_unref (bus);
+  gst_harness_teardown (h);
+  return buf;
+}
+
+static gboolean
+has_message (GList *msgs, GstMessageType type, const char *name_or_text)
+{
+  for (GList *l = msgs; l; l = l->next) {
+    GstMessage *m = l->data;
+    if (GST_MESSAGE_TYPE (m) != type)
+      continue;
+    if (type == GST_MESSAGE_ELEMENT && gst_message_has_name (m, name_or_text))
+      return TRUE;
+    if (type == GST_MESSAGE_WARNING) {
+      GError *e = NULL;
+      gst_message_parse_warning (m, &e, NULL);
+      gboolean hit = strstr (e->message, name_or_text) != NULL;
+      g_error_free (e);
+      if (hit)
+        return TRUE;
+    }
+  }
+  return FALSE;
+}
+
+static guint64
+buffer_sum (GstBuffer *buf)
+{
+  GstMapInfo map;
+  fail_unless (gst_buffer_map (buf, &map, GST_MAP_READ));
+  guint64 sum = 0;
+  for (gsize i = 0; i < map.size; i++)
+    sum += map.data[i];
+  gst_buffer_unmap (buf, &map);
+  return sum;
+}
+
+GST_START_TEST (test_safety_checker)
+{
+  gchar *tmp = g_dir_make_tmp ("diffuse-gst-XXXXXX", NULL);
+  gchar *model = model_with_safety_checker (tmp);
+  /* the core's g_warnings (diffusers' logger warnings) are expected here: counted, not fatal */
+  GLogLevelFlags old = g_log_set_always_fatal (G_LOG_LEVEL_CRITICAL | G_LOG_LEVEL_ERROR);
+  guint hid = g_log_set_handler ("diffuse", G_LOG_LEVEL_WARNING, count_core_warning, NULL);
+
+  /* on by default: the flagged frame leaves black, with a warning and "diffuse-nsfw" */
+  GstElement *el = gst_element_factory_make ("diffusetext2img", NULL);
+  gboolean def = FALSE;
+  g_object_get (el, "safety-checker", &def, NULL);
+  fail_unless (def);
+  gst_object_unref (el);
+  GList *msgs = NULL;
+  g_atomic_int_set (&core_warnings, 0);
+  GstBuffer *buf = safety_frame (model, TRUE, &msgs);
+  fail_unless (buf != NULL);
+  fail_unless_equals_uint64 (buffer_sum (buf), 0);
+  fail_unless (has_message (msgs, GST_MESSAGE_ELEMENT, "diffuse-nsfw"));
+  fail_unless (has_message (msgs, GST_MESSAGE_WARNING, "Potential NSFW content"));
+  fail_unless_equals_int (g_atomic_int_get (&core_warnings), 1);   /* diffusers' logger line */
+  gst_buffer_unref (buf);
+  g_list_free_full (msgs, (GDestroyNotify) gst_message_unref);
+
+  /* turned off: the picture itself, and a warning that nothing is screened (element + loader) */
+  msgs = NULL;
+  g_atomic_int_set (&core_warnings, 0);
+  buf = safety_frame (model, FALSE, &msgs);
+  fail_unless (buf != NULL);
+  fail_unless (buffer_sum (buf) > 0);
+  fail_if (has_message (msgs, GST_MESSAGE_ELEMENT, "diffuse-nsfw"));
+  fail_unless (has_message (msgs, GST_MESSAGE_WARNING, "safety checker"));
+  fail_unless_equals_int (g_atomic_int_get (&core_warnings), 1);   /* the loader's: requires_safety_checker */
+  gst_buffer_unref (buf);
+  g_list_free_full (msgs, (GDestroyNotify) gst_message_unref);
+
+  g_log_remove_handler ("diffuse", hid);
+  g_log_set_always_fatal (old);
+  gchar *cmd = g_strdup_printf ("rm -rf '%s'", tmp);
+  fail_unless_equals_int (system (cmd), 0);
+  g_free (cmd);
+  g_free (model);
+  g_free (tmp);
+}
+GST_END_TEST;
+
 static GstElement *
 new_element (const char *model_name)
 {
@@ -728,6 +867,7 @@ diffusetext2img_suite (void)
   tcase_add_test (tc, test_error_size_not_multiple_of_8);
   tcase_add_test (tc, test_mutable_ready_refused_when_playing);
   tcase_add_test (tc, test_model_suggestions);
+  tcase_add_test (tc, test_safety_checker);
   return s;
 }
 
