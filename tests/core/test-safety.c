@@ -75,6 +75,29 @@ test_processor (void)
     g_free (pname);
   }
   g_assert_cmpint (n, >=, 6);
+
+  /* the older form of the same settings (Stable Diffusion 1.x checkpoints' CLIPFeatureExtractor
+   * config: sizes as numbers, mean/std implied): the same pixel_values */
+  GError *err = NULL;
+  DiffuseConfig *c = diffuse_config_from_string ("{\"crop_size\": 32, \"do_center_crop\": true, \"do_normalize\": true, "
+                                                 "\"do_resize\": true, \"feature_extractor_type\": "
+                                                 "\"CLIPFeatureExtractor\", \"resample\": 3, \"size\": 32}",
+                                                 "old-style", &err);
+  g_assert_no_error (err);
+  DiffuseClipImageProcessor *old = diffuse_clip_image_processor_new (c, &err);
+  g_assert_no_error (err);
+  int w, h;
+  guint8 *rgb = u8_image ("processor.1.image", &w, &h);
+  const guint8 *one[1] = { rgb };
+  DiffuseTensor *a = diffuse_clip_image_processor_preprocess (p, one, &w, &h, NULL, 1, &err);
+  DiffuseTensor *b = diffuse_clip_image_processor_preprocess (old, one, &w, &h, NULL, 1, &err);
+  g_assert_no_error (err);
+  g_assert_cmpfloat (diffuse_tensor_max_abs_diff (a, b), ==, 0.0);
+  diffuse_tensor_unref (a);
+  diffuse_tensor_unref (b);
+  g_free (rgb);
+  diffuse_clip_image_processor_free (old);
+  diffuse_config_unref (c);
   diffuse_clip_image_processor_free (p);
 }
 

@@ -203,6 +203,9 @@ step_sd () {
     | grep -E "^not ok|^# (A|B)|CUDA graph|^ok" | tail -12; RES[sd_graph]=${PIPESTATUS[0]}
   DIFFUSE_CUDA_GRAPH=1 DIFFUSE_CUDA_CONV=implicit DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 60) $BIN/test-sd-f16 2>&1 \
     | grep -E "^# A|ok|CUDA graph" | tail -8; RES[sd_f16_graph]=${PIPESTATUS[0]}
+  stamp "sd: test-safety on cuda:0 (the tiny pipeline with diffusers' safety checker: images and flags)"
+  DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 60) $BIN/test-safety 2>&1 | grep -E "^ok|^not ok|prompt|Bail" | tail -8
+  RES[safety]=${PIPESTATUS[0]}
   stamp "sd: test-animate on cuda:0 (tiny AnimateDiff pipelines vs diffusers fixtures)"
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 90) $BIN/test-animate 2>&1 | grep -vE "^# (Start|End)" | tail -30; RES[animate]=${PIPESTATUS[0]}
 }
