@@ -217,6 +217,13 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gbo
             "flagged frame leaves black, with a warning and a \"diffuse-nsfw\" element message.  FALSE loads "
             "the model without it (safety_checker=None) and warns",
             TRUE, RW | GST_PARAM_MUTABLE_READY));
+  if (with_safety_checker)
+    g_object_class_install_property (klass, GST_DIFFUSE_PROP_SAG_SCALE,
+        g_param_spec_double ("sag-scale", "SAG scale",
+            "Self-attention guidance, as diffusers' StableDiffusionSAGPipeline (whose default is 0.75): one more "
+            "UNet pass per step on latents blurred where the mid block's self-attention looks; 0 = off.  Needs a "
+            "scheduler with integer timesteps (PNDM, DDIM, ...)",
+            0.0, 100.0, 0.0, RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
   g_object_class_install_property (klass, GST_DIFFUSE_PROP_RESIDENT_BYTES,
       g_param_spec_uint64 ("resident-bytes", "Resident bytes",
           "Bytes of model weights held by the component cache this element uses (shared with the "
@@ -300,6 +307,7 @@ gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, const GValue
     case GST_DIFFUSE_PROP_CLIP_SKIP: s->clip_skip = g_value_get_int (value); break;
     case GST_DIFFUSE_PROP_STRENGTH: s->strength = g_value_get_double (value); break;
     case GST_DIFFUSE_PROP_SAFETY_CHECKER: s->safety_checker = g_value_get_boolean (value); break;
+    case GST_DIFFUSE_PROP_SAG_SCALE: s->sag_scale = g_value_get_double (value); break;
     default:
       GST_OBJECT_UNLOCK (st->element);
       return FALSE;
@@ -403,6 +411,7 @@ gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *valu
     case GST_DIFFUSE_PROP_CLIP_SKIP: g_value_set_int (value, s->clip_skip); break;
     case GST_DIFFUSE_PROP_STRENGTH: g_value_set_double (value, s->strength); break;
     case GST_DIFFUSE_PROP_SAFETY_CHECKER: g_value_set_boolean (value, s->safety_checker); break;
+    case GST_DIFFUSE_PROP_SAG_SCALE: g_value_set_double (value, s->sag_scale); break;
     default:
       GST_OBJECT_UNLOCK (st->element);
       return FALSE;
@@ -791,6 +800,7 @@ gst_diffuse_state_generate (GstDiffuseState *st, const GstDiffuseSettings *s, in
   p.scheduler = s->scheduler;
   p.image = input;
   p.strength = (float) s->strength;
+  p.sag_scale = (float) s->sag_scale;
   p.on_step = on_step;
   p.user_data = &sd;
   p.cancellable = get_cancellable (st);

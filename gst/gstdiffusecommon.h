@@ -41,6 +41,7 @@ enum {
   GST_DIFFUSE_PROP_RESIDENT_BYTES,
   GST_DIFFUSE_PROP_LOAD_COUNT,
   GST_DIFFUSE_PROP_SAFETY_CHECKER,  /* not installed by diffuseanimate (AnimateDiff has none) */
+  GST_DIFFUSE_PROP_SAG_SCALE,       /* not installed by diffuseanimate */
   GST_DIFFUSE_PROP_LAST
 };
 
@@ -70,6 +71,7 @@ typedef struct {
   gint clip_skip;
   gdouble strength;
   gboolean safety_checker;  /* run the model's safety checker (loaded without it when FALSE) */
+  gdouble sag_scale;        /* self-attention guidance, 0 = off */
   guint user_set;           /* GST_DIFFUSE_SET_*: set by the user, so the model's suggestion does not apply */
 } GstDiffuseSettings;
 
@@ -116,7 +118,7 @@ void gst_diffuse_state_init (GstDiffuseState *st, GstElement *element, DiffuseSD
 void gst_diffuse_state_finalize (GstDiffuseState *st);
 
 /* Installs the shared properties (strength only when with_strength,
- * safety-checker only when with_safety_checker). */
+ * safety-checker and sag-scale only when with_safety_checker: the SD elements). */
 void gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gboolean with_safety_checker,
                                      gint64 default_seed_increment);
 /* TRUE when prop_id is one of the shared properties (then handled). */

@@ -29,6 +29,7 @@
 static char *opt_variant, *opt_dtype, *opt_revision, *opt_device, *opt_class;
 static gboolean opt_offline;
 static gboolean opt_no_safety_checker;
+static double opt_sag_scale;
 static gint64 opt_shard;
 static char *opt_prompt, *opt_negative, *opt_scheduler, *opt_output;
 static char *opt_prompts_file, *opt_output_dir, *opt_adapter;
@@ -55,6 +56,8 @@ static GOptionEntry entries[] = {
   { "height", 'H', 0, G_OPTION_ARG_INT, &opt_height, "Height, a multiple of 8 (default: the model's)", "H" },
   { "scheduler", 0, 0, G_OPTION_ARG_STRING, &opt_scheduler, "A compatible scheduler class", "CLASS" },
   { "clip-skip", 0, 0, G_OPTION_ARG_INT, &opt_clip_skip, "CLIP layers to skip (0)", "N" },
+  { "sag-scale", 0, 0, G_OPTION_ARG_DOUBLE, &opt_sag_scale,
+    "Self-attention guidance scale (0 = off; StableDiffusionSAGPipeline's default is 0.75)", "S" },
   { "num-images", 0, 0, G_OPTION_ARG_INT, &opt_num_images, "Images to generate (1)", "N" },
   { "output", 'o', 0, G_OPTION_ARG_FILENAME, &opt_output, "Output PNG (out.png; -N suffix for several)", "FILE" },
   { "prompts-file", 0, 0, G_OPTION_ARG_FILENAME, &opt_prompts_file,
@@ -281,6 +284,7 @@ generate (DiffusePipelineModel *pm)
   if (opt_scheduler)
     p.scheduler = opt_scheduler;
   p.clip_skip = opt_clip_skip;
+  p.sag_scale = (float) opt_sag_scale;
   p.num_images = opt_num_images;
   p.on_step = opt_prompts_file ? NULL : on_step;
   int rc = 0;

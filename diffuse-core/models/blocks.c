@@ -792,6 +792,58 @@ diffuse_blk_transformer2d_forward (const DiffuseBlkTransformer2D *t, DiffuseTens
   return out;
 }
 
+/* The self-attention probabilities of the first transformer block (attn1),
+ * as diffusers' CrossAttnStoreProcessor keeps them for SAG:
+ * softmax (scale * q k^T) per head, [B * heads, HW, HW] (batch-major), in
+ * the model's dtype on its device.  The block's input is recomputed (group
+ * norm, proj_in, norm1, to_q, to_k): a few small ops at the mid block's size. */
+DiffuseTensor *
+diffuse_blk_transformer2d_self_attn_probs (const DiffuseBlkTransformer2D *t, DiffuseTensor *x)
+{
+  if (!x)
+    return NULL;
+  g_return_val_if_fail (x->ndim == 4, NULL);
+  if (t->n_blocks < 1 || t->blocks[0].cfg.only_cross_attention) {
+    set_tensor_error (DIFFUSE_ERROR_UNSUPPORTED, "self-attention probabilities: the transformer's first block has "
+                      "no self-attention");
+    return NULL;
+  }
+  const DiffuseBlkTransformerBlock *b = &t->blocks[0];
+  const DiffuseBlkAttentionConfig *c = &b->attn1.cfg;
+  int64_t B = x->shape[0], C = x->shape[1], L = x->shape[2] * x->shape[3];
+  const int H = c->heads;
+  const int64_t D = c->dim_head;
+  DiffuseTensor *n = diffuse_blk_group_norm (&t->norm, x, DIFFUSE_ACT_NONE);
+  DiffuseTensor *nt = n ? diffuse_permute (n, (int[]) { 0, 2, 3, 1 }) : NULL;
+  diffuse_tensor_unref (n);
+  DiffuseTensor *nc = diffuse_contiguous (nt);
+  diffuse_tensor_unref (nt);
+  DiffuseTensor *h = nc ? diffuse_reshape (nc, 3, (int64_t[]) { B, L, C }) : NULL;
+  diffuse_tensor_unref (nc);
+  h = blk_swap (h, diffuse_blk_linear (&t->proj_in, h));
+  h = blk_swap (h, h ? diffuse_blk_layer_norm (&b->norm1, h) : NULL);
+  DiffuseTensor *qk[2] = { diffuse_blk_linear (&b->attn1.to_q, h), diffuse_blk_linear (&b->attn1.to_k, h) };
+  diffuse_tensor_unref (h);
+  for (int i = 0; i < 2; i++) {
+    /* [B, L, H*D] -> [B, H, L, D] */
+    DiffuseTensor *r = qk[i] ? diffuse_reshape_4d (qk[i], B, L, H, D) : NULL;
+    diffuse_tensor_clear (&qk[i]);
+    DiffuseTensor *pr = r ? diffuse_permute (r, (int[]) { 0, 2, 1, 3 }) : NULL;
+    diffuse_tensor_unref (r);
+    qk[i] = diffuse_contiguous (pr);
+    diffuse_tensor_unref (pr);
+  }
+  DiffuseTensor *scores = qk[0] && qk[1] ? diffuse_matmul (qk[0], qk[1], FALSE, TRUE,
+                                                           1.0f / sqrtf ((float) c->dim_head)) : NULL;
+  diffuse_tensor_unref (qk[0]);
+  diffuse_tensor_unref (qk[1]);
+  DiffuseTensor *probs = scores ? diffuse_softmax (scores) : NULL;
+  diffuse_tensor_unref (scores);
+  DiffuseTensor *out = probs ? diffuse_reshape (probs, 3, (int64_t[]) { B * H, L, L }) : NULL;
+  diffuse_tensor_unref (probs);
+  return out;
+}
+
 void
 diffuse_blk_transformer2d_clear (DiffuseBlkTransformer2D *t)
 {

@@ -260,6 +260,8 @@ gboolean diffuse_blk_transformer2d_load (DiffuseBlkTransformer2D *t, DiffuseBlkL
 /* x [B, C, H, W] -> [B, C, H, W] (residual included). */
 DiffuseTensor *diffuse_blk_transformer2d_forward (const DiffuseBlkTransformer2D *t, DiffuseTensor *x,
                                                   DiffuseTensor *context);
+/* SAG: softmax (scale q k^T) of the first block's self-attention, [B * heads, HW, HW] */
+DiffuseTensor *diffuse_blk_transformer2d_self_attn_probs (const DiffuseBlkTransformer2D *t, DiffuseTensor *x);
 void diffuse_blk_transformer2d_clear (DiffuseBlkTransformer2D *t);
 
 /* ---- Downsample2D / Upsample2D ----------------------------------------- */

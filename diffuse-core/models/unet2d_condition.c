@@ -989,8 +989,24 @@ forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t, DiffuseTe
   }
 
   /* 4. mid */
+  if (args && args->mid_self_attn_probs && !(u->mid.present && u->mid.has_attn)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                 "%s: self-attention guidance needs a mid block with attention (mid_block_type %s)", u->label,
+                 u->mid.present ? "without attention" : "none");
+    goto fail_set;
+  }
   if (u->mid.present) {
     x = swap (x, diffuse_blk_resnet_forward (&u->mid.resnets[0], x, emb));
+    if (u->mid.has_attn && x && args && args->mid_self_attn_probs) {
+      diffuse_tensor_clear (args->mid_self_attn_probs);
+      *args->mid_self_attn_probs = diffuse_blk_transformer2d_self_attn_probs (&u->mid.attn, x);
+      if (!*args->mid_self_attn_probs)
+        goto fail;
+      if (args->mid_map_hw) {
+        args->mid_map_hw[0] = (int) x->shape[2];
+        args->mid_map_hw[1] = (int) x->shape[3];
+      }
+    }
     if (u->mid.has_attn) {
       x = swap (x, diffuse_blk_transformer2d_forward (&u->mid.attn, x, ctx));
       x = swap (x, diffuse_blk_resnet_forward (&u->mid.resnets[1], x, emb));

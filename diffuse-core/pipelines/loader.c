@@ -87,6 +87,8 @@ static const char *const ad_optional[] = { "feature_extractor", "image_encoder",
 static const PipelineClass pipeline_classes[] = {
   { "StableDiffusionPipeline", sd_components, sd_optional },
   { "StableDiffusionImg2ImgPipeline", sd_components, sd_optional },
+  /* the same components; self-attention guidance is DiffuseSDParams.sag_scale */
+  { "StableDiffusionSAGPipeline", sd_components, sd_optional },
   { "AnimateDiffPipeline", ad_components, ad_optional },
 };
 
@@ -1124,8 +1126,8 @@ diffuse_pipeline_model_load (const char *ref, const DiffuseLoadParams *params_in
   }
   if (!find_pipeline_class (class_name)) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                 "%s is a %s; gst-diffuse runs StableDiffusionPipeline, StableDiffusionImg2ImgPipeline and "
-                 "AnimateDiffPipeline", root.label, class_name);
+                 "%s is a %s; gst-diffuse runs StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, "
+                 "StableDiffusionSAGPipeline and AnimateDiffPipeline", root.label, class_name);
     goto out;
   }
 

@@ -335,6 +335,9 @@ typedef struct {
   DiffuseUNet *unet;
   DiffuseTensor *ehs, *tcond;   /* borrowed: alive until unet_step_clear */
   int batch;
+  DiffuseTensor *sag_probs;     /* SAG: the mid block's self-attention probabilities of the last call */
+  int sag_map_hw[2];
+  gboolean sag;
   gboolean use_graph;
   int calls;
   DiffuseTensor *x_in, *t_in;   /* the fixed inputs */
@@ -345,16 +348,18 @@ typedef struct {
 } UNetStep;
 
 static void
-unet_step_init (UNetStep *s, DiffuseUNet *unet, DiffuseTensor *ehs, DiffuseTensor *tcond, int batch)
+unet_step_init (UNetStep *s, DiffuseUNet *unet, DiffuseTensor *ehs, DiffuseTensor *tcond, int batch, gboolean sag)
 {
   memset (s, 0, sizeof *s);
   s->unet = unet;
   s->ehs = ehs;
   s->tcond = tcond;
   s->batch = batch;
+  s->sag = sag;
 #if DIFFUSE_HAVE_CUDA
+  /* (SAG reads the attention probabilities on the host each step: eager) */
   const char *e = g_getenv ("DIFFUSE_CUDA_GRAPH");
-  s->use_graph = diffuse_device_is_cuda (diffuse_unet_device (unet)) && e && g_str_equal (e, "1");
+  s->use_graph = !sag && diffuse_device_is_cuda (diffuse_unet_device (unet)) && e && g_str_equal (e, "1");
 #endif
 }
 
@@ -367,6 +372,7 @@ unet_step_clear (UNetStep *s)
   diffuse_tensor_clear (&s->out);
   diffuse_tensor_clear (&s->x_in);
   diffuse_tensor_clear (&s->t_in);
+  diffuse_tensor_clear (&s->sag_probs);
 }
 
 /* x: [batch, C, h, w] in the UNet's dtype on its device */
@@ -375,6 +381,10 @@ unet_step_run (UNetStep *s, DiffuseTensor *x, double t, GError **error)
 {
   DiffuseUNetForwardArgs args = { 0 };
   args.timestep_cond = s->tcond;
+  if (s->sag) {
+    args.mid_self_attn_probs = &s->sag_probs;
+    args.mid_map_hw = s->sag_map_hw;
+  }
   float *tv = g_new (float, s->batch);
   for (int b = 0; b < s->batch; b++)
     tv[b] = (float) t;
@@ -426,6 +436,167 @@ unet_step_run (UNetStep *s, DiffuseTensor *x, double t, GError **error)
   }
 #endif
   return diffuse_unet_forward_t (s->unet, s->x_in, s->t_in, s->ehs, &args, error);
+}
+
+/* ---- self-attention guidance (diffusers' StableDiffusionSAGPipeline) ----- */
+
+/* gaussian_blur_2d (img, kernel_size=9, sigma=1.0) of each [h, w] plane:
+ * reflect padding, the 9x9 kernel the outer product of the normalized 1-D one */
+static void
+sag_blur (const float *in, float *out, int planes, int h, int w)
+{
+  float k1[9], sum = 0.0f;
+  for (int i = 0; i < 9; i++) {
+    const float x = (float) (i - 4);
+    k1[i] = expf (-0.5f * x * x);
+    sum += k1[i];
+  }
+  for (int i = 0; i < 9; i++)
+    k1[i] /= sum;
+  for (int pl = 0; pl < planes; pl++) {
+    const float *src = in + (size_t) pl * h * w;
+    float *dst = out + (size_t) pl * h * w;
+    for (int y = 0; y < h; y++)
+      for (int x = 0; x < w; x++) {
+        float acc = 0.0f;
+        for (int dy = 0; dy < 9; dy++) {
+          int sy = y + dy - 4;
+          sy = sy < 0 ? -sy : (sy >= h ? 2 * h - 2 - sy : sy);
+          for (int dx = 0; dx < 9; dx++) {
+            int sx = x + dx - 4;
+            sx = sx < 0 ? -sx : (sx >= w ? 2 * w - 2 - sx : sx);
+            acc += (k1[dy] * k1[dx]) * src[(size_t) sy * w + sx];
+          }
+        }
+        dst[(size_t) y * w + x] = acc;
+      }
+  }
+}
+
+/* One step's guidance, added to eps (the CFG-combined prediction):
+ *   x0 = pred_x0 (latents, uncond prediction); mask = where the mid block's
+ *   self-attention (unconditional half, mean over heads, summed over queries)
+ *   is above 1, nearest-upsampled to the latent size; degraded = blur (x0)
+ *   in the mask, x0 elsewhere, noised back to t with pred_epsilon; a UNet
+ *   pass of it on the unconditional embeddings; eps += sag_scale *
+ *   (uncond prediction - that pass). */
+static gboolean
+sag_guidance (DiffuseSD *sd, DiffuseScheduler *sched, const DiffuseSDParams *p, gboolean cfg, int n, int C, int h,
+              int w, const float *lat, const float *op, DiffuseTensor *probs, const int *map_hw,
+              DiffuseTensor *embeds, double t, float *eps, GError **error)
+{
+  const size_t per = (size_t) C * h * w, total = per * n;
+  if (!probs) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_FAILED, "self-attention guidance: no attention map");
+    return FALSE;
+  }
+  if (h < 5 || w < 5) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "self-attention guidance blurs the latents with a 9x9 kernel: they must be at least 5x5 (got %dx%d)",
+                 w, h);
+    return FALSE;
+  }
+  float a;
+  if (!diffuse_scheduler_alpha_cumprod (sched, t, &a, error))
+    return FALSE;
+  const char *pt = diffuse_scheduler_prediction_type (sched);
+  const float b = 1.0f - a, sa = sqrtf (a), sb = sqrtf (b);
+  const float *mo = op;   /* the unconditional half with CFG, else the prediction itself */
+  float *x0 = g_new (float, total), *pe = g_new (float, total), *deg = g_new (float, total);
+  for (size_t i = 0; i < total; i++) {
+    if (g_str_equal (pt, "v_prediction")) {
+      x0[i] = sa * lat[i] - sb * mo[i];
+      pe[i] = sb * lat[i] + sa * mo[i];
+    } else if (g_str_equal (pt, "sample")) {
+      x0[i] = mo[i];
+      pe[i] = (lat[i] - sa * mo[i]) / sb;
+    } else {
+      x0[i] = (lat[i] - sb * mo[i]) / sa;
+      pe[i] = mo[i];
+    }
+  }
+  /* the mask from the (unconditional) attention map */
+  DiffuseTensor *hp = host_f32 (probs);
+  gboolean ok = hp != NULL;
+  const int L = map_hw[0] * map_hw[1];
+  const int64_t rows = hp ? hp->shape[0] : 0;
+  const int batch = cfg ? 2 * n : n;
+  const int H = rows % batch == 0 ? (int) (rows / batch) : 0;
+  if (ok && (H < 1 || hp->shape[1] != L || hp->shape[2] != L)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_FAILED, "self-attention guidance: unexpected attention map");
+    ok = FALSE;
+  }
+  float *mask = ok ? g_new0 (float, (size_t) n * h * w) : NULL;
+  for (int img = 0; ok && img < n; img++) {
+    const float *P = diffuse_tensor_f32 (hp) + (size_t) img * H * L * L;
+    uint8_t *m = g_new0 (uint8_t, L);
+    for (int j = 0; j < L; j++) {
+      float s = 0.0f;
+      for (int i = 0; i < L; i++) {
+        float hs = 0.0f;
+        for (int hh = 0; hh < H; hh++)
+          hs += P[((size_t) hh * L + i) * L + j];
+        s += hs / (float) H;
+      }
+      m[j] = s > 1.0f;
+    }
+    /* F.interpolate (mode="nearest") to the latent size */
+    const float fy = (float) map_hw[0] / (float) h, fx = (float) map_hw[1] / (float) w;
+    for (int y = 0; y < h; y++)
+      for (int x = 0; x < w; x++) {
+        int sy = MIN ((int) floorf (y * fy), map_hw[0] - 1), sx = MIN ((int) floorf (x * fx), map_hw[1] - 1);
+        mask[((size_t) img * h + y) * w + x] = m[sy * map_hw[1] + sx];
+      }
+    g_free (m);
+  }
+  diffuse_tensor_clear (&hp);
+  if (ok) {
+    sag_blur (x0, deg, n * C, h, w);
+    for (int img = 0; img < n; img++)
+      for (int c = 0; c < C; c++)
+        for (size_t i = 0; i < (size_t) h * w; i++) {
+          const size_t k = ((size_t) img * C + c) * h * w + i;
+          const float mk = mask[(size_t) img * h * w + i];
+          deg[k] = deg[k] * mk + x0[k] * (1.0f - mk);
+        }
+    ok = diffuse_scheduler_add_noise (sched, deg, pe, deg, total, t, error);
+  }
+  g_free (mask);
+  /* the UNet on the degraded latents, with the unconditional embeddings under CFG */
+  DiffuseTensor *ho = NULL;
+  if (ok) {
+    int64_t shape[4] = { n, C, h, w };
+    DiffuseTensor *xh = diffuse_tensor_from_f32 (deg, 4, shape);
+    DiffuseTensor *xd = xh ? diffuse_to_device (xh, diffuse_unet_device (sd->unet)) : NULL;
+    diffuse_tensor_clear (&xh);
+    DiffuseTensor *x = xd ? diffuse_cast (xd, diffuse_unet_dtype (sd->unet)) : NULL;
+    diffuse_tensor_clear (&xd);
+    DiffuseTensor *e = cfg ? diffuse_narrow (embeds, 0, 0, n) : diffuse_tensor_ref (embeds);
+    float *tv = g_new (float, n);
+    for (int i = 0; i < n; i++)
+      tv[i] = (float) t;
+    DiffuseTensor *out = x && e ? diffuse_unet_forward (sd->unet, x, tv, n, e, NULL, error) : NULL;
+    g_free (tv);
+    diffuse_tensor_clear (&x);
+    diffuse_tensor_clear (&e);
+    ho = out ? host_f32 (out) : NULL;
+    diffuse_tensor_clear (&out);
+    if (!ho) {
+      if (error && !*error)
+        op_error (error, "self-attention guidance UNet pass");
+      ok = FALSE;
+    }
+  }
+  if (ok) {
+    const float *dp = diffuse_tensor_f32 (ho);
+    for (size_t i = 0; i < total; i++)
+      eps[i] += p->sag_scale * (mo[i] - dp[i]);
+  }
+  diffuse_tensor_clear (&ho);
+  g_free (x0);
+  g_free (pe);
+  g_free (deg);
+  return ok;
 }
 
 GPtrArray *
@@ -642,7 +813,8 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   if (!ok)
     op_error (error, "UNet inputs");
   UNetStep ustep;
-  unet_step_init (&ustep, sd->unet, dembeds2, dtcond, batch);
+  const gboolean sag = p.sag_scale > 0.0f;
+  unet_step_init (&ustep, sd->unet, dembeds2, dtcond, batch, sag);
   while (ok && diffuse_scheduler_position (sched) < n_ts) {
     if (cancelled (&p, error)) {
       ok = FALSE;
@@ -683,6 +855,12 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
         rescale_cfg (eps, tx, n, per, p.guidance_rescale);
     } else {
       memcpy (eps, op, total * sizeof (float));
+    }
+    if (sag && !sag_guidance (sd, sched, &p, cfg, n, C, h, w, lat, op, ustep.sag_probs, ustep.sag_map_hw, dembeds2,
+                              t, eps, error)) {
+      diffuse_tensor_unref (ho);
+      ok = FALSE;
+      break;
     }
     diffuse_tensor_unref (ho);
     if (!diffuse_scheduler_step (sched, eps, lat, total, rng, error)) {

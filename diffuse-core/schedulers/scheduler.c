@@ -511,3 +511,25 @@ diffuse_scheduler_add_noise (DiffuseScheduler *s, const float *original, const f
   }
   return TRUE;
 }
+
+gboolean
+diffuse_scheduler_alpha_cumprod (DiffuseScheduler *s, double timestep, float *alpha_prod, GError **error)
+{
+  g_return_val_if_fail (s != NULL && alpha_prod != NULL, FALSE);
+  const double T = (double) s->c.num_train_timesteps;
+  if (!(timestep >= 0 && timestep < T) || timestep != floor (timestep) || !s->alphas_cumprod) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "%s: timestep %g is not an integer in [0, %g), so it has no alphas_cumprod entry (self-attention "
+                 "guidance needs a scheduler with integer timesteps, such as DDIM or PNDM)", s->klass->name,
+                 timestep, T);
+    return FALSE;
+  }
+  *alpha_prod = s->alphas_cumprod[(guint) timestep];
+  return TRUE;
+}
+
+const char *
+diffuse_scheduler_prediction_type (DiffuseScheduler *s)
+{
+  return s->c.prediction_type ? s->c.prediction_type : "epsilon";
+}

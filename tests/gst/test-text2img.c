@@ -639,6 +639,44 @@ GST_START_TEST (test_safety_checker)
 }
 GST_END_TEST;
 
+/* ---- self-attention guidance: sag-scale gives diffusers' StableDiffusionSAGPipeline frame ---- */
+
+GST_START_TEST (test_sag_scale)
+{
+  const char *fx = g_getenv ("DIFFUSE_FIXTURES");
+  gchar *path = g_build_filename (fx ? fx : TEST_FIXTURES_DIR, "sag", "images.safetensors", NULL);
+  GError *err = NULL;
+  DiffuseSafetensors *st = diffuse_safetensors_open (path, &err);
+  fail_unless (st != NULL, "%s: %s", path, err ? err->message : "?");
+  const DiffuseStEntry *e = diffuse_safetensors_find (st, "pndm-cfg");   /* make_sag_fixtures.py's first case */
+  fail_unless (e != NULL && e->dtype == DIFFUSE_ST_U8);
+  GstHarness *h = new_src ("video/x-raw,format=RGB,width=32,height=32", 4, 33);
+  gdouble def = -1;
+  g_object_get (h->element, "sag-scale", &def, NULL);
+  fail_unless_equals_float (def, 0.0);
+  g_object_set (h->element, "prompt", "a red circle", "guidance-scale", 7.5, "sag-scale", 0.75, "num-buffers", 1, NULL);
+  gst_harness_play (h);
+  GstBuffer *buf = gst_harness_pull (h);
+  fail_unless (buf != NULL);
+  GstVideoInfo info = current_info (h);
+  GstVideoFrame f;
+  fail_unless (gst_video_frame_map (&f, &info, buf, GST_MAP_READ));
+  const guint8 *want = e->data;
+  int maxd = 0;
+  for (int y = 0; y < 32; y++) {
+    const guint8 *row = (const guint8 *) GST_VIDEO_FRAME_PLANE_DATA (&f, 0) + y * GST_VIDEO_FRAME_PLANE_STRIDE (&f, 0);
+    for (int i = 0; i < 32 * 3; i++)
+      maxd = MAX (maxd, ABS ((int) row[i] - (int) want[y * 32 * 3 + i]));
+  }
+  gst_video_frame_unmap (&f);
+  fail_unless (maxd <= 1, "the frame is %d levels from diffusers' StableDiffusionSAGPipeline image", maxd);
+  gst_buffer_unref (buf);
+  gst_harness_teardown (h);
+  diffuse_safetensors_unref (st);
+  g_free (path);
+}
+GST_END_TEST;
+
 static GstElement *
 new_element (const char *model_name)
 {
@@ -868,6 +906,7 @@ diffusetext2img_suite (void)
   tcase_add_test (tc, test_mutable_ready_refused_when_playing);
   tcase_add_test (tc, test_model_suggestions);
   tcase_add_test (tc, test_safety_checker);
+  tcase_add_test (tc, test_sag_scale);
   return s;
 }
 

@@ -133,6 +133,14 @@ gboolean diffuse_scheduler_add_noise (DiffuseScheduler *s, const float *original
  * with another tail when n % 16 != 0: rng.h).  DIFFUSE_RNG_F32 by default. */
 void diffuse_scheduler_set_noise_dtype (DiffuseScheduler *s, DiffuseRngDType dtype);
 
+/* alphas_cumprod[timestep] (float32, as the torch tensor holds it) for an
+ * integer timestep in [0, num_train_timesteps); FALSE with
+ * DIFFUSE_ERROR_INVALID_ARGUMENT otherwise (a sigma schedule's fractional
+ * timesteps).  Used by self-attention guidance's x0 prediction. */
+gboolean diffuse_scheduler_alpha_cumprod (DiffuseScheduler *s, double timestep, float *alpha_prod, GError **error);
+/* The config's prediction_type ("epsilon", "v_prediction", "sample"). */
+const char *diffuse_scheduler_prediction_type (DiffuseScheduler *s);
+
 /* DDIM's eta (0 by default): DDIMScheduler.step (..., eta=eta). */
 void diffuse_scheduler_set_eta (DiffuseScheduler *s, double eta);
 

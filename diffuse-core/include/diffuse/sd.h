@@ -52,6 +52,9 @@ typedef struct {
   int num_images;                  /* num_images_per_prompt, 1 */
   int clip_skip;                   /* 0 = none */
   float guidance_rescale;          /* 0 */
+  float sag_scale;                 /* self-attention guidance (StableDiffusionSAGPipeline's sag_scale;
+                                    * its default is 0.75), 0 = off.  Needs a scheduler with integer
+                                    * timesteps (DDIM, PNDM, DDPM, ...) and a mid block with attention. */
   float eta;                       /* DDIM eta, 0 */
   const char *scheduler;           /* a compatible scheduler class name, NULL = the checkpoint's */
   DiffuseConfig *scheduler_config; /* replaces the checkpoint's scheduler config (diffusers'

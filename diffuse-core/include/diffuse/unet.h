@@ -84,6 +84,13 @@ typedef struct {
   DiffuseTensor *const *down_block_additional_residuals;
   int n_down_block_additional_residuals;
   DiffuseTensor *mid_block_additional_residual;
+  /* Self-attention guidance: when non-NULL, receives the self-attention
+   * probabilities of the mid block's first transformer block, [B * heads,
+   * h * w, h * w] in the model's dtype on its device, batch-major (diffusers'
+   * CrossAttnStoreProcessor), and mid_map_hw (when non-NULL) that map's h, w.
+   * DIFFUSE_ERROR_UNSUPPORTED when the mid block has no self-attention. */
+  DiffuseTensor **mid_self_attn_probs;
+  int *mid_map_hw;
 } DiffuseUNetForwardArgs;
 
 /* One denoiser evaluation.

@@ -206,6 +206,9 @@ step_sd () {
   stamp "sd: test-safety on cuda:0 (the tiny pipeline with diffusers' safety checker: images and flags)"
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 60) $BIN/test-safety 2>&1 | grep -E "^ok|^not ok|prompt|Bail" | tail -8
   RES[safety]=${PIPESTATUS[0]}
+  stamp "sd: test-sag on cuda:0 (self-attention guidance vs diffusers' StableDiffusionSAGPipeline)"
+  DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 60) $BIN/test-sag 2>&1 | grep -E "^ok|^not ok|max difference|Bail" | tail -8
+  RES[sag]=${PIPESTATUS[0]}
   stamp "sd: test-animate on cuda:0 (tiny AnimateDiff pipelines vs diffusers fixtures)"
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 90) $BIN/test-animate 2>&1 | grep -vE "^# (Start|End)" | tail -30; RES[animate]=${PIPESTATUS[0]}
 }

@@ -1,0 +1,126 @@
+/* Self-attention guidance against diffusers' StableDiffusionSAGPipeline
+ * (tests/reference/make_sag_fixtures.py, tests/fixtures/sag): the tiny SD
+ * pipeline with and without classifier-free guidance, PNDM and DDIM, two
+ * sizes; 8-bit images within one level.  Plus the errors: a scheduler with
+ * fractional timesteps, latents too small to blur. */
+#include <json-glib/json-glib.h>
+#include <string.h>
+#include "testutil.h"
+
+static DiffuseSafetensors *images;
+static DiffuseSD *sd;
+
+static void
+run_case (gconstpointer data)
+{
+  JsonObject *c = (JsonObject *) data;
+  const char *id = json_object_get_string_member (c, "id");
+  DiffuseSDParams p;
+  diffuse_sd_default_params (&p);
+  p.prompt = json_object_get_string_member (c, "prompt");
+  p.scheduler = json_object_get_string_member (c, "scheduler");
+  p.guidance_scale = (float) json_object_get_double_member (c, "guidance");
+  p.sag_scale = (float) json_object_get_double_member (c, "sag_scale");
+  p.seed = (guint64) json_object_get_int_member (c, "seed");
+  p.num_inference_steps = (int) json_object_get_int_member (c, "steps");
+  p.width = (int) json_object_get_int_member (c, "width");
+  p.height = (int) json_object_get_int_member (c, "height");
+  GError *err = NULL;
+  GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+  g_assert_no_error (err);
+  DiffuseImage *img = g_ptr_array_index (imgs, 0);
+  const DiffuseStEntry *e = diffuse_safetensors_find (images, id);
+  g_assert_nonnull (e);
+  g_assert_cmpint (e->dtype, ==, DIFFUSE_ST_U8);
+  g_assert_cmpint (e->shape[0], ==, img->height);
+  g_assert_cmpint (e->shape[1], ==, img->width);
+  guint8 *got = g_new (guint8, (size_t) img->width * img->height * 3);
+  diffuse_image_to_rgb8 (img, got, img->width * 3);
+  const guint8 *want = e->data;
+  int maxd = 0;
+  for (size_t k = 0; k < (size_t) img->width * img->height * 3; k++)
+    maxd = MAX (maxd, ABS ((int) got[k] - (int) want[k]));
+  /* and SAG changed the picture (diffusers' own images differ by this much) */
+  DiffuseSDParams q = p;
+  q.sag_scale = 0.0f;
+  GPtrArray *plain = diffuse_sd_generate (sd, &q, &err);
+  g_assert_no_error (err);
+  guint8 *pg = g_new (guint8, (size_t) img->width * img->height * 3);
+  diffuse_image_to_rgb8 (g_ptr_array_index (plain, 0), pg, img->width * 3);
+  int maxp = 0;
+  for (size_t k = 0; k < (size_t) img->width * img->height * 3; k++)
+    maxp = MAX (maxp, ABS ((int) pg[k] - (int) want[k]));
+  g_test_message ("%s: max difference %d levels (without SAG: %d, diffusers: %" G_GINT64_FORMAT ")", id, maxd, maxp,
+                  json_object_get_int_member (c, "max_diff_to_plain"));
+  g_assert_cmpint (maxd, <=, 1);
+  g_assert_cmpint (maxp, >, 2);
+  g_free (pg);
+  g_free (got);
+  g_ptr_array_unref (plain);
+  g_ptr_array_unref (imgs);
+}
+
+static void
+test_errors (void)
+{
+  GError *err = NULL;
+  DiffuseSDParams p;
+  diffuse_sd_default_params (&p);
+  p.prompt = "a red circle";
+  p.num_inference_steps = 3;
+  p.sag_scale = 0.75f;
+  p.width = p.height = 32;
+  /* Euler's timesteps are fractional: no alphas_cumprod entry (diffusers fails too) */
+  p.scheduler = "EulerDiscreteScheduler";
+  g_assert_null (diffuse_sd_generate (sd, &p, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_assert_nonnull (strstr (err->message, "integer timesteps"));
+  g_test_message ("%s", err->message);
+  g_clear_error (&err);
+  /* 8x8 pixels: 4x4 latents, under the blur's reflect padding */
+  p.scheduler = NULL;
+  p.width = p.height = 8;
+  g_assert_null (diffuse_sd_generate (sd, &p, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_test_message ("%s", err->message);
+  g_clear_error (&err);
+}
+
+int
+main (int argc, char **argv)
+{
+  g_test_init (&argc, &argv, NULL);
+  if (!tu_have_fixture ("sag/cases.json")) {
+    g_printerr ("fixtures/sag missing (tests/reference/make_sag_fixtures.py)\n");
+    return 77;
+  }
+  GError *err = NULL;
+  char *path = tu_fixture ("sag/cases.json");
+  JsonParser *parser = json_parser_new ();
+  if (!json_parser_load_from_file (parser, path, &err))
+    g_error ("%s: %s", path, err->message);
+  g_free (path);
+  images = tu_open ("sag/images.safetensors");
+  char *model = tu_fixture ("pipelines/tiny-sd");
+  DiffuseLoadParams lp = diffuse_load_default_params ();
+  lp.device = g_getenv ("DIFFUSE_TEST_DEVICE");
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (model, &lp, NULL, &err);
+  g_assert_no_error (err);
+  g_free (model);
+  sd = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
+  g_assert_no_error (err);
+  JsonArray *cases = json_object_get_array_member (json_node_get_object (json_parser_get_root (parser)), "cases");
+  for (guint i = 0; i < json_array_get_length (cases); i++) {
+    JsonObject *c = json_array_get_object_element (cases, i);
+    char *name = g_strdup_printf ("/sag/%s", json_object_get_string_member (c, "id"));
+    g_test_add_data_func (name, c, run_case);
+    g_free (name);
+  }
+  g_test_add_func ("/sag/errors", test_errors);
+  int r = g_test_run ();
+  diffuse_sd_unref (sd);
+  diffuse_pipeline_model_unref (pm);
+  diffuse_safetensors_unref (images);
+  g_object_unref (parser);
+  return r;
+}
