@@ -86,6 +86,25 @@ test_errors (void)
   g_clear_error (&err);
 }
 
+/* StableDiffusionSAGPipeline is a known class: loading the tiny checkpoint as
+ * one (diffusers' from_pipe / from_pretrained with that class) works */
+static void
+test_class (void)
+{
+  GError *err = NULL;
+  char *model = tu_fixture ("pipelines/tiny-sd");
+  DiffuseLoadParams lp = diffuse_load_default_params ();
+  lp.pipeline_class = "StableDiffusionSAGPipeline";
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (model, &lp, NULL, &err);
+  g_assert_no_error (err);
+  g_assert_cmpstr (diffuse_pipeline_model_class (pm), ==, "StableDiffusionSAGPipeline");
+  DiffuseSD *s = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
+  g_assert_no_error (err);
+  diffuse_sd_unref (s);
+  diffuse_pipeline_model_unref (pm);
+  g_free (model);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -117,6 +136,7 @@ main (int argc, char **argv)
     g_free (name);
   }
   g_test_add_func ("/sag/errors", test_errors);
+  g_test_add_func ("/sag/class", test_class);
   int r = g_test_run ();
   diffuse_sd_unref (sd);
   diffuse_pipeline_model_unref (pm);
