@@ -857,23 +857,15 @@ diffuse_unet_forward (DiffuseUNet *u, DiffuseTensor *sample, const float *timest
   g_return_val_if_fail (u != NULL && sample != NULL && timesteps != NULL && n_timesteps > 0, NULL);
   if (!check_inputs (u, sample, n_timesteps, encoder_hidden_states, args, error))
     return NULL;
-  /* the timesteps as an f32 [B] tensor on the model's device */
+  /* the timesteps as an f32 [B] tensor (one per sample) */
   const int64_t B = sample->shape[0];
   float *tv = g_new (float, B);
   for (int64_t b = 0; b < B; b++)
     tv[b] = timesteps[n_timesteps == 1 ? 0 : b];
   DiffuseTensor *th = diffuse_tensor_from_f32 (tv, 1, (int64_t[]) { B });
   g_free (tv);
-  DiffuseTensor *t = th ? diffuse_to_device (th, u->dev) : NULL;
+  DiffuseTensor *out = diffuse_unet_forward_t (u, sample, th, encoder_hidden_states, args, error);
   diffuse_tensor_unref (th);
-  if (!t) {
-    if (!diffuse_tensor_take_error (error))
-      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_FAILED, "%s: timesteps to %s failed", u->label,
-                   diffuse_device_name (u->dev));
-    return NULL;
-  }
-  DiffuseTensor *out = forward_impl (u, sample, t, encoder_hidden_states, args, error);
-  diffuse_tensor_unref (t);
   return out;
 }
 
@@ -881,7 +873,12 @@ DiffuseTensor *
 diffuse_unet_forward_t (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *timesteps,
                         DiffuseTensor *encoder_hidden_states, const DiffuseUNetForwardArgs *args, GError **error)
 {
-  g_return_val_if_fail (u != NULL && sample != NULL && timesteps != NULL, NULL);
+  g_return_val_if_fail (u != NULL && sample != NULL, NULL);
+  if (!timesteps) {   /* diffuse_unet_forward's host tensor could not be made */
+    if (!diffuse_tensor_take_error (error))
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_FAILED, "%s: no timesteps", u->label);
+    return NULL;
+  }
   if (!check_inputs (u, sample, 1, encoder_hidden_states, args, error))
     return NULL;
   if (timesteps->ndim != 1 || timesteps->shape[0] != sample->shape[0]) {
