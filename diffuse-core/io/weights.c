@@ -22,6 +22,10 @@ struct _DiffuseWeights {
   char *describe;
   GMutex lock;
   GHashTable *materialized; /* "name|dtype|device" -> DiffuseTensor*: each tensor is made once */
+  /* a patched set (diffuse_weights_new_patched): names, entries and the
+   * unpatched tensors are base's; patches: name -> replacement (f32) */
+  DiffuseWeights *base;
+  GHashTable *patches;
 };
 
 static void
@@ -30,6 +34,13 @@ weights_free (DiffuseWeights *w)
   if (w->materialized)
     g_hash_table_unref (w->materialized);
   g_mutex_clear (&w->lock);
+  if (w->base) {
+    diffuse_weights_unref (w->base);
+    g_hash_table_unref (w->patches);
+    g_free (w->describe);
+    g_free (w);
+    return;
+  }
   g_hash_table_unref (w->by_name);
   g_ptr_array_unref (w->files);
   g_free (w->names);
@@ -266,10 +277,30 @@ diffuse_weights_unref (DiffuseWeights *w)
     weights_free (w);
 }
 
+DiffuseWeights *
+diffuse_weights_new_patched (DiffuseWeights *base, GHashTable *patches, const char *what)
+{
+  g_return_val_if_fail (base != NULL && patches != NULL, NULL);
+  DiffuseWeights *w = g_new0 (DiffuseWeights, 1);
+  w->ref_count = 1;
+  g_mutex_init (&w->lock);
+  w->base = diffuse_weights_ref (base->base ? base->base : base);
+  w->patches = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, (GDestroyNotify) diffuse_tensor_unref);
+  GHashTableIter it;
+  gpointer k, v;
+  g_hash_table_iter_init (&it, patches);
+  while (g_hash_table_iter_next (&it, &k, &v))
+    g_hash_table_insert (w->patches, g_strdup (k), diffuse_tensor_ref (v));
+  w->describe = g_strdup_printf ("%s + %s", diffuse_weights_describe (w->base), what ? what : "patches");
+  return w;
+}
+
 gboolean
 diffuse_weights_has (DiffuseWeights *w, const char *name)
 {
   g_return_val_if_fail (w != NULL && name != NULL, FALSE);
+  if (w->base)
+    return diffuse_weights_has (w->base, name);
   return g_hash_table_contains (w->by_name, name);
 }
 
@@ -277,6 +308,8 @@ const char **
 diffuse_weights_names (DiffuseWeights *w, guint *n)
 {
   g_return_val_if_fail (w != NULL, NULL);
+  if (w->base)
+    return diffuse_weights_names (w->base, n);
   if (n)
     *n = w->n_names;
   return g_memdup2 (w->names, sizeof (char *) * (w->n_names + 1));
@@ -286,8 +319,22 @@ const DiffuseStEntry *
 diffuse_weights_entry (DiffuseWeights *w, const char *name)
 {
   g_return_val_if_fail (w != NULL && name != NULL, NULL);
+  if (w->base)
+    return diffuse_weights_entry (w->base, name);
   Slot *s = g_hash_table_lookup (w->by_name, name);
   return s ? s->e : NULL;
+}
+
+/* a patch in dtype on dev */
+static DiffuseTensor *
+patch_tensor (DiffuseTensor *p, DiffuseDType dtype, DiffuseDevice *dev, GError **error)
+{
+  DiffuseTensor *c = diffuse_cast (p, dtype);
+  DiffuseTensor *d = c ? diffuse_to_device (c, dev) : NULL;
+  diffuse_tensor_clear (&c);
+  if (!d && !diffuse_tensor_take_error (error))
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_FAILED, "patched tensor to %s failed", diffuse_device_name (dev));
+  return d;
 }
 
 DiffuseTensor *
@@ -296,6 +343,10 @@ diffuse_weights_get_uncached (DiffuseWeights *w, const char *name, DiffuseDType 
 {
   g_return_val_if_fail (w != NULL && name != NULL, NULL);
   g_return_val_if_fail (dtype < DIFFUSE_DTYPE_N, NULL);
+  if (w->base) {
+    DiffuseTensor *p = g_hash_table_lookup (w->patches, name);
+    return p ? patch_tensor (p, dtype, dev, error) : diffuse_weights_get_uncached (w->base, name, dtype, dev, error);
+  }
   Slot *s = g_hash_table_lookup (w->by_name, name);
   if (!s) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "no tensor \"%s\" in %s", name, w->describe);
@@ -308,6 +359,9 @@ DiffuseTensor *
 diffuse_weights_get (DiffuseWeights *w, const char *name, DiffuseDType dtype, DiffuseDevice *dev, GError **error)
 {
   g_return_val_if_fail (w != NULL && name != NULL, NULL);
+  /* unpatched tensors are the base's own (made once there, shared) */
+  if (w->base && !g_hash_table_contains (w->patches, name))
+    return diffuse_weights_get (w->base, name, dtype, dev, error);
   char *key = g_strdup_printf ("%s|%d|%p", name, (int) dtype, (void *) dev);
   g_mutex_lock (&w->lock);
   if (!w->materialized)
@@ -332,6 +386,8 @@ guint64
 diffuse_weights_file_bytes (DiffuseWeights *w)
 {
   g_return_val_if_fail (w != NULL, 0);
+  if (w->base)
+    return diffuse_weights_file_bytes (w->base);
   return w->bytes;
 }
 

@@ -23,6 +23,18 @@ DiffuseUNet *_diffuse_pipeline_unet (DiffusePipelineModel *pm, GError **error);
 DiffuseVae *_diffuse_pipeline_vae (DiffusePipelineModel *pm, GError **error);
 DiffuseClipText *_diffuse_pipeline_text_encoder (DiffusePipelineModel *pm, GError **error);
 DiffuseClipTokenizer *_diffuse_pipeline_tokenizer (DiffusePipelineModel *pm, GError **error);
+/* LoRA adapters (lora.c) */
+typedef struct _DiffuseLoraAdapter DiffuseLoraAdapter;
+typedef enum { DIFFUSE_LORA_UNET, DIFFUSE_LORA_TEXT_ENCODER } DiffuseLoraTarget;
+/* path: a .safetensors file, or a folder with pytorch_lora_weights.safetensors */
+DiffuseLoraAdapter *_diffuse_lora_adapter_load (const char *path, const char *name, GError **error);
+void _diffuse_lora_adapter_free (DiffuseLoraAdapter *a);
+const char *_diffuse_lora_adapter_name (DiffuseLoraAdapter *a);
+gboolean _diffuse_lora_adapter_has (DiffuseLoraAdapter *a, DiffuseLoraTarget target);
+/* base with the n adapters (weights[i] each) merged into the target's modules */
+DiffuseWeights *_diffuse_lora_merge (DiffuseWeights *base, DiffuseLoraAdapter *const *adapters, const double *weights,
+                                     int n, DiffuseLoraTarget target, GError **error);
+
 DiffuseSafetyChecker *_diffuse_pipeline_safety_checker (DiffusePipelineModel *pm, GError **error);
 DiffuseClipImageProcessor *_diffuse_pipeline_feature_extractor (DiffusePipelineModel *pm, GError **error);
 

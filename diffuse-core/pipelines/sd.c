@@ -29,6 +29,15 @@ struct _DiffuseSD {
   DiffuseClipText *text_encoder;
   DiffuseClipTokenizer *tokenizer;
   DiffuseSafetyChecker *safety_checker;          /* NULL: none */
+  /* LoRA (diffuse_sd_load_lora_weights): unet / text_encoder above are then
+   * models of their own, built with the active adapters merged in */
+  DiffuseUNet *base_unet;                        /* the component's (borrowed) */
+  DiffuseClipText *base_text_encoder;
+  DiffuseUNet *lora_unet;                        /* owned, or NULL */
+  DiffuseClipText *lora_text_encoder;
+  GPtrArray *adapters;                           /* DiffuseLoraAdapter*, loaded, in order */
+  GPtrArray *active;                             /* DiffuseLoraAdapter* (borrowed), set_adapters order */
+  GArray *active_weights;                        /* double */
   DiffuseClipImageProcessor *feature_extractor;  /* with the checker */
   DiffuseConfig *scheduler_config;
   char *scheduler_class;
@@ -105,6 +114,11 @@ diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error)
     diffuse_sd_unref (sd);
     return NULL;
   }
+  sd->base_unet = sd->unet;
+  sd->base_text_encoder = sd->text_encoder;
+  sd->adapters = g_ptr_array_new_with_free_func ((GDestroyNotify) _diffuse_lora_adapter_free);
+  sd->active = g_ptr_array_new ();
+  sd->active_weights = g_array_new (FALSE, FALSE, sizeof (double));
   DiffuseComponent *sched = diffuse_pipeline_model_get (pm, "scheduler");
   if (!sched) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "%s: the pipeline has no scheduler",
@@ -145,6 +159,191 @@ gboolean
 diffuse_sd_has_safety_checker (DiffuseSD *sd)
 {
   return sd->safety_checker != NULL;
+}
+
+/* ---- LoRA ---------------------------------------------------------------- */
+
+/* Rebuilds the UNet and text encoder with the active adapters merged (lock held). */
+static gboolean
+lora_apply (DiffuseSD *sd, GError **error)
+{
+  const int n = (int) sd->active->len;
+  DiffuseUNet *unet = NULL;
+  DiffuseClipText *te = NULL;
+  gboolean want[2] = { FALSE, FALSE };
+  for (int i = 0; i < n; i++)
+    for (int t = 0; t < 2; t++)
+      want[t] = want[t] || _diffuse_lora_adapter_has (g_ptr_array_index (sd->active, i), (DiffuseLoraTarget) t);
+  DiffuseLoraAdapter *const *ads = (DiffuseLoraAdapter *const *) sd->active->pdata;
+  const double *ws = (const double *) sd->active_weights->data;
+  if (want[DIFFUSE_LORA_UNET]) {
+    DiffuseComponent *c = diffuse_pipeline_model_get (sd->pm, "unet");
+    DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_UNET, error);
+    if (!w)
+      return FALSE;
+    DiffuseUNetParams p;
+    diffuse_unet_default_params (&p);
+    p.dtype = diffuse_component_dtype (c);
+    p.device = diffuse_component_device (c);
+    p.component = diffuse_component_name (c);
+    unet = diffuse_unet_new (diffuse_component_config (c), w, &p, error);
+    diffuse_weights_unref (w);
+    if (!unet)
+      return FALSE;
+  }
+  if (want[DIFFUSE_LORA_TEXT_ENCODER]) {
+    DiffuseComponent *c = diffuse_pipeline_model_get (sd->pm, "text_encoder");
+    DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_TEXT_ENCODER,
+                                             error);
+    te = w ? diffuse_clip_text_new (diffuse_component_config (c), w, diffuse_component_device (c),
+                                    diffuse_component_dtype (c), error) : NULL;
+    g_clear_pointer (&w, diffuse_weights_unref);
+    if (!te) {
+      g_clear_pointer (&unet, diffuse_unet_unref);
+      return FALSE;
+    }
+  }
+  g_clear_pointer (&sd->lora_unet, diffuse_unet_unref);
+  g_clear_pointer (&sd->lora_text_encoder, diffuse_clip_text_unref);
+  sd->lora_unet = unet;
+  sd->lora_text_encoder = te;
+  sd->unet = unet ? unet : sd->base_unet;
+  sd->text_encoder = te ? te : sd->base_text_encoder;
+  return TRUE;
+}
+
+static DiffuseLoraAdapter *
+find_adapter (DiffuseSD *sd, const char *name)
+{
+  for (guint i = 0; i < sd->adapters->len; i++)
+    if (g_str_equal (_diffuse_lora_adapter_name (g_ptr_array_index (sd->adapters, i)), name))
+      return g_ptr_array_index (sd->adapters, i);
+  return NULL;
+}
+
+gboolean
+diffuse_sd_load_lora_weights (DiffuseSD *sd, const char *path, const char *adapter_name, GError **error)
+{
+  g_return_val_if_fail (sd != NULL && path != NULL, FALSE);
+  g_mutex_lock (&sd->lock);
+  char *name = adapter_name ? g_strdup (adapter_name) : g_strdup_printf ("default_%u", sd->adapters->len);
+  gboolean ok = FALSE;
+  if (find_adapter (sd, name)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "Adapter name %s already in use in the pipeline; choose another adapter_name", name);
+  } else {
+    DiffuseLoraAdapter *a = _diffuse_lora_adapter_load (path, name, error);
+    if (a) {
+      /* as diffusers: the adapter just loaded becomes the only active one, weight 1 */
+      GPtrArray *old_active = sd->active;
+      GArray *old_w = sd->active_weights;
+      sd->active = g_ptr_array_new ();
+      sd->active_weights = g_array_new (FALSE, FALSE, sizeof (double));
+      const double one = 1.0;
+      g_ptr_array_add (sd->active, a);
+      g_array_append_val (sd->active_weights, one);
+      ok = lora_apply (sd, error);
+      if (ok) {
+        g_ptr_array_add (sd->adapters, a);
+        g_ptr_array_unref (old_active);
+        g_array_unref (old_w);
+      } else {
+        g_ptr_array_unref (sd->active);
+        g_array_unref (sd->active_weights);
+        sd->active = old_active;
+        sd->active_weights = old_w;
+        _diffuse_lora_adapter_free (a);
+      }
+    }
+  }
+  g_free (name);
+  g_mutex_unlock (&sd->lock);
+  return ok;
+}
+
+gboolean
+diffuse_sd_set_adapters (DiffuseSD *sd, const char *const *names, const double *weights, int n, GError **error)
+{
+  g_return_val_if_fail (sd != NULL && (n == 0 || names != NULL), FALSE);
+  g_mutex_lock (&sd->lock);
+  GPtrArray *act = g_ptr_array_new ();
+  GArray *ws = g_array_new (FALSE, FALSE, sizeof (double));
+  gboolean ok = TRUE;
+  for (int i = 0; i < n && ok; i++) {
+    DiffuseLoraAdapter *a = find_adapter (sd, names[i]);
+    if (!a) {
+      GString *list = g_string_new (NULL);
+      for (guint k = 0; k < sd->adapters->len; k++)
+        g_string_append_printf (list, "%s%s", k ? ", " : "", _diffuse_lora_adapter_name (g_ptr_array_index (sd->adapters, k)));
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                   "Adapter name(s) {'%s'} not in the list of present adapters: {%s}", names[i], list->str);
+      g_string_free (list, TRUE);
+      ok = FALSE;
+      break;
+    }
+    const double w = weights ? weights[i] : 1.0;
+    if (!isfinite (w)) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "adapter %s: weight %g", names[i], w);
+      ok = FALSE;
+      break;
+    }
+    g_ptr_array_add (act, a);
+    g_array_append_val (ws, w);
+  }
+  if (ok) {
+    GPtrArray *old_active = sd->active;
+    GArray *old_w = sd->active_weights;
+    sd->active = act;
+    sd->active_weights = ws;
+    ok = lora_apply (sd, error);
+    if (ok) {
+      g_ptr_array_unref (old_active);
+      g_array_unref (old_w);
+    } else {
+      sd->active = old_active;
+      sd->active_weights = old_w;
+    }
+  }
+  if (!ok) {
+    g_ptr_array_unref (act);
+    g_array_unref (ws);
+  }
+  g_mutex_unlock (&sd->lock);
+  return ok;
+}
+
+void
+diffuse_sd_unload_lora_weights (DiffuseSD *sd)
+{
+  g_return_if_fail (sd != NULL);
+  g_mutex_lock (&sd->lock);
+  g_ptr_array_set_size (sd->active, 0);
+  g_array_set_size (sd->active_weights, 0);
+  g_ptr_array_set_size (sd->adapters, 0);
+  lora_apply (sd, NULL);   /* no adapter: back to the components' own models */
+  g_mutex_unlock (&sd->lock);
+}
+
+char **
+diffuse_sd_get_active_adapters (DiffuseSD *sd)
+{
+  g_mutex_lock (&sd->lock);
+  char **v = g_new0 (char *, sd->active->len + 1);
+  for (guint i = 0; i < sd->active->len; i++)
+    v[i] = g_strdup (_diffuse_lora_adapter_name (g_ptr_array_index (sd->active, i)));
+  g_mutex_unlock (&sd->lock);
+  return v;
+}
+
+char **
+diffuse_sd_list_adapters (DiffuseSD *sd)
+{
+  g_mutex_lock (&sd->lock);
+  char **v = g_new0 (char *, sd->adapters->len + 1);
+  for (guint i = 0; i < sd->adapters->len; i++)
+    v[i] = g_strdup (_diffuse_lora_adapter_name (g_ptr_array_index (sd->adapters, i)));
+  g_mutex_unlock (&sd->lock);
+  return v;
 }
 
 /* diffusers' run_safety_checker: the images as 8-bit RGB (numpy_to_pil)
@@ -202,6 +401,11 @@ diffuse_sd_unref (DiffuseSD *sd)
     return;
   g_clear_pointer (&sd->scheduler_config, diffuse_config_unref);
   g_free (sd->scheduler_class);
+  g_clear_pointer (&sd->lora_unet, diffuse_unet_unref);
+  g_clear_pointer (&sd->lora_text_encoder, diffuse_clip_text_unref);
+  g_clear_pointer (&sd->active, g_ptr_array_unref);
+  g_clear_pointer (&sd->active_weights, g_array_unref);
+  g_clear_pointer (&sd->adapters, g_ptr_array_unref);
   diffuse_pipeline_model_unref (sd->pm);
   g_mutex_clear (&sd->lock);
   g_free (sd);

@@ -105,6 +105,12 @@ DiffuseWeights *diffuse_weights_open (const char *const *paths, GError **error);
 DiffuseWeights *diffuse_weights_open_index (const char *index_json_path, GError **error);
 DiffuseWeights *diffuse_weights_ref (DiffuseWeights *w);
 void diffuse_weights_unref (DiffuseWeights *w);
+/* base with some tensors replaced (LoRA merged into a component): patches
+ * maps names of base (char*) to replacement tensors of the same shape (any
+ * dtype, CPU), which are cast/moved like the files' tensors.  Every other
+ * tensor is base's own (diffuse_weights_get shares base's, made once there);
+ * names and entries are base's.  what: for messages ("LoRA a, b"). */
+DiffuseWeights *diffuse_weights_new_patched (DiffuseWeights *base, GHashTable *patches, const char *what);
 
 gboolean diffuse_weights_has (DiffuseWeights *w, const char *name);
 /* NULL-terminated, sorted; free with g_free (strings belong to w). */

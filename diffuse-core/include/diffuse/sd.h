@@ -94,6 +94,26 @@ GPtrArray *diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *para
 DiffuseSD *diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error);
 /* TRUE when generate() runs a safety checker. */
 gboolean diffuse_sd_has_safety_checker (DiffuseSD *sd);
+
+/* LoRA adapters, as diffusers' pipe.load_lora_weights / set_adapters /
+ * unload_lora_weights.  path: a .safetensors file or a folder holding
+ * pytorch_lora_weights.safetensors, in diffusers' (peft) format, adapting
+ * the UNet and/or the text encoder; adapter_name NULL = "default_<n>".  The
+ * adapter just loaded becomes the only active one (weight 1), as in
+ * diffusers.  The active adapters are merged into this pipeline's own copy
+ * of the adapted modules (fused; the components shared with other pipelines
+ * are not modified).  Errors: DIFFUSE_ERROR_NOT_FOUND (no file),
+ * DIFFUSE_ERROR_UNSUPPORTED (kohya/A1111, DoRA, pickles), DIFFUSE_ERROR_CONFIG
+ * (a module the model does not have or of another shape),
+ * DIFFUSE_ERROR_INVALID_ARGUMENT (a name in use / unknown). */
+gboolean diffuse_sd_load_lora_weights (DiffuseSD *sd, const char *path, const char *adapter_name, GError **error);
+/* names[n] active with weights[n] (NULL: 1 each); n = 0 disables every adapter. */
+gboolean diffuse_sd_set_adapters (DiffuseSD *sd, const char *const *names, const double *weights, int n,
+                                  GError **error);
+void diffuse_sd_unload_lora_weights (DiffuseSD *sd);
+/* NULL-terminated (g_strfreev) */
+char **diffuse_sd_get_active_adapters (DiffuseSD *sd);
+char **diffuse_sd_list_adapters (DiffuseSD *sd);
 DiffuseSD *diffuse_sd_ref (DiffuseSD *sd);
 void diffuse_sd_unref (DiffuseSD *sd);
 

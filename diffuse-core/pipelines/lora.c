@@ -1,0 +1,338 @@
+/* gst-diffuse — LoRA adapters in diffusers' format (pipe.load_lora_weights,
+ * set_adapters, unload_lora_weights), merged into the weights.
+ *
+ * A file holds, per adapted module, "unet.<module>.lora_A.weight" [r, in
+ * (, kh, kw)] and "unet.<module>.lora_B.weight" [out, r (, 1, 1)] (peft's
+ * names, as StableDiffusionPipeline.save_lora_weights writes them; the text
+ * encoder's under "text_encoder."), and the LoraConfig in the
+ * "lora_adapter_metadata" header entry ("unet.r", "unet.lora_alpha",
+ * "unet.use_rslora", "unet.rank_pattern", "unet.alpha_pattern").  peft scales
+ * each module's B A by lora_alpha / r (lora_alpha / sqrt (r) with rslora);
+ * set_adapters weights multiply that.  Here the active adapters are merged:
+ * W' = W + sum_a weight_a scale_a B_a A_a, computed in f32 and given to the
+ * component's model through diffuse_weights_new_patched, so a LoRA'd model
+ * shares every untouched tensor with the plain one (fuse_lora, in
+ * diffusers' words; the same product as its unfused forward, to rounding). */
+#include "pipelines-private.h"
+#include <diffuse/error.h>
+#include <json-glib/json-glib.h>
+#include <math.h>
+#include <string.h>
+
+typedef struct {
+  char *module;          /* relative to the component: "down_blocks.0.attentions.0.proj_in" */
+  DiffuseTensor *A, *B;  /* f32 on the CPU */
+  double scale;
+} LoraModule;
+
+struct _DiffuseLoraAdapter {
+  char *name, *path;
+  GPtrArray *mods[2];    /* LORA_UNET, LORA_TEXT_ENCODER: LoraModule* */
+};
+
+static void
+lora_module_free (LoraModule *m)
+{
+  g_free (m->module);
+  diffuse_tensor_clear (&m->A);
+  diffuse_tensor_clear (&m->B);
+  g_free (m);
+}
+
+void
+_diffuse_lora_adapter_free (DiffuseLoraAdapter *a)
+{
+  if (!a)
+    return;
+  g_free (a->name);
+  g_free (a->path);
+  for (int i = 0; i < 2; i++)
+    if (a->mods[i])
+      g_ptr_array_unref (a->mods[i]);
+  g_free (a);
+}
+
+const char *
+_diffuse_lora_adapter_name (DiffuseLoraAdapter *a)
+{
+  return a->name;
+}
+
+gboolean
+_diffuse_lora_adapter_has (DiffuseLoraAdapter *a, DiffuseLoraTarget target)
+{
+  return a->mods[target]->len > 0;
+}
+
+/* peft's pattern match: a key of rank_pattern / alpha_pattern names the module when the module's
+ * name ends with it at a "." boundary (or equals it) */
+static gboolean
+pattern_hit (const char *module, const char *key)
+{
+  size_t lm = strlen (module), lk = strlen (key);
+  if (lk > lm || strcmp (module + lm - lk, key) != 0)
+    return FALSE;
+  return lk == lm || module[lm - lk - 1] == '.';
+}
+
+static double
+pattern_value (JsonObject *meta, const char *member, const char *module, double def)
+{
+  if (!meta || !json_object_has_member (meta, member))
+    return def;
+  JsonNode *n = json_object_get_member (meta, member);
+  if (!JSON_NODE_HOLDS_OBJECT (n))
+    return def;
+  JsonObject *o = json_node_get_object (n);
+  GList *keys = json_object_get_members (o);
+  double v = def;
+  for (GList *l = keys; l; l = l->next)
+    if (pattern_hit (module, l->data)) {
+      v = json_node_get_double (json_object_get_member (o, l->data));
+      break;
+    }
+  g_list_free (keys);
+  return v;
+}
+
+static double
+meta_number (JsonObject *meta, const char *member, double def)
+{
+  if (!meta || !json_object_has_member (meta, member))
+    return def;
+  JsonNode *n = json_object_get_member (meta, member);
+  return JSON_NODE_HOLDS_VALUE (n) && json_node_get_value_type (n) != G_TYPE_STRING ? json_node_get_double (n) : def;
+}
+
+static char *
+lora_file (const char *path, GError **error)
+{
+  if (g_file_test (path, G_FILE_TEST_IS_DIR)) {
+    char *f = g_build_filename (path, "pytorch_lora_weights.safetensors", NULL);
+    if (g_file_test (f, G_FILE_TEST_IS_REGULAR))
+      return f;
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
+                 "%s has no pytorch_lora_weights.safetensors (name the .safetensors file instead)", path);
+    g_free (f);
+    return NULL;
+  }
+  if (!g_file_test (path, G_FILE_TEST_IS_REGULAR)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
+                 "LoRA %s: no such file or folder (a local .safetensors file or a folder holding "
+                 "pytorch_lora_weights.safetensors)", path);
+    return NULL;
+  }
+  if (g_str_has_suffix (path, ".bin") || g_str_has_suffix (path, ".pt") || g_str_has_suffix (path, ".ckpt")) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                 "LoRA %s: pickle files are never executed here; use a .safetensors file", path);
+    return NULL;
+  }
+  return g_strdup (path);
+}
+
+DiffuseLoraAdapter *
+_diffuse_lora_adapter_load (const char *path, const char *name, GError **error)
+{
+  char *file = lora_file (path, error);
+  if (!file)
+    return NULL;
+  DiffuseSafetensors *st = diffuse_safetensors_open (file, error);
+  if (!st) {
+    g_free (file);
+    return NULL;
+  }
+  DiffuseLoraAdapter *a = g_new0 (DiffuseLoraAdapter, 1);
+  a->name = g_strdup (name);
+  a->path = file;
+  for (int i = 0; i < 2; i++)
+    a->mods[i] = g_ptr_array_new_with_free_func ((GDestroyNotify) lora_module_free);
+  JsonParser *parser = NULL;
+  JsonObject *meta = NULL;
+  GHashTable *md = diffuse_safetensors_metadata (st);
+  const char *mjs = md ? g_hash_table_lookup (md, "lora_adapter_metadata") : NULL;
+  if (mjs) {
+    parser = json_parser_new ();
+    if (json_parser_load_from_data (parser, mjs, -1, NULL) && JSON_NODE_HOLDS_OBJECT (json_parser_get_root (parser)))
+      meta = json_node_get_object (json_parser_get_root (parser));
+  }
+  static const char *const prefixes[2] = { "unet.", "text_encoder." };
+  const guint n = diffuse_safetensors_n_tensors (st);
+  gboolean ok = TRUE;
+  for (guint i = 0; i < n && ok; i++) {
+    const char *key = diffuse_safetensors_entry (st, i)->name;
+    if (strstr (key, "lora_down") || strstr (key, "lora_up") || g_str_has_prefix (key, "lora_unet_") ||
+        g_str_has_prefix (key, "lora_te") || strstr (key, "lora_magnitude_vector") || strstr (key, "_lora.")) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                   "LoRA %s: tensor '%s' is in a format not read yet (kohya / A1111, DoRA or diffusers' older "
+                   "attention-processor names); diffusers' peft format (\"unet.<module>.lora_A.weight\") is",
+                   file, key);
+      ok = FALSE;
+      break;
+    }
+    if (!g_str_has_suffix (key, ".lora_A.weight"))
+      continue;
+    int target = -1;
+    for (int t = 0; t < 2; t++)
+      if (g_str_has_prefix (key, prefixes[t]))
+        target = t;
+    if (target < 0) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                   "LoRA %s: tensor '%s' adapts a component other than the UNet and the text encoder", file, key);
+      ok = FALSE;
+      break;
+    }
+    char *module = g_strndup (key + strlen (prefixes[target]),
+                              strlen (key) - strlen (prefixes[target]) - strlen (".lora_A.weight"));
+    char *bkey = g_strdup_printf ("%s%s.lora_B.weight", prefixes[target], module);
+    GError *e = NULL;
+    DiffuseTensor *A = diffuse_safetensors_tensor (st, key, DIFFUSE_DTYPE_F32, diffuse_device_cpu (), &e);
+    DiffuseTensor *B = A ? diffuse_safetensors_tensor (st, bkey, DIFFUSE_DTYPE_F32, diffuse_device_cpu (), &e) : NULL;
+    if (!B) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "LoRA %s: %s", file,
+                   e ? e->message : "lora_A without lora_B");
+      g_clear_error (&e);
+      diffuse_tensor_clear (&A);
+      g_free (module);
+      g_free (bkey);
+      ok = FALSE;
+      break;
+    }
+    const int64_t r = A->shape[0];
+    const gboolean conv = A->ndim == 4;
+    if (r < 1 || B->shape[1] != r || (conv ? (B->ndim != 4 || B->shape[2] != 1 || B->shape[3] != 1) : (A->ndim != 2 || B->ndim != 2))) {
+      char *da = diffuse_tensor_describe (A), *db = diffuse_tensor_describe (B);
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "LoRA %s: module %s has lora_A %s and lora_B %s",
+                   file, module, da, db);
+      g_free (da);
+      g_free (db);
+      diffuse_tensor_clear (&A);
+      diffuse_tensor_clear (&B);
+      g_free (module);
+      g_free (bkey);
+      ok = FALSE;
+      break;
+    }
+    /* scale: lora_alpha / r from the adapter config (patterns per module); without one, alpha = r */
+    char *pre = g_strndup (prefixes[target], strlen (prefixes[target]) - 1);
+    char *m_r = g_strdup_printf ("%s.r", pre), *m_a = g_strdup_printf ("%s.lora_alpha", pre);
+    char *m_rs = g_strdup_printf ("%s.use_rslora", pre), *m_rp = g_strdup_printf ("%s.rank_pattern", pre);
+    char *m_ap = g_strdup_printf ("%s.alpha_pattern", pre);
+    double rank = pattern_value (meta, m_rp, module, meta_number (meta, m_r, (double) r));
+    double alpha = pattern_value (meta, m_ap, module, meta_number (meta, m_a, rank));
+    gboolean rs = meta && json_object_has_member (meta, m_rs) &&
+                  JSON_NODE_HOLDS_VALUE (json_object_get_member (meta, m_rs)) &&
+                  json_object_get_boolean_member (meta, m_rs);
+    g_free (pre);
+    g_free (m_r);
+    g_free (m_a);
+    g_free (m_rs);
+    g_free (m_rp);
+    g_free (m_ap);
+    LoraModule *m = g_new0 (LoraModule, 1);
+    m->module = module;
+    m->A = A;
+    m->B = B;
+    m->scale = rs ? alpha / sqrt (rank) : alpha / rank;
+    g_ptr_array_add (a->mods[target], m);
+    g_free (bkey);
+  }
+  if (ok && a->mods[0]->len == 0 && a->mods[1]->len == 0) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "LoRA %s: no \"unet.*.lora_A.weight\" or "
+                 "\"text_encoder.*.lora_A.weight\" tensors", file);
+    ok = FALSE;
+  }
+  if (parser)
+    g_object_unref (parser);
+  diffuse_safetensors_unref (st);
+  if (!ok) {
+    _diffuse_lora_adapter_free (a);
+    return NULL;
+  }
+  return a;
+}
+
+/* The weight name of a module in the component's files (the text encoder's
+ * may carry "text_model." or not: transformers 5 writes it without). */
+static const char *
+module_weight (DiffuseWeights *w, const char *module, char **owned)
+{
+  *owned = g_strdup_printf ("%s.weight", module);
+  if (diffuse_weights_has (w, *owned))
+    return *owned;
+  if (g_str_has_prefix (module, "text_model.")) {
+    g_free (*owned);
+    *owned = g_strdup_printf ("%s.weight", module + strlen ("text_model."));
+    if (diffuse_weights_has (w, *owned))
+      return *owned;
+  }
+  return NULL;
+}
+
+DiffuseWeights *
+_diffuse_lora_merge (DiffuseWeights *base, DiffuseLoraAdapter *const *adapters, const double *weights, int n,
+                     DiffuseLoraTarget target, GError **error)
+{
+  GHashTable *patches = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, (GDestroyNotify) diffuse_tensor_unref);
+  GString *what = g_string_new ("LoRA ");
+  gboolean ok = TRUE;
+  for (int ai = 0; ai < n && ok; ai++) {
+    DiffuseLoraAdapter *a = adapters[ai];
+    g_string_append_printf (what, "%s%s", ai ? ", " : "", a->name);
+    for (guint k = 0; k < a->mods[target]->len && ok; k++) {
+      LoraModule *m = g_ptr_array_index (a->mods[target], k);
+      char *wname = NULL;
+      const char *key = module_weight (base, m->module, &wname);
+      if (!key) {
+        g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG, "LoRA %s (%s): the model has no module %s",
+                     a->name, a->path, m->module);
+        g_free (wname);
+        ok = FALSE;
+        break;
+      }
+      DiffuseTensor *W = g_hash_table_lookup (patches, key);
+      if (!W) {
+        DiffuseTensor *orig = diffuse_weights_get_uncached (base, key, DIFFUSE_DTYPE_F32, diffuse_device_cpu (),
+                                                            error);
+        W = orig ? diffuse_contiguous (orig) : NULL;
+        DiffuseTensor *copy = W && W == orig ? diffuse_copy (W) : NULL;   /* never write into the mapping */
+        if (copy) {
+          diffuse_tensor_unref (W);
+          W = copy;
+        }
+        diffuse_tensor_clear (&orig);
+        if (!W) {
+          g_free (wname);
+          ok = FALSE;
+          break;
+        }
+        g_hash_table_insert (patches, g_strdup (key), W);
+      }
+      const int64_t out = m->B->shape[0], r = m->A->shape[0], in = diffuse_tensor_numel (m->A) / r;
+      if (diffuse_tensor_numel (W) != out * in || W->shape[0] != out) {
+        char *dw = diffuse_tensor_describe (W);
+        g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG,
+                     "LoRA %s: module %s: the model's weight is %s, the adapter's product [%" G_GINT64_FORMAT
+                     ", %" G_GINT64_FORMAT "]", a->name, m->module, dw, out, in);
+        g_free (dw);
+        g_free (wname);
+        ok = FALSE;
+        break;
+      }
+      float *wp = diffuse_tensor_f32 (W);
+      const float *A = diffuse_tensor_f32 (m->A), *B = diffuse_tensor_f32 (m->B);
+      const float s = (float) (weights[ai] * m->scale);
+      for (int64_t o = 0; o < out; o++)
+        for (int64_t i = 0; i < in; i++) {
+          float acc = 0.0f;
+          for (int64_t j = 0; j < r; j++)
+            acc += B[o * r + j] * A[j * in + i];
+          wp[o * in + i] += s * acc;
+        }
+      g_free (wname);
+    }
+  }
+  DiffuseWeights *w = ok ? diffuse_weights_new_patched (base, patches, what->str) : NULL;
+  g_hash_table_unref (patches);
+  g_string_free (what, TRUE);
+  return w;
+}

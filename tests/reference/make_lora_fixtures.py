@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Reference images for LoRA adapters (tests/core/test-lora.c).
+
+Makes two LoRA adapters for the tiny-sd UNet with peft, saved as diffusers
+saves them (StableDiffusionPipeline.save_lora_weights: peft key names
+"unet.<module>.lora_A.weight" / "lora_B.weight", the LoraConfig in the
+"lora_adapter_metadata" header entry), and records diffusers' images after
+pipe.load_lora_weights / set_adapters / unload_lora_weights:
+
+  a: r 4, lora_alpha 8 on to_q, to_k, to_v, to_out.0 and proj_in (a 1x1 conv)
+  b: r 2, lora_alpha 3 on ff.net.0.proj, ff.net.2 and the resnets' conv1 (3x3
+     convs), alpha_pattern {"conv1": 1.0} (those modules scale by 1 / 2)
+
+peft is needed (not a project dependency; transformers 5 wants peft >= 0.22
+for text encoders, so the adapters are UNet-only):
+  pip install --no-deps --target /tmp/peftlib peft==0.21.2
+  PYTHONPATH=/tmp/peftlib python3 tests/reference/make_lora_fixtures.py
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+
+from diffusers import StableDiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "fixtures")
+OUT = os.path.join(FIX, "lora")
+MODEL = os.path.join(FIX, "pipelines", "tiny-sd")
+GEN = dict(prompt="a red circle", num_inference_steps=3, height=32, width=32, guidance_scale=7.5)
+SEED = 21
+
+
+def make_adapter(name, cfg, seed):
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL)
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(cfg, adapter_name=name)
+    with torch.no_grad():   # init_lora_weights=False already random; make the effect clearly visible
+        for n, p in pipe.unet.named_parameters():
+            if "lora_B" in n:
+                p.mul_(3.0)
+    sd = get_peft_model_state_dict(pipe.unet, adapter_name=name)
+    d = os.path.join(OUT, name)
+    os.makedirs(d, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(d, unet_lora_layers=sd,
+                                              unet_lora_adapter_metadata=pipe.unet.peft_config[name].to_dict())
+    return d
+
+
+def image(pipe):
+    img = pipe(**GEN, generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images[0]
+    return np.ascontiguousarray(np.round(img * 255).astype(np.uint8))
+
+
+def main():
+    if os.path.exists(OUT):
+        shutil.rmtree(OUT)
+    os.makedirs(OUT)
+    da = make_adapter("a", LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"]), 1)
+    db = make_adapter("b", LoraConfig(r=2, lora_alpha=3, init_lora_weights=False, alpha_pattern={"conv1": 1.0},
+                                      target_modules=["ff.net.0.proj", "ff.net.2", "conv1"]), 2)
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    imgs, cases = {}, []
+    imgs["base"] = image(pipe)
+    pipe.load_lora_weights(da, adapter_name="a")
+    imgs["a"] = image(pipe)
+    cases.append(dict(id="a", step="load a", active=pipe.get_active_adapters()))
+    pipe.load_lora_weights(db, adapter_name="b")
+    imgs["b"] = image(pipe)
+    cases.append(dict(id="b", step="load b (only b active)", active=pipe.get_active_adapters()))
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.6, 1.5])
+    imgs["ab"] = image(pipe)
+    cases.append(dict(id="ab", step="set_adapters([a, b], [0.6, 1.5])", active=pipe.get_active_adapters()))
+    pipe.unload_lora_weights()
+    imgs["unloaded"] = image(pipe)
+    assert np.array_equal(imgs["unloaded"], imgs["base"])
+    for k in ("a", "b", "ab"):
+        d = int(np.abs(imgs[k].astype(int) - imgs["base"].astype(int)).max())
+        assert d > 5, (k, d)
+        cases[[c["id"] for c in cases].index(k)]["max_diff_to_base"] = d
+    save_file(imgs, os.path.join(OUT, "images.safetensors"))
+    json.dump({"generator": "tests/reference/make_lora_fixtures.py", "torch": torch.__version__,
+               "model": "pipelines/tiny-sd", "seed": SEED, "generate": GEN, "cases": cases},
+              open(os.path.join(OUT, "cases.json"), "w"), indent=1)
+    print("LoRA fixtures:", cases)
+
+
+if __name__ == "__main__":
+    main()
