@@ -108,8 +108,17 @@ test_adapters (void)
   g_clear_error (&err);
   assert_active (sd, "a,b");
   char **all = diffuse_sd_list_adapters (sd);
-  g_assert_cmpint (g_strv_length (all), ==, 2);
+  g_assert_cmpint (g_strv_length (all), ==, 2);   /* a, b */
   g_strfreev (all);
+
+  /* a text-encoder adapter (names with "text_model.", the tiny model's file has none) */
+  char *t = tu_fixture ("lora/t");
+  g_assert_true (diffuse_sd_load_lora_weights (sd, t, "t", &err));
+  g_assert_no_error (err);
+  d = diff_to (sd, "t");
+  g_test_message ("t (text encoder): %d levels", d);
+  g_assert_cmpint (d, <=, 1);
+  g_free (t);
 
   diffuse_sd_unload_lora_weights (sd);
   assert_active (sd, "");

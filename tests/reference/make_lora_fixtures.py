@@ -85,6 +85,38 @@ def main():
         d = int(np.abs(imgs[k].astype(int) - imgs["base"].astype(int)).max())
         assert d > 5, (k, d)
         cases[[c["id"] for c in cases].index(k)]["max_diff_to_base"] = d
+    # t: a text-encoder adapter.  transformers 5 wants peft >= 0.22 to load one, which this
+    # machine cannot install, so the file is written by hand in the same format (peft names +
+    # "lora_adapter_metadata") and the expected image comes from the text encoder with
+    # W + lora_alpha / r * B A put in its weights: what peft's LoRA layer computes.
+    torch.manual_seed(3)
+    te_mods = ["text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.0.self_attn.v_proj",
+               "text_model.encoder.layers.1.mlp.fc1"]
+    tensors, r, alpha = {}, 2, 4.0
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    # (the names real files carry, from transformers 4's CLIPTextModel; transformers 5's modules
+    # drop "text_model.", and the tiny model's file has none either: both must be read)
+    named = dict(pipe.text_encoder.named_modules())
+    with torch.no_grad():
+        for m in te_mods:
+            lin = named[m] if m in named else named[m[len("text_model."):]]
+            A = torch.randn(r, lin.in_features) * 0.5
+            B = torch.randn(lin.out_features, r) * 0.5
+            tensors[f"text_encoder.{m}.lora_A.weight"] = A.numpy()
+            tensors[f"text_encoder.{m}.lora_B.weight"] = B.numpy()
+            lin.weight += (alpha / r) * (B @ A)
+    dt = os.path.join(OUT, "t")
+    os.makedirs(dt)
+    meta = {"text_encoder.r": r, "text_encoder.lora_alpha": alpha, "text_encoder.use_rslora": False,
+            "text_encoder.rank_pattern": {}, "text_encoder.alpha_pattern": {}}
+    save_file(tensors, os.path.join(dt, "pytorch_lora_weights.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    imgs["t"] = image(pipe)
+    d = int(np.abs(imgs["t"].astype(int) - imgs["base"].astype(int)).max())
+    assert d > 5, d
+    cases.append(dict(id="t", step="text-encoder adapter t (written by hand, W + alpha/r B A)", active=["t"],
+                      max_diff_to_base=d))
     save_file(imgs, os.path.join(OUT, "images.safetensors"))
     json.dump({"generator": "tests/reference/make_lora_fixtures.py", "torch": torch.__version__,
                "model": "pipelines/tiny-sd", "seed": SEED, "generate": GEN, "cases": cases},
