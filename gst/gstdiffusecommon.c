@@ -70,6 +70,7 @@ gst_diffuse_settings_copy (GstDiffuseSettings *dst, const GstDiffuseSettings *sr
   dst->variant = g_strdup (src->variant);
   dst->device = g_strdup (src->device);
   dst->scheduler = g_strdup (src->scheduler);
+  dst->lora = g_strdup (src->lora);
   dst->prompt = g_strdup (src->prompt);
   dst->negative_prompt = g_strdup (src->negative_prompt);
 }
@@ -82,6 +83,7 @@ gst_diffuse_settings_clear (GstDiffuseSettings *s)
   g_clear_pointer (&s->variant, g_free);
   g_clear_pointer (&s->device, g_free);
   g_clear_pointer (&s->scheduler, g_free);
+  g_clear_pointer (&s->lora, g_free);
   g_clear_pointer (&s->prompt, g_free);
   g_clear_pointer (&s->negative_prompt, g_free);
 }
@@ -218,6 +220,12 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gbo
             "the model without it (safety_checker=None) and warns",
             TRUE, RW | GST_PARAM_MUTABLE_READY));
   if (with_safety_checker)
+    g_object_class_install_property (klass, GST_DIFFUSE_PROP_LORA,
+        g_param_spec_string ("lora", "LoRA",
+            "LoRA adapters in diffusers' format, all active: \"PATH[:WEIGHT],PATH[:WEIGHT]...\" (a .safetensors "
+            "file or a folder holding pytorch_lora_weights.safetensors; weight 1 when none); NULL = none",
+            NULL, RW | GST_PARAM_MUTABLE_READY));
+  if (with_safety_checker)
     g_object_class_install_property (klass, GST_DIFFUSE_PROP_SAG_SCALE,
         g_param_spec_double ("sag-scale", "SAG scale",
             "Self-attention guidance, as diffusers' StableDiffusionSAGPipeline (whose default is 0.75): one more "
@@ -308,6 +316,7 @@ gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, const GValue
     case GST_DIFFUSE_PROP_STRENGTH: s->strength = g_value_get_double (value); break;
     case GST_DIFFUSE_PROP_SAFETY_CHECKER: s->safety_checker = g_value_get_boolean (value); break;
     case GST_DIFFUSE_PROP_SAG_SCALE: s->sag_scale = g_value_get_double (value); break;
+    case GST_DIFFUSE_PROP_LORA: set_string (&s->lora, value); break;
     default:
       GST_OBJECT_UNLOCK (st->element);
       return FALSE;
@@ -412,6 +421,7 @@ gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *valu
     case GST_DIFFUSE_PROP_STRENGTH: g_value_set_double (value, s->strength); break;
     case GST_DIFFUSE_PROP_SAFETY_CHECKER: g_value_set_boolean (value, s->safety_checker); break;
     case GST_DIFFUSE_PROP_SAG_SCALE: g_value_set_double (value, s->sag_scale); break;
+    case GST_DIFFUSE_PROP_LORA: g_value_set_string (value, s->lora); break;
     default:
       GST_OBJECT_UNLOCK (st->element);
       return FALSE;
@@ -658,6 +668,14 @@ gst_diffuse_state_load (GstDiffuseState *st)
                                    st->task == DIFFUSE_SD_IMG2IMG ? "image-to-image" : "text-to-image");
     gst_diffuse_post_error (st->element, err, what, dbg);
     g_free (what);
+    diffuse_pipeline_model_unref (pm);
+    goto out;
+  }
+  if (sd && s.lora && !diffuse_sd_load_lora_spec (sd, s.lora, &err)) {
+    gchar *what = g_strdup_printf ("Could not load the LoRA adapters \"%s\"", s.lora);
+    gst_diffuse_post_error (st->element, err, what, dbg);
+    g_free (what);
+    diffuse_sd_unref (sd);
     diffuse_pipeline_model_unref (pm);
     goto out;
   }

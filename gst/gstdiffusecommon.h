@@ -42,6 +42,7 @@ enum {
   GST_DIFFUSE_PROP_LOAD_COUNT,
   GST_DIFFUSE_PROP_SAFETY_CHECKER,  /* not installed by diffuseanimate (AnimateDiff has none) */
   GST_DIFFUSE_PROP_SAG_SCALE,       /* not installed by diffuseanimate */
+  GST_DIFFUSE_PROP_LORA,            /* not installed by diffuseanimate */
   GST_DIFFUSE_PROP_LAST
 };
 
@@ -62,6 +63,7 @@ GType gst_diffuse_dtype_get_type (void);
 /* Settings, guarded by the element's object lock. */
 typedef struct {
   gchar *model, *revision, *variant, *device, *scheduler;
+  gchar *lora;              /* "PATH[:WEIGHT],..." (diffuse_sd_load_lora_spec), NULL = none */
   GstDiffuseDType dtype;
   gchar *prompt, *negative_prompt;
   gint num_inference_steps;

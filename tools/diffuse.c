@@ -30,6 +30,7 @@ static char *opt_variant, *opt_dtype, *opt_revision, *opt_device, *opt_class;
 static gboolean opt_offline;
 static gboolean opt_no_safety_checker;
 static double opt_sag_scale;
+static char **opt_lora;
 static gint64 opt_shard;
 static char *opt_prompt, *opt_negative, *opt_scheduler, *opt_output;
 static char *opt_prompts_file, *opt_output_dir, *opt_adapter;
@@ -56,6 +57,9 @@ static GOptionEntry entries[] = {
   { "height", 'H', 0, G_OPTION_ARG_INT, &opt_height, "Height, a multiple of 8 (default: the model's)", "H" },
   { "scheduler", 0, 0, G_OPTION_ARG_STRING, &opt_scheduler, "A compatible scheduler class", "CLASS" },
   { "clip-skip", 0, 0, G_OPTION_ARG_INT, &opt_clip_skip, "CLIP layers to skip (0)", "N" },
+  { "lora", 0, 0, G_OPTION_ARG_STRING_ARRAY, &opt_lora,
+    "LoRA adapter (diffusers format), .safetensors file or folder, with an optional :weight (repeatable)",
+    "PATH[:W]" },
   { "sag-scale", 0, 0, G_OPTION_ARG_DOUBLE, &opt_sag_scale,
     "Self-attention guidance scale (0 = off; StableDiffusionSAGPipeline's default is 0.75)", "S" },
   { "num-images", 0, 0, G_OPTION_ARG_INT, &opt_num_images, "Images to generate (1)", "N" },
@@ -264,6 +268,16 @@ generate (DiffusePipelineModel *pm)
   if (!sd) {
     g_ptr_array_unref (prompts);
     return fail (&err);
+  }
+  if (opt_lora && *opt_lora) {
+    char *spec = g_strjoinv (",", opt_lora);
+    gboolean ok = diffuse_sd_load_lora_spec (sd, spec, &err);
+    g_free (spec);
+    if (!ok) {
+      diffuse_sd_unref (sd);
+      g_ptr_array_unref (prompts);
+      return fail (&err);
+    }
   }
   DiffuseSDParams p;
   diffuse_sd_default_params (&p);

@@ -221,6 +221,15 @@ find_adapter (DiffuseSD *sd, const char *name)
   return NULL;
 }
 
+static gboolean
+find_adapter_locked (DiffuseSD *sd, const char *name)
+{
+  g_mutex_lock (&sd->lock);
+  gboolean found = find_adapter (sd, name) != NULL;
+  g_mutex_unlock (&sd->lock);
+  return found;
+}
+
 gboolean
 diffuse_sd_load_lora_weights (DiffuseSD *sd, const char *path, const char *adapter_name, GError **error)
 {
@@ -322,6 +331,64 @@ diffuse_sd_unload_lora_weights (DiffuseSD *sd)
   g_ptr_array_set_size (sd->adapters, 0);
   lora_apply (sd, NULL);   /* no adapter: back to the components' own models */
   g_mutex_unlock (&sd->lock);
+}
+
+gboolean
+diffuse_sd_load_lora_spec (DiffuseSD *sd, const char *spec, GError **error)
+{
+  g_return_val_if_fail (sd != NULL && spec != NULL, FALSE);
+  char **items = g_strsplit (spec, ",", -1);
+  GPtrArray *names = g_ptr_array_new_with_free_func (g_free);
+  GArray *weights = g_array_new (FALSE, FALSE, sizeof (double));
+  gboolean ok = TRUE;
+  for (char **it = items; ok && *it; it++) {
+    char *item = g_strstrip (*it);
+    if (!*item)
+      continue;
+    /* PATH:WEIGHT when what follows the last ':' is a number */
+    double w = 1.0;
+    char *path = g_strdup (item), *colon = strrchr (path, ':');
+    if (colon) {
+      char *end = NULL;
+      double v = g_ascii_strtod (colon + 1, &end);
+      if (end && end != colon + 1 && *end == '\0') {
+        w = v;
+        *colon = '\0';
+      }
+    }
+    /* the adapter's name: the file's (or folder's) stem, made unique */
+    char *base = g_path_get_basename (path);
+    char *dot = g_str_has_suffix (base, ".safetensors") ? strrchr (base, '.') : NULL;
+    if (dot)
+      *dot = '\0';
+    if (g_str_equal (base, "pytorch_lora_weights")) {
+      char *dir = g_path_get_dirname (path);
+      g_free (base);
+      base = g_path_get_basename (dir);
+      g_free (dir);
+    }
+    char *name = g_strdup (base);
+    for (int k = 2; find_adapter_locked (sd, name); k++) {
+      g_free (name);
+      name = g_strdup_printf ("%s_%d", base, k);
+    }
+    ok = diffuse_sd_load_lora_weights (sd, path, name, error);
+    if (ok) {
+      g_ptr_array_add (names, name);
+      g_array_append_val (weights, w);
+    } else {
+      g_free (name);
+    }
+    g_free (base);
+    g_free (path);
+  }
+  if (ok && names->len > 0)
+    ok = diffuse_sd_set_adapters (sd, (const char *const *) names->pdata, (const double *) weights->data,
+                                  (int) names->len, error);
+  g_ptr_array_unref (names);
+  g_array_unref (weights);
+  g_strfreev (items);
+  return ok;
 }
 
 char **

@@ -677,6 +677,53 @@ GST_START_TEST (test_sag_scale)
 }
 GST_END_TEST;
 
+/* ---- LoRA: the "lora" property gives diffusers' load_lora_weights frame ---- */
+
+GST_START_TEST (test_lora)
+{
+  const char *fx = g_getenv ("DIFFUSE_FIXTURES");
+  const char *root = fx ? fx : TEST_FIXTURES_DIR;
+  gchar *path = g_build_filename (root, "lora", "images.safetensors", NULL);
+  DiffuseSafetensors *st = diffuse_safetensors_open (path, NULL);
+  fail_unless (st != NULL);
+  /* make_lora_fixtures.py: a at weight 0.6 with b at 1.5, 3 steps, seed 21, 32x32 */
+  const DiffuseStEntry *e = diffuse_safetensors_find (st, "ab");
+  fail_unless (e != NULL && e->dtype == DIFFUSE_ST_U8);
+  gchar *spec = g_strdup_printf ("%s/lora/a:0.6, %s/lora/b/pytorch_lora_weights.safetensors:1.5", root, root);
+  GstHarness *h = new_src ("video/x-raw,format=RGB,width=32,height=32", 3, 21);
+  g_object_set (h->element, "prompt", "a red circle", "guidance-scale", 7.5, "lora", spec, "num-buffers", 1, NULL);
+  gst_harness_play (h);
+  GstBuffer *buf = gst_harness_pull (h);
+  fail_unless (buf != NULL);
+  GstVideoInfo info = current_info (h);
+  GstVideoFrame f;
+  fail_unless (gst_video_frame_map (&f, &info, buf, GST_MAP_READ));
+  int maxd = 0;
+  for (int y = 0; y < 32; y++) {
+    const guint8 *row = (const guint8 *) GST_VIDEO_FRAME_PLANE_DATA (&f, 0) + y * GST_VIDEO_FRAME_PLANE_STRIDE (&f, 0);
+    for (int i = 0; i < 32 * 3; i++)
+      maxd = MAX (maxd, ABS ((int) row[i] - (int) ((const guint8 *) e->data)[y * 32 * 3 + i]));
+  }
+  gst_video_frame_unmap (&f);
+  fail_unless (maxd <= 1, "the frame is %d levels from diffusers' image with both adapters", maxd);
+  gst_buffer_unref (buf);
+  gst_harness_teardown (h);
+
+  /* a missing file: an error at start naming the property's value */
+  GstElement *el = gst_element_factory_make ("diffusetext2img", NULL);
+  gchar *model = test_model_path (NULL);
+  g_object_set (el, "model", model, "lora", "/no/such/lora.safetensors", NULL);
+  GstMessage *msg = start_and_get_error (el, GST_STATE_PAUSED);
+  assert_error_message (msg, GST_RESOURCE_ERROR, GST_RESOURCE_ERROR_NOT_FOUND, "LoRA");
+  gst_message_unref (msg);
+  gst_object_unref (el);
+  g_free (model);
+  g_free (spec);
+  diffuse_safetensors_unref (st);
+  g_free (path);
+}
+GST_END_TEST;
+
 static GstElement *
 new_element (const char *model_name)
 {
@@ -907,6 +954,7 @@ diffusetext2img_suite (void)
   tcase_add_test (tc, test_model_suggestions);
   tcase_add_test (tc, test_safety_checker);
   tcase_add_test (tc, test_sag_scale);
+  tcase_add_test (tc, test_lora);
   return s;
 }
 

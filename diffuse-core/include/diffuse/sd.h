@@ -111,6 +111,11 @@ gboolean diffuse_sd_load_lora_weights (DiffuseSD *sd, const char *path, const ch
 gboolean diffuse_sd_set_adapters (DiffuseSD *sd, const char *const *names, const double *weights, int n,
                                   GError **error);
 void diffuse_sd_unload_lora_weights (DiffuseSD *sd);
+/* "PATH[:WEIGHT][,PATH[:WEIGHT]...]" (the CLI's --lora, the elements'
+ * "lora"): loads each (named after its file, or its folder for
+ * pytorch_lora_weights.safetensors) and makes them all active with their
+ * weights (1 when none is given). */
+gboolean diffuse_sd_load_lora_spec (DiffuseSD *sd, const char *spec, GError **error);
 /* NULL-terminated (g_strfreev) */
 char **diffuse_sd_get_active_adapters (DiffuseSD *sd);
 char **diffuse_sd_list_adapters (DiffuseSD *sd);
