@@ -15,6 +15,7 @@
  * diffusers' words; the same product as its unfused forward, to rounding). */
 #include "pipelines-private.h"
 #include <diffuse/error.h>
+#include <diffuse/hub.h>
 #include <json-glib/json-glib.h>
 #include <math.h>
 #include <string.h>
@@ -104,6 +105,74 @@ meta_number (JsonObject *meta, const char *member, double def)
   return JSON_NODE_HOLDS_VALUE (n) && json_node_get_value_type (n) != G_TYPE_STRING ? json_node_get_double (n) : def;
 }
 
+/* "org/name" or "org/name/sub/file.safetensors": a Hub repo id (and a file in it) */
+static gboolean
+split_repo (const char *ref, char **repo, char **file)
+{
+  if (!ref || ref[0] == '/' || ref[0] == '.' || ref[0] == '~' || strstr (ref, "..") || strchr (ref, '\\'))
+    return FALSE;
+  char **parts = g_strsplit (ref, "/", -1);
+  guint n = g_strv_length (parts);
+  /* (a missing "dir/x.safetensors" is a local path, not a repo named x.safetensors) */
+  gboolean ok = n >= 2 && *parts[0] && *parts[1] &&
+                (n == 2 ? !g_str_has_suffix (ref, ".safetensors") : g_str_has_suffix (ref, ".safetensors"));
+  if (ok) {
+    *repo = g_strdup_printf ("%s/%s", parts[0], parts[1]);
+    *file = n > 2 ? g_strjoinv ("/", parts + 2) : NULL;
+  }
+  g_strfreev (parts);
+  return ok;
+}
+
+/* pipe.load_lora_weights ("org/name"[, weight_name=...]): the file from the
+ * Hub cache (fetched unless there; HF_ENDPOINT, HF_HUB_CACHE, HF_TOKEN,
+ * HF_HUB_OFFLINE as for models): weight_name, else
+ * pytorch_lora_weights.safetensors, else the repo's one .safetensors file */
+static char *
+lora_from_hub (const char *repo, const char *file, GError **error)
+{
+  DiffuseHubClient *client = diffuse_hub_client_new (NULL, error);
+  if (!client)
+    return NULL;
+  char *path = NULL, *pick = file ? g_strdup (file) : NULL;
+  if (!pick) {
+    GPtrArray *files = diffuse_hub_list_files (client, repo, NULL, NULL, error);
+    if (files) {
+      GPtrArray *st = g_ptr_array_new ();
+      for (guint i = 0; i < files->len; i++) {
+        const char *f = g_ptr_array_index (files, i);
+        if (g_str_equal (f, "pytorch_lora_weights.safetensors")) {
+          pick = g_strdup (f);
+          break;
+        }
+        if (g_str_has_suffix (f, ".safetensors") && !strchr (f, '/'))
+          g_ptr_array_add (st, (gpointer) f);
+      }
+      if (!pick && st->len == 1)
+        pick = g_strdup (g_ptr_array_index (st, 0));
+      else if (!pick) {
+        GString *l = g_string_new (NULL);
+        for (guint i = 0; i < st->len; i++)
+          g_string_append_printf (l, "%s%s", i ? ", " : "", (const char *) g_ptr_array_index (st, i));
+        g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
+                     "LoRA %s: %s; name one as %s/<file>.safetensors", repo,
+                     st->len ? "several .safetensors files" : "no .safetensors file at the top of the repo",
+                     repo);
+        if (st->len)
+          g_prefix_error (error, "(%s) ", l->str);
+        g_string_free (l, TRUE);
+      }
+      g_ptr_array_unref (st);
+      g_ptr_array_unref (files);
+    }
+  }
+  if (pick)
+    path = diffuse_hub_download_file (client, repo, NULL, pick, error);
+  g_free (pick);
+  diffuse_hub_client_free (client);
+  return path;
+}
+
 static char *
 lora_file (const char *path, GError **error)
 {
@@ -116,10 +185,19 @@ lora_file (const char *path, GError **error)
     g_free (f);
     return NULL;
   }
+  if (!g_file_test (path, G_FILE_TEST_EXISTS)) {
+    char *repo = NULL, *file = NULL;
+    if (split_repo (path, &repo, &file)) {
+      char *p = lora_from_hub (repo, file, error);
+      g_free (repo);
+      g_free (file);
+      return p;
+    }
+  }
   if (!g_file_test (path, G_FILE_TEST_IS_REGULAR)) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
-                 "LoRA %s: no such file or folder (a local .safetensors file or a folder holding "
-                 "pytorch_lora_weights.safetensors)", path);
+                 "LoRA %s: no such file or folder (a .safetensors file, a folder holding "
+                 "pytorch_lora_weights.safetensors, or a Hub repo id \"org/name[/file.safetensors]\")", path);
     return NULL;
   }
   if (g_str_has_suffix (path, ".bin") || g_str_has_suffix (path, ".pt") || g_str_has_suffix (path, ".ckpt")) {

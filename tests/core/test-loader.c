@@ -550,6 +550,89 @@ test_hub_load (void)
   g_free (cache_dir);
   g_free (dir);
 }
+
+/* LoRA from a Hub repo (pipe.load_lora_weights ("org/name"[, weight_name])):
+ * the same images as from the local file */
+static float *
+lora_pixels (DiffuseSD *sd, int *n)
+{
+  DiffuseSDParams p;
+  diffuse_sd_default_params (&p);
+  p.prompt = "a red circle";
+  p.num_inference_steps = 2;
+  p.width = p.height = 16;
+  GError *err = NULL;
+  GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+  g_assert_no_error (err);
+  DiffuseImage *img = g_ptr_array_index (imgs, 0);
+  *n = img->width * img->height * 3;
+  float *v = g_memdup2 (img->pixels, sizeof (float) * *n);
+  g_ptr_array_unref (imgs);
+  return v;
+}
+
+static void
+test_hub_lora (void)
+{
+  GError *err = NULL;
+  HubServer *s = hub_server_new (&err);
+  g_assert_no_error (err);
+  char *fx = tu_fixture ("lora/a"), *fb = tu_fixture ("lora/b/pytorch_lora_weights.safetensors");
+  g_assert_true (hub_server_add_dir (s, "org/lora-a", "main", fx, &err));
+  char *bytes_a = NULL, *bytes_b = NULL;
+  gsize la = 0, lb = 0;
+  char *fa = g_build_filename (fx, "pytorch_lora_weights.safetensors", NULL);
+  g_assert_true (g_file_get_contents (fa, &bytes_a, &la, NULL));
+  g_assert_true (g_file_get_contents (fb, &bytes_b, &lb, NULL));
+  hub_server_add_file (s, "org/two-loras", "main", "style.safetensors", g_bytes_new_take (bytes_a, la));
+  hub_server_add_file (s, "org/two-loras", "main", "detail.safetensors", g_bytes_new_take (bytes_b, lb));
+  char *cache_dir = tu_mkdtemp ();
+  g_setenv ("HF_ENDPOINT", hub_server_endpoint (s), TRUE);
+  g_setenv ("HF_HUB_CACHE", cache_dir, TRUE);
+  g_setenv ("HF_TOKEN", "", TRUE);
+
+  char *model = fixture_dir ("tiny-sd");
+  DiffuseLoadParams lp = diffuse_load_default_params ();
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (model, &lp, NULL, &err);
+  g_assert_no_error (err);
+  DiffuseSD *local = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
+  DiffuseSD *hub = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
+  g_assert_no_error (err);
+  g_assert_true (diffuse_sd_load_lora_weights (local, fa, "a", &err));
+  g_assert_true (diffuse_sd_load_lora_weights (hub, "org/lora-a", "a", &err));
+  g_assert_no_error (err);
+  int n1, n2;
+  float *p1 = lora_pixels (local, &n1), *p2 = lora_pixels (hub, &n2);
+  g_assert_cmpint (n1, ==, n2);
+  g_assert_cmpint (memcmp (p1, p2, sizeof (float) * n1), ==, 0);
+  g_free (p1);
+  g_free (p2);
+  /* a repo with two files: name one (weight_name), else a clear error naming them */
+  g_assert_false (diffuse_sd_load_lora_weights (hub, "org/two-loras", "x", &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
+  g_assert_nonnull (strstr (err->message, "detail.safetensors"));
+  g_test_message ("%s", err->message);
+  g_clear_error (&err);
+  g_assert_true (diffuse_sd_load_lora_spec (hub, "org/two-loras/detail.safetensors:1.5", &err));
+  g_assert_no_error (err);
+  char **act = diffuse_sd_get_active_adapters (hub);
+  g_assert_cmpstr (act[0], ==, "detail");
+  g_strfreev (act);
+
+  g_unsetenv ("HF_ENDPOINT");
+  g_unsetenv ("HF_HUB_CACHE");
+  g_unsetenv ("HF_TOKEN");
+  diffuse_sd_unref (local);
+  diffuse_sd_unref (hub);
+  diffuse_pipeline_model_unref (pm);
+  hub_server_free (s);
+  tu_rm_rf (cache_dir);
+  g_free (cache_dir);
+  g_free (model);
+  g_free (fa);
+  g_free (fx);
+  g_free (fb);
+}
 #endif
 
 int
@@ -587,6 +670,7 @@ main (int argc, char **argv)
   g_test_add_func ("/loader/suggestions", test_suggestions);
 #ifdef HAVE_HUBSERVER
   g_test_add_func ("/loader/hub", test_hub_load);
+  g_test_add_func ("/loader/hub-lora", test_hub_lora);
 #endif
   int rc = g_test_run ();
   g_object_unref (parser);

@@ -96,8 +96,12 @@ DiffuseSD *diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError 
 gboolean diffuse_sd_has_safety_checker (DiffuseSD *sd);
 
 /* LoRA adapters, as diffusers' pipe.load_lora_weights / set_adapters /
- * unload_lora_weights.  path: a .safetensors file or a folder holding
- * pytorch_lora_weights.safetensors, in diffusers' (peft) format, adapting
+ * unload_lora_weights.  path: a .safetensors file, a folder holding
+ * pytorch_lora_weights.safetensors, or a Hub repo id "org/name" (that file,
+ * else the repo's one top-level .safetensors) or "org/name/file.safetensors"
+ * (weight_name), fetched into the Hub cache under the same environment as
+ * models (HF_ENDPOINT, HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE); diffusers'
+ * (peft) format, adapting
  * the UNet and/or the text encoder; adapter_name NULL = "default_<n>".  The
  * adapter just loaded becomes the only active one (weight 1), as in
  * diffusers.  The active adapters are merged into this pipeline's own copy
