@@ -8,7 +8,11 @@
  * "lora_adapter_metadata" header entry ("unet.r", "unet.lora_alpha",
  * "unet.use_rslora", "unet.rank_pattern", "unet.alpha_pattern").  peft scales
  * each module's B A by lora_alpha / r (lora_alpha / sqrt (r) with rslora);
- * set_adapters weights multiply that.  Here the active adapters are merged:
+ * set_adapters weights multiply that.  kohya-ss files ("lora_unet_<module
+ * with _ for .>.lora_down.weight", "lora_up.weight", ".alpha"; text encoder
+ * "lora_te_") are read too: each flat name is matched against the model's
+ * own module names (exact, where diffusers guesses the dots back), alpha /
+ * rank as scale.  Here the active adapters are merged:
  * W' = W + sum_a weight_a scale_a B_a A_a, computed in f32 and given to the
  * component's model through diffuse_weights_new_patched, so a LoRA'd model
  * shares every untouched tensor with the plain one (fuse_lora, in
@@ -21,7 +25,9 @@
 #include <string.h>
 
 typedef struct {
-  char *module;          /* relative to the component: "down_blocks.0.attentions.0.proj_in" */
+  char *module;          /* relative to the component: "down_blocks.0.attentions.0.proj_in";
+                          * kohya: the flat name "down_blocks_0_attentions_0_proj_in" */
+  gboolean kohya;
   DiffuseTensor *A, *B;  /* f32 on the CPU */
   double scale;
 } LoraModule;
@@ -208,6 +214,60 @@ lora_file (const char *path, GError **error)
   return g_strdup (path);
 }
 
+static gboolean
+check_pair (DiffuseTensor *A, DiffuseTensor *B, const char *file, const char *module, GError **error)
+{
+  const int64_t r = A->shape[0];
+  const gboolean conv = A->ndim == 4;
+  if (r >= 1 && B->shape[1] == r &&
+      (conv ? (B->ndim == 4 && B->shape[2] == 1 && B->shape[3] == 1) : (A->ndim == 2 && B->ndim == 2)))
+    return TRUE;
+  char *da = diffuse_tensor_describe (A), *db = diffuse_tensor_describe (B);
+  g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "LoRA %s: module %s has lora_A %s and lora_B %s", file,
+               module, da, db);
+  g_free (da);
+  g_free (db);
+  return FALSE;
+}
+
+/* one kohya-ss module: <name>.lora_down.weight (A), .lora_up.weight (B), .alpha */
+static gboolean
+load_kohya (DiffuseLoraAdapter *a, DiffuseSafetensors *st, const char *down_key, const char *file, GError **error)
+{
+  char *name = g_strndup (down_key, strlen (down_key) - strlen (".lora_down.weight"));
+  char *up = g_strconcat (name, ".lora_up.weight", NULL), *al = g_strconcat (name, ".alpha", NULL);
+  GError *e = NULL;
+  DiffuseTensor *A = diffuse_safetensors_tensor (st, down_key, DIFFUSE_DTYPE_F32, diffuse_device_cpu (), &e);
+  DiffuseTensor *B = A ? diffuse_safetensors_tensor (st, up, DIFFUSE_DTYPE_F32, diffuse_device_cpu (), &e) : NULL;
+  DiffuseTensor *alpha = B && diffuse_safetensors_find (st, al)
+                         ? diffuse_safetensors_tensor (st, al, DIFFUSE_DTYPE_F32, diffuse_device_cpu (), &e) : NULL;
+  gboolean ok = B && !e && check_pair (A, B, file, name, error);
+  if (!B || e) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "LoRA %s: %s", file, e ? e->message : "no lora_up");
+    g_clear_error (&e);
+  }
+  if (ok) {
+    const gboolean te = !g_str_has_prefix (name, "lora_unet_");
+    LoraModule *m = g_new0 (LoraModule, 1);
+    m->module = g_strdup (name + (te ? (g_str_has_prefix (name, "lora_te1_") ? 9 : 8) : 10));
+    m->kohya = TRUE;
+    m->A = A;
+    m->B = B;
+    A = B = NULL;
+    const double rank = (double) m->A->shape[0];
+    const double alp = alpha && diffuse_tensor_numel (alpha) == 1 ? diffuse_tensor_f32 (alpha)[0] : rank;
+    m->scale = alp / rank;
+    g_ptr_array_add (a->mods[te ? DIFFUSE_LORA_TEXT_ENCODER : DIFFUSE_LORA_UNET], m);
+  }
+  diffuse_tensor_clear (&A);
+  diffuse_tensor_clear (&B);
+  diffuse_tensor_clear (&alpha);
+  g_free (name);
+  g_free (up);
+  g_free (al);
+  return ok;
+}
+
 DiffuseLoraAdapter *
 _diffuse_lora_adapter_load (const char *path, const char *name, GError **error)
 {
@@ -238,14 +298,22 @@ _diffuse_lora_adapter_load (const char *path, const char *name, GError **error)
   gboolean ok = TRUE;
   for (guint i = 0; i < n && ok; i++) {
     const char *key = diffuse_safetensors_entry (st, i)->name;
-    if (strstr (key, "lora_down") || strstr (key, "lora_up") || g_str_has_prefix (key, "lora_unet_") ||
-        g_str_has_prefix (key, "lora_te") || strstr (key, "lora_magnitude_vector") || strstr (key, "_lora.")) {
+    const gboolean kohya = g_str_has_prefix (key, "lora_unet_") || g_str_has_prefix (key, "lora_te_") ||
+                           g_str_has_prefix (key, "lora_te1_");
+    if (strstr (key, "lora_magnitude_vector") || strstr (key, "dora_scale") || strstr (key, "_lora.") ||
+        strstr (key, "hada_") || strstr (key, "lokr_") || g_str_has_prefix (key, "lora_te2_") ||
+        (!kohya && (strstr (key, "lora_down") || strstr (key, "lora_up")))) {
       g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                   "LoRA %s: tensor '%s' is in a format not read yet (kohya / A1111, DoRA or diffusers' older "
-                   "attention-processor names); diffusers' peft format (\"unet.<module>.lora_A.weight\") is",
-                   file, key);
+                   "LoRA %s: tensor '%s' is in a format not read yet (DoRA, LyCORIS, SDXL's second text encoder or "
+                   "diffusers' older attention-processor names); diffusers' peft format and kohya-ss' are", file,
+                   key);
       ok = FALSE;
       break;
+    }
+    if (kohya) {
+      if (g_str_has_suffix (key, ".lora_down.weight") && !load_kohya (a, st, key, file, error))
+        ok = FALSE;
+      continue;
     }
     if (!g_str_has_suffix (key, ".lora_A.weight"))
       continue;
@@ -276,13 +344,7 @@ _diffuse_lora_adapter_load (const char *path, const char *name, GError **error)
       break;
     }
     const int64_t r = A->shape[0];
-    const gboolean conv = A->ndim == 4;
-    if (r < 1 || B->shape[1] != r || (conv ? (B->ndim != 4 || B->shape[2] != 1 || B->shape[3] != 1) : (A->ndim != 2 || B->ndim != 2))) {
-      char *da = diffuse_tensor_describe (A), *db = diffuse_tensor_describe (B);
-      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "LoRA %s: module %s has lora_A %s and lora_B %s",
-                   file, module, da, db);
-      g_free (da);
-      g_free (db);
+    if (!check_pair (A, B, file, module, error)) {
       diffuse_tensor_clear (&A);
       diffuse_tensor_clear (&B);
       g_free (module);
@@ -331,9 +393,41 @@ _diffuse_lora_adapter_load (const char *path, const char *name, GError **error)
 
 /* The weight name of a module in the component's files (the text encoder's
  * may carry "text_model." or not: transformers 5 writes it without). */
-static const char *
-module_weight (DiffuseWeights *w, const char *module, char **owned)
+/* kohya: flat module name ("down_blocks_0_attentions_0_proj_in", text encoder
+ * "text_model_encoder_layers_0_self_attn_q_proj") -> the model's weight name */
+static GHashTable *
+flat_names (DiffuseWeights *w)
 {
+  GHashTable *t = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
+  guint n = 0;
+  const char **names = diffuse_weights_names (w, &n);
+  for (guint i = 0; i < n; i++) {
+    if (!g_str_has_suffix (names[i], ".weight"))
+      continue;
+    char *mod = g_strndup (names[i], strlen (names[i]) - strlen (".weight"));
+    g_strdelimit (mod, ".", '_');
+    /* a text encoder file without "text_model." still answers kohya's text_model_ names */
+    char *alias = g_str_has_prefix (names[i], "encoder.") || g_str_has_prefix (names[i], "embeddings.") ||
+                  g_str_has_prefix (names[i], "final_layer_norm.") ? g_strconcat ("text_model_", mod, NULL) : NULL;
+    if (alias)
+      g_hash_table_insert (t, alias, g_strdup (names[i]));
+    g_hash_table_insert (t, mod, g_strdup (names[i]));
+  }
+  g_free (names);
+  return t;
+}
+
+static const char *
+module_weight (DiffuseWeights *w, const LoraModule *m, GHashTable **flat, char **owned)
+{
+  const char *module = m->module;
+  if (m->kohya) {
+    if (!*flat)
+      *flat = flat_names (w);
+    const char *hit = g_hash_table_lookup (*flat, module);
+    *owned = hit ? g_strdup (hit) : NULL;
+    return *owned;
+  }
   *owned = g_strdup_printf ("%s.weight", module);
   if (diffuse_weights_has (w, *owned))
     return *owned;
@@ -351,6 +445,7 @@ _diffuse_lora_merge (DiffuseWeights *base, DiffuseLoraAdapter *const *adapters, 
                      DiffuseLoraTarget target, GError **error)
 {
   GHashTable *patches = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, (GDestroyNotify) diffuse_tensor_unref);
+  GHashTable *flat = NULL;
   GString *what = g_string_new ("LoRA ");
   gboolean ok = TRUE;
   for (int ai = 0; ai < n && ok; ai++) {
@@ -359,7 +454,7 @@ _diffuse_lora_merge (DiffuseWeights *base, DiffuseLoraAdapter *const *adapters, 
     for (guint k = 0; k < a->mods[target]->len && ok; k++) {
       LoraModule *m = g_ptr_array_index (a->mods[target], k);
       char *wname = NULL;
-      const char *key = module_weight (base, m->module, &wname);
+      const char *key = module_weight (base, m, &flat, &wname);
       if (!key) {
         g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CONFIG, "LoRA %s (%s): the model has no module %s",
                      a->name, a->path, m->module);
@@ -411,6 +506,8 @@ _diffuse_lora_merge (DiffuseWeights *base, DiffuseLoraAdapter *const *adapters, 
   }
   DiffuseWeights *w = ok ? diffuse_weights_new_patched (base, patches, what->str) : NULL;
   g_hash_table_unref (patches);
+  if (flat)
+    g_hash_table_unref (flat);
   g_string_free (what, TRUE);
   return w;
 }

@@ -108,8 +108,23 @@ test_adapters (void)
   g_clear_error (&err);
   assert_active (sd, "a,b");
   char **all = diffuse_sd_list_adapters (sd);
-  g_assert_cmpint (g_strv_length (all), ==, 2);   /* a, b */
+  g_assert_cmpint (g_strv_length (all), ==, 2);   /* a, b (the kohya ones come later) */
   g_strfreev (all);
+
+  /* kohya-ss' names for a (diffusers converts them: its image) and for t */
+  char *ka = tu_fixture ("lora/a-kohya.safetensors"), *kt = tu_fixture ("lora/t-kohya.safetensors");
+  g_assert_true (diffuse_sd_load_lora_weights (sd, ka, "ka", &err));
+  g_assert_no_error (err);
+  d = diff_to (sd, "a-kohya");
+  g_test_message ("a, kohya names: %d levels", d);
+  g_assert_cmpint (d, <=, 1);
+  g_assert_true (diffuse_sd_load_lora_weights (sd, kt, "kt", &err));
+  g_assert_no_error (err);
+  d = diff_to (sd, "t");
+  g_test_message ("t, kohya names: %d levels", d);
+  g_assert_cmpint (d, <=, 1);
+  g_free (ka);
+  g_free (kt);
 
   /* a text-encoder adapter (names with "text_model.", the tiny model's file has none) */
   char *t = tu_fixture ("lora/t");
@@ -172,9 +187,9 @@ test_errors (void)
   g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
   g_clear_error (&err);
 
-  const char *kohya[] = { "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
-                          "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight", NULL };
-  char *p = write_lora (dir, "kohya.safetensors", kohya);
+  const char *lycoris[] = { "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_a",
+                            "lora_unet_down_blocks_0_attentions_0_proj_in.hada_w1_b", NULL };
+  char *p = write_lora (dir, "lycoris.safetensors", lycoris);
   g_assert_false (diffuse_sd_load_lora_weights (sd, p, NULL, &err));
   g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED);
   g_test_message ("%s", err->message);

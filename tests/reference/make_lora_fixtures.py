@@ -117,6 +117,30 @@ def main():
     assert d > 5, d
     cases.append(dict(id="t", step="text-encoder adapter t (written by hand, W + alpha/r B A)", active=["t"],
                       max_diff_to_base=d))
+    # the same adapters in kohya-ss' format (the names most community files carry):
+    # "lora_unet_<module with _>.lora_down.weight" / "lora_up.weight" / ".alpha"
+    from safetensors.numpy import load_file
+    def to_kohya(src, dst, prefix, alphas):
+        t = load_file(os.path.join(src, "pytorch_lora_weights.safetensors"))
+        out = {}
+        for k, v in t.items():
+            comp, rest = k.split(".", 1)
+            module, kind = rest.rsplit(".lora_", 1)
+            flat = prefix[comp] + module.replace(".", "_")
+            out[f"{flat}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = v
+            out[f"{flat}.alpha"] = np.array(alphas(module), dtype=np.float32)
+        save_file(out, dst)
+    pre = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    to_kohya(da, os.path.join(OUT, "a-kohya.safetensors"), pre, lambda m: 8.0)
+    to_kohya(dt, os.path.join(OUT, "t-kohya.safetensors"), pre, lambda m: 4.0)
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(os.path.join(OUT, "a-kohya.safetensors"), adapter_name="k")
+    imgs["a-kohya"] = image(pipe)   # diffusers' own conversion of the kohya names
+    d = int(np.abs(imgs["a-kohya"].astype(int) - imgs["a"].astype(int)).max())
+    assert d <= 1, d
+    cases.append(dict(id="a-kohya", step="a in kohya-ss format (diffusers converts it)", active=["k"],
+                      max_diff_to_a=d))
     save_file(imgs, os.path.join(OUT, "images.safetensors"))
     json.dump({"generator": "tests/reference/make_lora_fixtures.py", "torch": torch.__version__,
                "model": "pipelines/tiny-sd", "seed": SEED, "generate": GEN, "cases": cases},

@@ -101,13 +101,14 @@ gboolean diffuse_sd_has_safety_checker (DiffuseSD *sd);
  * else the repo's one top-level .safetensors) or "org/name/file.safetensors"
  * (weight_name), fetched into the Hub cache under the same environment as
  * models (HF_ENDPOINT, HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE); diffusers'
- * (peft) format, adapting
+ * (peft) format or kohya-ss' ("lora_unet_..."/"lora_te_..." with
+ * lora_down/lora_up/alpha), adapting
  * the UNet and/or the text encoder; adapter_name NULL = "default_<n>".  The
  * adapter just loaded becomes the only active one (weight 1), as in
  * diffusers.  The active adapters are merged into this pipeline's own copy
  * of the adapted modules (fused; the components shared with other pipelines
  * are not modified).  Errors: DIFFUSE_ERROR_NOT_FOUND (no file),
- * DIFFUSE_ERROR_UNSUPPORTED (kohya/A1111, DoRA, pickles), DIFFUSE_ERROR_CONFIG
+ * DIFFUSE_ERROR_UNSUPPORTED (DoRA, LyCORIS, pickles), DIFFUSE_ERROR_CONFIG
  * (a module the model does not have or of another shape),
  * DIFFUSE_ERROR_INVALID_ARGUMENT (a name in use / unknown). */
 gboolean diffuse_sd_load_lora_weights (DiffuseSD *sd, const char *path, const char *adapter_name, GError **error);
