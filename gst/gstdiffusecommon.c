@@ -123,6 +123,7 @@ gst_diffuse_state_init (GstDiffuseState *st, GstElement *element, DiffuseSDTask 
   st->settings.clip_skip = 0;
   st->settings.strength = GST_DIFFUSE_DEFAULT_STRENGTH;
   st->settings.safety_checker = TRUE;
+  st->settings.lora_scale = 1.0;
   st->cancellable = g_cancellable_new ();
   st->last_gen_time = GST_CLOCK_TIME_NONE;
   st->suggested_steps = -1;
@@ -226,6 +227,12 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gbo
             "file or a folder holding pytorch_lora_weights.safetensors; weight 1 when none); NULL = none",
             NULL, RW | GST_PARAM_MUTABLE_READY));
   if (with_safety_checker)
+    g_object_class_install_property (klass, GST_DIFFUSE_PROP_LORA_SCALE,
+        g_param_spec_double ("lora-scale", "LoRA scale",
+            "Multiplies every LoRA adapter's weight, as diffusers' cross_attention_kwargs={\"scale\": s}; a "
+            "change merges the adapters again before the next frame",
+            -10.0, 10.0, 1.0, RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
+  if (with_safety_checker)
     g_object_class_install_property (klass, GST_DIFFUSE_PROP_SAG_SCALE,
         g_param_spec_double ("sag-scale", "SAG scale",
             "Self-attention guidance, as diffusers' StableDiffusionSAGPipeline (whose default is 0.75): one more "
@@ -317,6 +324,7 @@ gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, const GValue
     case GST_DIFFUSE_PROP_SAFETY_CHECKER: s->safety_checker = g_value_get_boolean (value); break;
     case GST_DIFFUSE_PROP_SAG_SCALE: s->sag_scale = g_value_get_double (value); break;
     case GST_DIFFUSE_PROP_LORA: set_string (&s->lora, value); break;
+    case GST_DIFFUSE_PROP_LORA_SCALE: s->lora_scale = g_value_get_double (value); break;
     default:
       GST_OBJECT_UNLOCK (st->element);
       return FALSE;
@@ -422,6 +430,7 @@ gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *valu
     case GST_DIFFUSE_PROP_SAFETY_CHECKER: g_value_set_boolean (value, s->safety_checker); break;
     case GST_DIFFUSE_PROP_SAG_SCALE: g_value_set_double (value, s->sag_scale); break;
     case GST_DIFFUSE_PROP_LORA: g_value_set_string (value, s->lora); break;
+    case GST_DIFFUSE_PROP_LORA_SCALE: g_value_set_double (value, s->lora_scale); break;
     default:
       GST_OBJECT_UNLOCK (st->element);
       return FALSE;
@@ -819,6 +828,7 @@ gst_diffuse_state_generate (GstDiffuseState *st, const GstDiffuseSettings *s, in
   p.image = input;
   p.strength = (float) s->strength;
   p.sag_scale = (float) s->sag_scale;
+  p.lora_scale = (float) s->lora_scale;
   p.on_step = on_step;
   p.user_data = &sd;
   p.cancellable = get_cancellable (st);

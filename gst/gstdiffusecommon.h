@@ -43,6 +43,7 @@ enum {
   GST_DIFFUSE_PROP_SAFETY_CHECKER,  /* not installed by diffuseanimate (AnimateDiff has none) */
   GST_DIFFUSE_PROP_SAG_SCALE,       /* not installed by diffuseanimate */
   GST_DIFFUSE_PROP_LORA,            /* not installed by diffuseanimate */
+  GST_DIFFUSE_PROP_LORA_SCALE,      /* not installed by diffuseanimate */
   GST_DIFFUSE_PROP_LAST
 };
 
@@ -74,6 +75,7 @@ typedef struct {
   gdouble strength;
   gboolean safety_checker;  /* run the model's safety checker (loaded without it when FALSE) */
   gdouble sag_scale;        /* self-attention guidance, 0 = off */
+  gdouble lora_scale;       /* multiplies every LoRA adapter's weight (1) */
   guint user_set;           /* GST_DIFFUSE_SET_*: set by the user, so the model's suggestion does not apply */
 } GstDiffuseSettings;
 

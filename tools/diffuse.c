@@ -31,6 +31,7 @@ static gboolean opt_offline;
 static gboolean opt_no_safety_checker;
 static double opt_sag_scale;
 static char **opt_lora;
+static double opt_lora_scale = 1.0;
 static gint64 opt_shard;
 static char *opt_prompt, *opt_negative, *opt_scheduler, *opt_output;
 static char *opt_prompts_file, *opt_output_dir, *opt_adapter;
@@ -60,6 +61,8 @@ static GOptionEntry entries[] = {
   { "lora", 0, 0, G_OPTION_ARG_STRING_ARRAY, &opt_lora,
     "LoRA adapter (diffusers format), .safetensors file or folder, with an optional :weight (repeatable)",
     "PATH[:W]" },
+  { "lora-scale", 0, 0, G_OPTION_ARG_DOUBLE, &opt_lora_scale,
+    "Multiplies every LoRA adapter's weight (cross_attention_kwargs scale, 1)", "S" },
   { "sag-scale", 0, 0, G_OPTION_ARG_DOUBLE, &opt_sag_scale,
     "Self-attention guidance scale (0 = off; StableDiffusionSAGPipeline's default is 0.75)", "S" },
   { "num-images", 0, 0, G_OPTION_ARG_INT, &opt_num_images, "Images to generate (1)", "N" },
@@ -299,6 +302,7 @@ generate (DiffusePipelineModel *pm)
     p.scheduler = opt_scheduler;
   p.clip_skip = opt_clip_skip;
   p.sag_scale = (float) opt_sag_scale;
+  p.lora_scale = (float) opt_lora_scale;
   p.num_images = opt_num_images;
   p.on_step = opt_prompts_file ? NULL : on_step;
   int rc = 0;

@@ -38,6 +38,7 @@ struct _DiffuseSD {
   GPtrArray *adapters;                           /* DiffuseLoraAdapter*, loaded, in order */
   GPtrArray *active;                             /* DiffuseLoraAdapter* (borrowed), set_adapters order */
   GArray *active_weights;                        /* double */
+  double merged_scale;                           /* the lora_scale the models were merged with */
   DiffuseClipImageProcessor *feature_extractor;  /* with the checker */
   DiffuseConfig *scheduler_config;
   char *scheduler_class;
@@ -93,6 +94,7 @@ diffuse_sd_default_params (DiffuseSDParams *p)
   p->guidance_scale = 7.5f;
   p->num_images = 1;
   p->strength = 0.8f;
+  p->lora_scale = 1.0f;
 }
 
 DiffuseSD *
@@ -163,9 +165,10 @@ diffuse_sd_has_safety_checker (DiffuseSD *sd)
 
 /* ---- LoRA ---------------------------------------------------------------- */
 
-/* Rebuilds the UNet and text encoder with the active adapters merged (lock held). */
+/* Rebuilds the UNet and text encoder with the active adapters merged, their
+ * weights times scale (lock held). */
 static gboolean
-lora_apply (DiffuseSD *sd, GError **error)
+lora_apply_scaled (DiffuseSD *sd, double scale, GError **error)
 {
   const int n = (int) sd->active->len;
   DiffuseUNet *unet = NULL;
@@ -175,12 +178,16 @@ lora_apply (DiffuseSD *sd, GError **error)
     for (int t = 0; t < 2; t++)
       want[t] = want[t] || _diffuse_lora_adapter_has (g_ptr_array_index (sd->active, i), (DiffuseLoraTarget) t);
   DiffuseLoraAdapter *const *ads = (DiffuseLoraAdapter *const *) sd->active->pdata;
-  const double *ws = (const double *) sd->active_weights->data;
+  double *ws = g_new (double, MAX (n, 1));
+  for (int i = 0; i < n; i++)
+    ws[i] = g_array_index (sd->active_weights, double, i) * scale;
   if (want[DIFFUSE_LORA_UNET]) {
     DiffuseComponent *c = diffuse_pipeline_model_get (sd->pm, "unet");
     DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_UNET, error);
-    if (!w)
+    if (!w) {
+      g_free (ws);
       return FALSE;
+    }
     DiffuseUNetParams p;
     diffuse_unet_default_params (&p);
     p.dtype = diffuse_component_dtype (c);
@@ -188,8 +195,10 @@ lora_apply (DiffuseSD *sd, GError **error)
     p.component = diffuse_component_name (c);
     unet = diffuse_unet_new (diffuse_component_config (c), w, &p, error);
     diffuse_weights_unref (w);
-    if (!unet)
+    if (!unet) {
+      g_free (ws);
       return FALSE;
+    }
   }
   if (want[DIFFUSE_LORA_TEXT_ENCODER]) {
     DiffuseComponent *c = diffuse_pipeline_model_get (sd->pm, "text_encoder");
@@ -200,9 +209,12 @@ lora_apply (DiffuseSD *sd, GError **error)
     g_clear_pointer (&w, diffuse_weights_unref);
     if (!te) {
       g_clear_pointer (&unet, diffuse_unet_unref);
+      g_free (ws);
       return FALSE;
     }
   }
+  g_free (ws);
+  sd->merged_scale = scale;
   g_clear_pointer (&sd->lora_unet, diffuse_unet_unref);
   g_clear_pointer (&sd->lora_text_encoder, diffuse_clip_text_unref);
   sd->lora_unet = unet;
@@ -210,6 +222,12 @@ lora_apply (DiffuseSD *sd, GError **error)
   sd->unet = unet ? unet : sd->base_unet;
   sd->text_encoder = te ? te : sd->base_text_encoder;
   return TRUE;
+}
+
+static gboolean
+lora_apply (DiffuseSD *sd, GError **error)
+{
+  return lora_apply_scaled (sd, 1.0, error);
 }
 
 static DiffuseLoraAdapter *
@@ -932,6 +950,9 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   }
 
   g_mutex_lock (&sd->lock);
+  /* cross_attention_kwargs={"scale": s}: the adapters merged again at that scale */
+  if (sd->active->len > 0 && (double) p.lora_scale != sd->merged_scale && !lora_apply_scaled (sd, p.lora_scale, error))
+    goto out;
   const int n = p.num_images;
   const gboolean lcm_cond = diffuse_unet_time_cond_proj_dim (sd->unet) > 0;
   const gboolean cfg = p.guidance_scale > 1.0f && !lcm_cond;

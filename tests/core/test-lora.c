@@ -11,7 +11,7 @@
 static DiffuseSafetensors *images;
 
 static int
-diff_to (DiffuseSD *sd, const char *id)
+diff_to_scaled (DiffuseSD *sd, const char *id, float lora_scale)
 {
   JsonParser *parser = json_parser_new ();
   char *path = tu_fixture ("lora/cases.json");
@@ -26,6 +26,7 @@ diff_to (DiffuseSD *sd, const char *id)
   p.height = (int) json_object_get_int_member (gen, "height");
   p.guidance_scale = (float) json_object_get_double_member (gen, "guidance_scale");
   p.seed = (guint64) json_object_get_int_member (json_node_get_object (json_parser_get_root (parser)), "seed");
+  p.lora_scale = lora_scale;
   GError *err = NULL;
   GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
   g_assert_no_error (err);
@@ -41,6 +42,12 @@ diff_to (DiffuseSD *sd, const char *id)
   g_ptr_array_unref (imgs);
   g_object_unref (parser);
   return maxd;
+}
+
+static int
+diff_to (DiffuseSD *sd, const char *id)
+{
+  return diff_to_scaled (sd, id, 1.0f);
 }
 
 static void
@@ -79,6 +86,11 @@ test_adapters (void)
   g_assert_cmpint (d, <=, 1);
   /* the other pipeline on the same components is untouched */
   g_assert_cmpint (diff_to (other, "base"), <=, 1);
+  /* cross_attention_kwargs={"scale": 0.5}, then back to 1 */
+  d = diff_to_scaled (sd, "a-scale0.5", 0.5f);
+  g_test_message ("a at lora_scale 0.5: %d levels", d);
+  g_assert_cmpint (d, <=, 1);
+  g_assert_cmpint (diff_to (sd, "a"), <=, 1);
 
   g_assert_true (diffuse_sd_load_lora_weights (sd, b, "b", &err));
   g_assert_no_error (err);

@@ -72,6 +72,11 @@ def main():
     pipe.load_lora_weights(da, adapter_name="a")
     imgs["a"] = image(pipe)
     cases.append(dict(id="a", step="load a", active=pipe.get_active_adapters()))
+    # the per-call scale: pipe (..., cross_attention_kwargs={"scale": 0.5}) scales every active adapter
+    img = pipe(**GEN, generator=torch.Generator("cpu").manual_seed(SEED), output_type="np",
+               cross_attention_kwargs={"scale": 0.5}).images[0]
+    imgs["a-scale0.5"] = np.ascontiguousarray(np.round(img * 255).astype(np.uint8))
+    cases.append(dict(id="a-scale0.5", step="a with cross_attention_kwargs={'scale': 0.5}", active=["a"]))
     pipe.load_lora_weights(db, adapter_name="b")
     imgs["b"] = image(pipe)
     cases.append(dict(id="b", step="load b (only b active)", active=pipe.get_active_adapters()))

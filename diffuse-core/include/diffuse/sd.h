@@ -52,6 +52,8 @@ typedef struct {
   int num_images;                  /* num_images_per_prompt, 1 */
   int clip_skip;                   /* 0 = none */
   float guidance_rescale;          /* 0 */
+  float lora_scale;                /* 1: diffusers' cross_attention_kwargs={"scale": s}, multiplying every
+                                    * active LoRA adapter's weight (the merge is redone when it changes) */
   float sag_scale;                 /* self-attention guidance (StableDiffusionSAGPipeline's sag_scale;
                                     * its default is 0.75), 0 = off.  Needs a scheduler with integer
                                     * timesteps (DDIM, PNDM, DDPM, ...) and a mid block with attention. */
