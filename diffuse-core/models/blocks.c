@@ -548,6 +548,13 @@ DiffuseTensor *
 diffuse_blk_attention_forward (const DiffuseBlkAttention *a, DiffuseTensor *x, DiffuseTensor *context,
                                DiffuseTensor *mask)
 {
+  return diffuse_blk_attention_forward_ip (a, x, context, mask, NULL);
+}
+
+DiffuseTensor *
+diffuse_blk_attention_forward_ip (const DiffuseBlkAttention *a, DiffuseTensor *x, DiffuseTensor *context,
+                                  DiffuseTensor *mask, const DiffuseBlkIp *ip)
+{
   if (!x)
     return NULL;
   const DiffuseBlkAttentionConfig *c = &a->cfg;
@@ -595,9 +602,20 @@ diffuse_blk_attention_forward (const DiffuseBlkAttention *a, DiffuseTensor *x, D
   diffuse_tensor_unref (h);
   float scale = 1.0f / sqrtf ((float) c->dim_head);
   DiffuseTensor *o = diffuse_blk_mha (q, k, v, c->heads, mask, FALSE, scale);
-  diffuse_tensor_unref (q);
   diffuse_tensor_unref (k);
   diffuse_tensor_unref (v);
+  if (o && ip && ip->tokens) {
+    /* IP-Adapter (IPAdapterAttnProcessor): the same queries on the image tokens, added with its scale */
+    DiffuseTensor *ki = diffuse_linear (ip->tokens, ip->k_w, NULL);
+    DiffuseTensor *vi = diffuse_linear (ip->tokens, ip->v_w, NULL);
+    DiffuseTensor *oi = diffuse_blk_mha (q, ki, vi, c->heads, NULL, FALSE, scale);
+    diffuse_tensor_unref (ki);
+    diffuse_tensor_unref (vi);
+    if (!oi || !diffuse_axpy_inplace (o, ip->scale, oi))
+      diffuse_tensor_clear (&o);
+    diffuse_tensor_unref (oi);
+  }
+  diffuse_tensor_unref (q);
   o = blk_swap (o, diffuse_blk_linear (&a->to_out, o));               /* [B, L, query_dim] */
   if (!o)
     return NULL;
@@ -683,6 +701,13 @@ DiffuseTensor *
 diffuse_blk_transformer_block_forward (const DiffuseBlkTransformerBlock *b, DiffuseTensor *x,
                                        DiffuseTensor *context)
 {
+  return diffuse_blk_transformer_block_forward_ip (b, x, context, NULL);
+}
+
+DiffuseTensor *
+diffuse_blk_transformer_block_forward_ip (const DiffuseBlkTransformerBlock *b, DiffuseTensor *x,
+                                          DiffuseTensor *context, const DiffuseBlkIp *ip)
+{
   if (!x)
     return NULL;
   DiffuseTensor *n = diffuse_blk_layer_norm (&b->norm1, x);
@@ -693,7 +718,7 @@ diffuse_blk_transformer_block_forward (const DiffuseBlkTransformerBlock *b, Diff
   diffuse_tensor_unref (a);
   if (b->has_attn2) {
     n = diffuse_blk_layer_norm (&b->norm2, h);
-    a = diffuse_blk_attention_forward (&b->attn2, n, context, NULL);
+    a = diffuse_blk_attention_forward_ip (&b->attn2, n, context, NULL, ip);
     diffuse_tensor_unref (n);
     h = blk_swap (h, a ? diffuse_add (a, h) : NULL);
     diffuse_tensor_unref (a);
@@ -765,6 +790,13 @@ diffuse_blk_transformer2d_load (DiffuseBlkTransformer2D *t, DiffuseBlkLoader *l,
 DiffuseTensor *
 diffuse_blk_transformer2d_forward (const DiffuseBlkTransformer2D *t, DiffuseTensor *x, DiffuseTensor *context)
 {
+  return diffuse_blk_transformer2d_forward_ip (t, x, context, NULL);
+}
+
+DiffuseTensor *
+diffuse_blk_transformer2d_forward_ip (const DiffuseBlkTransformer2D *t, DiffuseTensor *x, DiffuseTensor *context,
+                                      const DiffuseBlkIp *ips)
+{
   if (!x)
     return NULL;
   g_return_val_if_fail (x->ndim == 4, NULL);
@@ -779,7 +811,7 @@ diffuse_blk_transformer2d_forward (const DiffuseBlkTransformer2D *t, DiffuseTens
   diffuse_tensor_unref (nc);
   h = blk_swap (h, diffuse_blk_linear (&t->proj_in, h));
   for (int i = 0; i < t->n_blocks; i++)
-    h = blk_swap (h, diffuse_blk_transformer_block_forward (&t->blocks[i], h, context));
+    h = blk_swap (h, diffuse_blk_transformer_block_forward_ip (&t->blocks[i], h, context, ips ? &ips[i] : NULL));
   h = blk_swap (h, diffuse_blk_linear (&t->proj_out, h));            /* [B, HW, C] */
   if (!h)
     return NULL;

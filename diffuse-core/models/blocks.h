@@ -203,8 +203,19 @@ gboolean diffuse_blk_attention_load (DiffuseBlkAttention *a, DiffuseBlkLoader *l
 /* x [B, L, query_dim], or [B, C, H, W] (flattened to [B, H*W, C] and back,
  * as AttnProcessor2_0 does).  context [B, Lk, cross_dim] or NULL
  * (self-attention).  mask: additive, as diffuse_sdpa, or NULL. */
+/* IP-Adapter's extra attention of a cross-attention layer (diffusers'
+ * IPAdapterAttnProcessor): softmax (q k_ip^T) v_ip over the image tokens,
+ * added to the text attention's output times scale, before to_out. */
+typedef struct {
+  DiffuseTensor *tokens;     /* [B, T, cross_attention_dim], NULL = none */
+  DiffuseTensor *k_w, *v_w;  /* to_k_ip, to_v_ip: [inner, cross_attention_dim] */
+  float scale;
+} DiffuseBlkIp;
+
 DiffuseTensor *diffuse_blk_attention_forward (const DiffuseBlkAttention *a, DiffuseTensor *x,
                                               DiffuseTensor *context, DiffuseTensor *mask);
+DiffuseTensor *diffuse_blk_attention_forward_ip (const DiffuseBlkAttention *a, DiffuseTensor *x,
+                                                DiffuseTensor *context, DiffuseTensor *mask, const DiffuseBlkIp *ip);
 void diffuse_blk_attention_clear (DiffuseBlkAttention *a);
 
 /* ---- BasicTransformerBlock / Transformer2DModel ------------------------- */
@@ -233,6 +244,9 @@ gboolean diffuse_blk_transformer_block_load (DiffuseBlkTransformerBlock *b, Diff
 /* x [B, L, dim], context [B, Lk, cross_dim]. */
 DiffuseTensor *diffuse_blk_transformer_block_forward (const DiffuseBlkTransformerBlock *b, DiffuseTensor *x,
                                                       DiffuseTensor *context);
+/* ip: for attn2 (NULL = none) */
+DiffuseTensor *diffuse_blk_transformer_block_forward_ip (const DiffuseBlkTransformerBlock *b, DiffuseTensor *x,
+                                                        DiffuseTensor *context, const DiffuseBlkIp *ip);
 void diffuse_blk_transformer_block_clear (DiffuseBlkTransformerBlock *b);
 
 typedef struct {
@@ -260,6 +274,9 @@ gboolean diffuse_blk_transformer2d_load (DiffuseBlkTransformer2D *t, DiffuseBlkL
 /* x [B, C, H, W] -> [B, C, H, W] (residual included). */
 DiffuseTensor *diffuse_blk_transformer2d_forward (const DiffuseBlkTransformer2D *t, DiffuseTensor *x,
                                                   DiffuseTensor *context);
+/* ips: one per transformer block (n_blocks), or NULL */
+DiffuseTensor *diffuse_blk_transformer2d_forward_ip (const DiffuseBlkTransformer2D *t, DiffuseTensor *x,
+                                                    DiffuseTensor *context, const DiffuseBlkIp *ips);
 /* SAG: softmax (scale q k^T) of the first block's self-attention, [B * heads, HW, HW] */
 DiffuseTensor *diffuse_blk_transformer2d_self_attn_probs (const DiffuseBlkTransformer2D *t, DiffuseTensor *x);
 void diffuse_blk_transformer2d_clear (DiffuseBlkTransformer2D *t);

@@ -8,6 +8,7 @@
 #include <diffuse/vae.h>
 #include <diffuse/clip_text.h>
 #include <diffuse/safety_checker.h>
+#include <diffuse/sd.h>
 #include <diffuse/clip_tokenizer.h>
 #include <diffuse/rng.h>
 #include <diffuse/scheduler.h>
@@ -34,6 +35,21 @@ gboolean _diffuse_lora_adapter_has (DiffuseLoraAdapter *a, DiffuseLoraTarget tar
 /* base with the n adapters (weights[i] each) merged into the target's modules */
 DiffuseWeights *_diffuse_lora_merge (DiffuseWeights *base, DiffuseLoraAdapter *const *adapters, const double *weights,
                                      int n, DiffuseLoraTarget target, GError **error);
+
+/* IP-Adapter (ip_adapter.c) */
+typedef struct _DiffuseIpAdapter DiffuseIpAdapter;
+/* ref: a local folder or a Hub repo id; <subfolder>/<weight_name> and
+ * <subfolder>/image_encoder/{config.json,model.safetensors}; weights in
+ * dtype on dev; pipeline_processor NULL: CLIPImageProcessor (image_size) */
+DiffuseIpAdapter *_diffuse_ip_adapter_load (const char *ref, const char *subfolder, const char *weight_name,
+                                            DiffuseClipImageProcessor *pipeline_processor, DiffuseDevice *dev,
+                                            DiffuseDType dtype, GError **error);
+void _diffuse_ip_adapter_free (DiffuseIpAdapter *ip);
+void _diffuse_ip_adapter_set_scale (DiffuseIpAdapter *ip, float scale);
+/* image tokens [(cfg ? 2 : 1) * n, T, D]: unconditional (zero embeds) first */
+DiffuseTensor *_diffuse_ip_adapter_tokens (DiffuseIpAdapter *ip, DiffuseClipImageProcessor *pipeline_processor,
+                                           const DiffuseImage *image, int n, gboolean cfg, GError **error);
+void _diffuse_ip_adapter_args (DiffuseIpAdapter *ip, DiffuseTensor *tokens, DiffuseUNetForwardArgs *args);
 
 DiffuseSafetyChecker *_diffuse_pipeline_safety_checker (DiffusePipelineModel *pm, GError **error);
 DiffuseClipImageProcessor *_diffuse_pipeline_feature_extractor (DiffusePipelineModel *pm, GError **error);

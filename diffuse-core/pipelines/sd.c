@@ -39,6 +39,8 @@ struct _DiffuseSD {
   GPtrArray *active;                             /* DiffuseLoraAdapter* (borrowed), set_adapters order */
   GArray *active_weights;                        /* double */
   double merged_scale;                           /* the lora_scale the models were merged with */
+  DiffuseIpAdapter *ip_adapter;                  /* NULL: none */
+  DiffuseClipImageProcessor *ip_processor;       /* the pipeline's feature_extractor (borrowed), or NULL */
   DiffuseClipImageProcessor *feature_extractor;  /* with the checker */
   DiffuseConfig *scheduler_config;
   char *scheduler_class;
@@ -237,6 +239,54 @@ find_adapter (DiffuseSD *sd, const char *name)
     if (g_str_equal (_diffuse_lora_adapter_name (g_ptr_array_index (sd->adapters, i)), name))
       return g_ptr_array_index (sd->adapters, i);
   return NULL;
+}
+
+gboolean
+diffuse_sd_load_ip_adapter (DiffuseSD *sd, const char *ref, const char *subfolder, const char *weight_name,
+                            GError **error)
+{
+  g_return_val_if_fail (sd != NULL && ref != NULL && weight_name != NULL, FALSE);
+  g_mutex_lock (&sd->lock);
+  /* the pipeline's own feature extractor when it has one (diffusers uses it) */
+  const gboolean has_fe = diffuse_pipeline_model_get (sd->pm, "feature_extractor") != NULL;
+  DiffuseClipImageProcessor *proc = has_fe ? _diffuse_pipeline_feature_extractor (sd->pm, error) : NULL;
+  gboolean ok = FALSE;
+  if (proc || !has_fe) {
+    DiffuseIpAdapter *ip = _diffuse_ip_adapter_load (ref, subfolder, weight_name, proc, diffuse_unet_device (sd->unet),
+                                                     diffuse_unet_dtype (sd->unet), error);
+    if (ip) {
+      g_clear_pointer (&sd->ip_adapter, _diffuse_ip_adapter_free);
+      sd->ip_adapter = ip;
+      sd->ip_processor = proc;
+      ok = TRUE;
+    }
+  }
+  g_mutex_unlock (&sd->lock);
+  return ok;
+}
+
+void
+diffuse_sd_set_ip_adapter_scale (DiffuseSD *sd, float scale)
+{
+  g_mutex_lock (&sd->lock);
+  if (sd->ip_adapter)
+    _diffuse_ip_adapter_set_scale (sd->ip_adapter, scale);
+  g_mutex_unlock (&sd->lock);
+}
+
+void
+diffuse_sd_unload_ip_adapter (DiffuseSD *sd)
+{
+  g_mutex_lock (&sd->lock);
+  g_clear_pointer (&sd->ip_adapter, _diffuse_ip_adapter_free);
+  sd->ip_processor = NULL;
+  g_mutex_unlock (&sd->lock);
+}
+
+gboolean
+diffuse_sd_has_ip_adapter (DiffuseSD *sd)
+{
+  return sd->ip_adapter != NULL;
 }
 
 static gboolean
@@ -491,6 +541,7 @@ diffuse_sd_unref (DiffuseSD *sd)
   g_clear_pointer (&sd->active, g_ptr_array_unref);
   g_clear_pointer (&sd->active_weights, g_array_unref);
   g_clear_pointer (&sd->adapters, g_ptr_array_unref);
+  g_clear_pointer (&sd->ip_adapter, _diffuse_ip_adapter_free);
   diffuse_pipeline_model_unref (sd->pm);
   g_mutex_clear (&sd->lock);
   g_free (sd);
@@ -624,6 +675,8 @@ typedef struct {
   DiffuseUNet *unet;
   DiffuseTensor *ehs, *tcond;   /* borrowed: alive until unet_step_clear */
   int batch;
+  DiffuseIpAdapter *ip;         /* IP-Adapter and its image tokens (borrowed), or NULL */
+  DiffuseTensor *ip_tokens;
   DiffuseTensor *sag_probs;     /* SAG: the mid block's self-attention probabilities of the last call */
   int sag_map_hw[2];
   gboolean sag;
@@ -674,6 +727,8 @@ unet_step_run (UNetStep *s, DiffuseTensor *x, double t, GError **error)
     args.mid_self_attn_probs = &s->sag_probs;
     args.mid_map_hw = s->sag_map_hw;
   }
+  if (s->ip)
+    _diffuse_ip_adapter_args (s->ip, s->ip_tokens, &args);
   float *tv = g_new (float, s->batch);
   for (int b = 0; b < s->batch; b++)
     tv[b] = (float) t;
@@ -950,6 +1005,16 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   }
 
   g_mutex_lock (&sd->lock);
+  if (sd->ip_adapter && !p.ip_adapter_image) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "an IP-Adapter is loaded: give an ip_adapter_image (or unload it)");
+    goto out;
+  }
+  if (!sd->ip_adapter && p.ip_adapter_image) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "an ip_adapter_image was given but no IP-Adapter is loaded (diffuse_sd_load_ip_adapter)");
+    goto out;
+  }
   /* cross_attention_kwargs={"scale": s}: the adapters merged again at that scale */
   if (sd->active->len > 0 && (double) p.lora_scale != sd->merged_scale && !lora_apply_scaled (sd, p.lora_scale, error))
     goto out;
@@ -1106,7 +1171,18 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     op_error (error, "UNet inputs");
   UNetStep ustep;
   const gboolean sag = p.sag_scale > 0.0f;
+  /* IP-Adapter: the image tokens of this generation */
+  DiffuseTensor *ip_tokens = NULL;
+  if (ok && sd->ip_adapter) {
+    ip_tokens = _diffuse_ip_adapter_tokens (sd->ip_adapter, sd->ip_processor, p.ip_adapter_image, n, cfg, error);
+    ok = ip_tokens != NULL;
+  }
   unet_step_init (&ustep, sd->unet, dembeds2, dtcond, batch, sag);
+  if (ip_tokens) {
+    ustep.ip = sd->ip_adapter;
+    ustep.ip_tokens = ip_tokens;
+    ustep.use_graph = FALSE;
+  }
   while (ok && diffuse_scheduler_position (sched) < n_ts) {
     if (cancelled (&p, error)) {
       ok = FALSE;
@@ -1169,6 +1245,7 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   tm->step_other_us = g_get_monotonic_time () - loop_start - tm->unet_us;
   t_mark = g_get_monotonic_time ();
   unet_step_clear (&ustep);
+  diffuse_tensor_clear (&ip_tokens);
   g_free (eps);
   diffuse_tensor_clear (&model_in);
   diffuse_tensor_clear (&dembeds2);

@@ -63,6 +63,8 @@ typedef struct {
                                     * from_config(config, use_karras_sigmas=True, ...)), NULL = keep */
   DiffuseTensor *prompt_embeds;    /* optional, [n, 77, D]: replaces prompt */
   DiffuseTensor *negative_prompt_embeds;
+  /* IP-Adapter (diffuse_sd_load_ip_adapter): the image prompt, any size */
+  const DiffuseImage *ip_adapter_image;
   /* img2img */
   const DiffuseImage *image;       /* the input, already at width x height */
   float strength;                  /* 0.8 */
@@ -118,6 +120,20 @@ gboolean diffuse_sd_load_lora_weights (DiffuseSD *sd, const char *path, const ch
 gboolean diffuse_sd_set_adapters (DiffuseSD *sd, const char *const *names, const double *weights, int n,
                                   GError **error);
 void diffuse_sd_unload_lora_weights (DiffuseSD *sd);
+/* IP-Adapter, as diffusers' pipe.load_ip_adapter (ref, subfolder,
+ * weight_name) / set_ip_adapter_scale / unload_ip_adapter: ref a local
+ * folder or a Hub repo id ("h94/IP-Adapter", "models",
+ * "ip-adapter_sd15.safetensors"); the image encoder from
+ * <subfolder>/image_encoder.  The original IP-Adapter's image projection
+ * (Plus / Face variants: DIFFUSE_ERROR_UNSUPPORTED); pickles are refused.
+ * While one is loaded, generate() needs params->ip_adapter_image.  One at a
+ * time (loading another replaces it). */
+gboolean diffuse_sd_load_ip_adapter (DiffuseSD *sd, const char *ref, const char *subfolder, const char *weight_name,
+                                     GError **error);
+void diffuse_sd_set_ip_adapter_scale (DiffuseSD *sd, float scale);
+void diffuse_sd_unload_ip_adapter (DiffuseSD *sd);
+gboolean diffuse_sd_has_ip_adapter (DiffuseSD *sd);
+
 /* "PATH[:WEIGHT][,PATH[:WEIGHT]...]" (the CLI's --lora, the elements'
  * "lora"): loads each (named after its file, or its folder for
  * pytorch_lora_weights.safetensors) and makes them all active with their

@@ -91,7 +91,21 @@ typedef struct {
    * DIFFUSE_ERROR_UNSUPPORTED when the mid block has no self-attention. */
   DiffuseTensor **mid_self_attn_probs;
   int *mid_map_hw;
+  /* IP-Adapter: image tokens [B, T, cross_attention_dim] (the model's dtype,
+   * on its device) and, per cross-attention layer in diffusers'
+   * attn_processors order (down blocks, up blocks, mid block), to_k_ip /
+   * to_v_ip [inner, cross_attention_dim]; n_ip_layers must be the model's
+   * number of cross-attention layers (DIFFUSE_ERROR_INVALID_ARGUMENT
+   * otherwise). */
+  DiffuseTensor *ip_tokens;
+  DiffuseTensor *const *ip_k;
+  DiffuseTensor *const *ip_v;
+  int n_ip_layers;
+  float ip_scale;
 } DiffuseUNetForwardArgs;
+
+/* Cross-attention layers (transformer blocks with attn2) of the model. */
+int diffuse_unet_n_cross_attention_layers (DiffuseUNet *u);
 
 /* One denoiser evaluation.
  *   sample                 [B, in_channels, H, W] (any dtype/device: cast to the model's)

@@ -1,0 +1,121 @@
+/* IP-Adapter against diffusers (tests/reference/make_ip_adapter_fixtures.py,
+ * tests/fixtures/ip-adapter): the tiny SD pipeline after pipe.load_ip_adapter
+ * (dir, subfolder="models", weight_name=...) with an image prompt, two
+ * set_ip_adapter_scale values, with and without CFG: 8-bit images within one
+ * level of diffusers'.  Errors: no image, an image without an adapter,
+ * pickles, a missing folder. */
+#include <json-glib/json-glib.h>
+#include <string.h>
+#include "testutil.h"
+
+static void
+test_cases (void)
+{
+  GError *err = NULL;
+  char *path = tu_fixture ("ip-adapter/cases.json");
+  JsonParser *parser = json_parser_new ();
+  g_assert_true (json_parser_load_from_file (parser, path, NULL));
+  g_free (path);
+  JsonObject *root = json_node_get_object (json_parser_get_root (parser));
+  JsonObject *gen = json_object_get_object_member (root, "generate");
+  DiffuseSafetensors *images = tu_open ("ip-adapter/images.safetensors");
+  const DiffuseStEntry *in = diffuse_safetensors_find (images, "input");
+  g_assert_nonnull (in);
+  g_assert_cmpint (in->dtype, ==, DIFFUSE_ST_U8);
+  DiffuseImage *ipimg = diffuse_image_from_rgb8 (in->data, (int) in->shape[1], (int) in->shape[0],
+                                                 (int) in->shape[1] * 3);
+
+  char *model = tu_fixture ("pipelines/tiny-sd");
+  DiffuseLoadParams lp = diffuse_load_default_params ();
+  lp.device = g_getenv ("DIFFUSE_TEST_DEVICE");
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (model, &lp, NULL, &err);
+  g_assert_no_error (err);
+  DiffuseSD *sd = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
+  g_assert_no_error (err);
+  char *dir = tu_fixture ("ip-adapter");
+  g_assert_true (diffuse_sd_load_ip_adapter (sd, dir, "models", json_object_get_string_member (root, "weight_name"),
+                                             &err));
+  g_assert_no_error (err);
+  g_assert_true (diffuse_sd_has_ip_adapter (sd));
+
+  JsonArray *cases = json_object_get_array_member (root, "cases");
+  for (guint i = 0; i < json_array_get_length (cases); i++) {
+    JsonObject *c = json_array_get_object_element (cases, i);
+    const char *id = json_object_get_string_member (c, "id");
+    diffuse_sd_set_ip_adapter_scale (sd, (float) json_object_get_double_member (c, "scale"));
+    DiffuseSDParams p;
+    diffuse_sd_default_params (&p);
+    p.prompt = json_object_get_string_member (gen, "prompt");
+    p.num_inference_steps = (int) json_object_get_int_member (gen, "num_inference_steps");
+    p.width = (int) json_object_get_int_member (gen, "width");
+    p.height = (int) json_object_get_int_member (gen, "height");
+    p.guidance_scale = (float) json_object_get_double_member (c, "guidance");
+    p.seed = (guint64) json_object_get_int_member (c, "seed");
+    p.ip_adapter_image = ipimg;
+    GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+    g_assert_no_error (err);
+    DiffuseImage *img = g_ptr_array_index (imgs, 0);
+    const DiffuseStEntry *e = diffuse_safetensors_find (images, id);
+    g_assert_nonnull (e);
+    guint8 *got = g_new (guint8, (size_t) img->width * img->height * 3);
+    diffuse_image_to_rgb8 (img, got, img->width * 3);
+    int maxd = 0;
+    for (size_t k = 0; k < (size_t) img->width * img->height * 3; k++)
+      maxd = MAX (maxd, ABS ((int) got[k] - (int) ((const guint8 *) e->data)[k]));
+    g_test_message ("%s: max difference %d levels (the adapter moves diffusers' image %" G_GINT64_FORMAT ")", id,
+                    maxd, json_object_get_int_member (c, "max_diff_to_plain"));
+    g_assert_cmpint (maxd, <=, 1);
+    g_free (got);
+    g_ptr_array_unref (imgs);
+
+    if (i == 0) {
+      /* no image while an adapter is loaded: a clear error */
+      p.ip_adapter_image = NULL;
+      g_assert_null (diffuse_sd_generate (sd, &p, &err));
+      g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+      g_test_message ("%s", err->message);
+      g_clear_error (&err);
+    }
+  }
+
+  /* pickles are refused, a missing folder is named */
+  g_assert_false (diffuse_sd_load_ip_adapter (sd, dir, "models", "ip-adapter_sd15.bin", &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED);
+  g_test_message ("%s", err->message);
+  g_clear_error (&err);
+  g_assert_false (diffuse_sd_load_ip_adapter (sd, "/no/such/folder", "models", "x.safetensors", &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
+  g_clear_error (&err);
+  g_assert_true (diffuse_sd_has_ip_adapter (sd));   /* the loaded one stays */
+
+  diffuse_sd_unload_ip_adapter (sd);
+  g_assert_false (diffuse_sd_has_ip_adapter (sd));
+  DiffuseSDParams p;
+  diffuse_sd_default_params (&p);
+  p.prompt = "a red circle";
+  p.num_inference_steps = 2;
+  p.ip_adapter_image = ipimg;
+  g_assert_null (diffuse_sd_generate (sd, &p, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_clear_error (&err);
+
+  diffuse_image_free (ipimg);
+  diffuse_sd_unref (sd);
+  diffuse_pipeline_model_unref (pm);
+  diffuse_safetensors_unref (images);
+  g_object_unref (parser);
+  g_free (dir);
+  g_free (model);
+}
+
+int
+main (int argc, char **argv)
+{
+  g_test_init (&argc, &argv, NULL);
+  if (!tu_have_fixture ("ip-adapter/cases.json")) {
+    g_printerr ("fixtures/ip-adapter missing (tests/reference/make_ip_adapter_fixtures.py)\n");
+    return 77;
+  }
+  g_test_add_func ("/ip-adapter/cases", test_cases);
+  return g_test_run ();
+}
