@@ -5,6 +5,7 @@
 #endif
 
 #include "gstdiffusecommon.h"
+#include <gst/app/gstappsink.h>
 #include "gstdiffusecontext.h"
 #include "diffuse-config.h"
 
@@ -71,6 +72,10 @@ gst_diffuse_settings_copy (GstDiffuseSettings *dst, const GstDiffuseSettings *sr
   dst->device = g_strdup (src->device);
   dst->scheduler = g_strdup (src->scheduler);
   dst->lora = g_strdup (src->lora);
+  dst->ip_adapter = g_strdup (src->ip_adapter);
+  dst->ip_adapter_subfolder = g_strdup (src->ip_adapter_subfolder);
+  dst->ip_adapter_weight_name = g_strdup (src->ip_adapter_weight_name);
+  dst->ip_adapter_image = g_strdup (src->ip_adapter_image);
   dst->prompt = g_strdup (src->prompt);
   dst->negative_prompt = g_strdup (src->negative_prompt);
 }
@@ -84,6 +89,10 @@ gst_diffuse_settings_clear (GstDiffuseSettings *s)
   g_clear_pointer (&s->device, g_free);
   g_clear_pointer (&s->scheduler, g_free);
   g_clear_pointer (&s->lora, g_free);
+  g_clear_pointer (&s->ip_adapter, g_free);
+  g_clear_pointer (&s->ip_adapter_subfolder, g_free);
+  g_clear_pointer (&s->ip_adapter_weight_name, g_free);
+  g_clear_pointer (&s->ip_adapter_image, g_free);
   g_clear_pointer (&s->prompt, g_free);
   g_clear_pointer (&s->negative_prompt, g_free);
 }
@@ -124,6 +133,9 @@ gst_diffuse_state_init (GstDiffuseState *st, GstElement *element, DiffuseSDTask 
   st->settings.strength = GST_DIFFUSE_DEFAULT_STRENGTH;
   st->settings.safety_checker = TRUE;
   st->settings.lora_scale = 1.0;
+  st->settings.ip_adapter_scale = 1.0;
+  st->settings.ip_adapter_subfolder = g_strdup ("models");
+  st->settings.ip_adapter_weight_name = g_strdup ("ip-adapter_sd15.safetensors");
   st->cancellable = g_cancellable_new ();
   st->last_gen_time = GST_CLOCK_TIME_NONE;
   st->suggested_steps = -1;
@@ -226,6 +238,28 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gbo
             "LoRA adapters in diffusers' format, all active: \"PATH[:WEIGHT],PATH[:WEIGHT]...\" (a .safetensors "
             "file or a folder holding pytorch_lora_weights.safetensors; weight 1 when none); NULL = none",
             NULL, RW | GST_PARAM_MUTABLE_READY));
+  if (with_safety_checker) {
+    g_object_class_install_property (klass, GST_DIFFUSE_PROP_IP_ADAPTER,
+        g_param_spec_string ("ip-adapter", "IP-Adapter",
+            "IP-Adapter to load, as diffusers' load_ip_adapter: a local folder or a Hub repo id "
+            "(e.g. \"h94/IP-Adapter\"), with ip-adapter-subfolder and ip-adapter-weight-name; needs "
+            "ip-adapter-image.  NULL = none",
+            NULL, RW | GST_PARAM_MUTABLE_READY));
+    g_object_class_install_property (klass, GST_DIFFUSE_PROP_IP_ADAPTER_SUBFOLDER,
+        g_param_spec_string ("ip-adapter-subfolder", "IP-Adapter subfolder",
+            "Subfolder of the IP-Adapter's weights (its image encoder in <subfolder>/image_encoder)",
+            "models", RW | GST_PARAM_MUTABLE_READY));
+    g_object_class_install_property (klass, GST_DIFFUSE_PROP_IP_ADAPTER_WEIGHT_NAME,
+        g_param_spec_string ("ip-adapter-weight-name", "IP-Adapter weight file",
+            "The IP-Adapter's .safetensors file", "ip-adapter_sd15.safetensors", RW | GST_PARAM_MUTABLE_READY));
+    g_object_class_install_property (klass, GST_DIFFUSE_PROP_IP_ADAPTER_IMAGE,
+        g_param_spec_string ("ip-adapter-image", "IP-Adapter image",
+            "The image prompt: a file GStreamer can decode (PNG, JPEG, ...)", NULL, RW | GST_PARAM_MUTABLE_READY));
+    g_object_class_install_property (klass, GST_DIFFUSE_PROP_IP_ADAPTER_SCALE,
+        g_param_spec_double ("ip-adapter-scale", "IP-Adapter scale",
+            "How much the image prompt counts, as set_ip_adapter_scale", -10.0, 10.0, 1.0,
+            RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
+  }
   if (with_safety_checker)
     g_object_class_install_property (klass, GST_DIFFUSE_PROP_LORA_SCALE,
         g_param_spec_double ("lora-scale", "LoRA scale",
@@ -325,6 +359,11 @@ gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, const GValue
     case GST_DIFFUSE_PROP_SAG_SCALE: s->sag_scale = g_value_get_double (value); break;
     case GST_DIFFUSE_PROP_LORA: set_string (&s->lora, value); break;
     case GST_DIFFUSE_PROP_LORA_SCALE: s->lora_scale = g_value_get_double (value); break;
+    case GST_DIFFUSE_PROP_IP_ADAPTER: set_string (&s->ip_adapter, value); break;
+    case GST_DIFFUSE_PROP_IP_ADAPTER_SUBFOLDER: set_string (&s->ip_adapter_subfolder, value); break;
+    case GST_DIFFUSE_PROP_IP_ADAPTER_WEIGHT_NAME: set_string (&s->ip_adapter_weight_name, value); break;
+    case GST_DIFFUSE_PROP_IP_ADAPTER_IMAGE: set_string (&s->ip_adapter_image, value); break;
+    case GST_DIFFUSE_PROP_IP_ADAPTER_SCALE: s->ip_adapter_scale = g_value_get_double (value); break;
     default:
       GST_OBJECT_UNLOCK (st->element);
       return FALSE;
@@ -431,6 +470,11 @@ gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *valu
     case GST_DIFFUSE_PROP_SAG_SCALE: g_value_set_double (value, s->sag_scale); break;
     case GST_DIFFUSE_PROP_LORA: g_value_set_string (value, s->lora); break;
     case GST_DIFFUSE_PROP_LORA_SCALE: g_value_set_double (value, s->lora_scale); break;
+    case GST_DIFFUSE_PROP_IP_ADAPTER: g_value_set_string (value, s->ip_adapter); break;
+    case GST_DIFFUSE_PROP_IP_ADAPTER_SUBFOLDER: g_value_set_string (value, s->ip_adapter_subfolder); break;
+    case GST_DIFFUSE_PROP_IP_ADAPTER_WEIGHT_NAME: g_value_set_string (value, s->ip_adapter_weight_name); break;
+    case GST_DIFFUSE_PROP_IP_ADAPTER_IMAGE: g_value_set_string (value, s->ip_adapter_image); break;
+    case GST_DIFFUSE_PROP_IP_ADAPTER_SCALE: g_value_set_double (value, s->ip_adapter_scale); break;
     default:
       GST_OBJECT_UNLOCK (st->element);
       return FALSE;
@@ -577,6 +621,54 @@ is_cancel (GstDiffuseState *st, const GError *err)
          g_error_matches (err, G_IO_ERROR, G_IO_ERROR_CANCELLED) || gst_diffuse_state_is_flushing (st);
 }
 
+/* The IP-Adapter's image prompt: a PNG read by the core, any other file
+ * through GStreamer's decoders (decodebin), as 8-bit RGB. */
+static DiffuseImage *
+load_image_file (const char *path, GError **error)
+{
+  if (g_str_has_suffix (path, ".png") || g_str_has_suffix (path, ".PNG"))
+    return diffuse_image_load_png (path, error);
+  GstElement *pipe = gst_parse_launch ("filesrc name=src ! decodebin ! videoconvert ! videoscale ! "
+                                       "video/x-raw,format=RGB,pixel-aspect-ratio=1/1 ! appsink name=sink sync=false",
+                                       error);
+  if (!pipe)
+    return NULL;
+  GstElement *src = gst_bin_get_by_name (GST_BIN (pipe), "src"), *sink = gst_bin_get_by_name (GST_BIN (pipe), "sink");
+  g_object_set (src, "location", path, NULL);
+  gst_element_set_state (pipe, GST_STATE_PLAYING);
+  GstSample *sample = gst_app_sink_try_pull_sample (GST_APP_SINK (sink), 30 * GST_SECOND);
+  DiffuseImage *img = NULL;
+  GstVideoInfo info;
+  if (sample && gst_video_info_from_caps (&info, gst_sample_get_caps (sample))) {
+    GstVideoFrame f;
+    if (gst_video_frame_map (&f, &info, gst_sample_get_buffer (sample), GST_MAP_READ)) {
+      img = diffuse_image_from_rgb8 (GST_VIDEO_FRAME_PLANE_DATA (&f, 0), GST_VIDEO_INFO_WIDTH (&info),
+                                     GST_VIDEO_INFO_HEIGHT (&info), GST_VIDEO_FRAME_PLANE_STRIDE (&f, 0));
+      gst_video_frame_unmap (&f);
+    }
+  }
+  if (!img) {
+    GstBus *bus = gst_element_get_bus (pipe);
+    GstMessage *m = gst_bus_pop_filtered (bus, GST_MESSAGE_ERROR);
+    GError *e = NULL;
+    if (m)
+      gst_message_parse_error (m, &e, NULL);
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "cannot read the image %s%s%s", path,
+                 e ? ": " : "", e ? e->message : "");
+    g_clear_error (&e);
+    if (m)
+      gst_message_unref (m);
+    gst_object_unref (bus);
+  }
+  if (sample)
+    gst_sample_unref (sample);
+  gst_element_set_state (pipe, GST_STATE_NULL);
+  gst_object_unref (src);
+  gst_object_unref (sink);
+  gst_object_unref (pipe);
+  return img;
+}
+
 /* model_index.json names a safety checker (a non-null entry) */
 static gboolean
 model_lists_safety_checker (DiffusePipelineModel *pm)
@@ -680,6 +772,28 @@ gst_diffuse_state_load (GstDiffuseState *st)
     diffuse_pipeline_model_unref (pm);
     goto out;
   }
+  if (sd && s.ip_adapter) {
+    DiffuseImage *ipimg = NULL;
+    gboolean ok_ip = FALSE;
+    if (!s.ip_adapter_image)
+      g_set_error (&err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                   "ip-adapter is set but ip-adapter-image is not: the image prompt is needed");
+    else if ((ipimg = load_image_file (s.ip_adapter_image, &err)))
+      ok_ip = diffuse_sd_load_ip_adapter (sd, s.ip_adapter, s.ip_adapter_subfolder,
+                                          s.ip_adapter_weight_name ? s.ip_adapter_weight_name
+                                                                   : "ip-adapter_sd15.safetensors", &err);
+    if (!ok_ip) {
+      gchar *what = g_strdup_printf ("Could not use the IP-Adapter \"%s\"", s.ip_adapter);
+      gst_diffuse_post_error (st->element, err, what, dbg);
+      g_free (what);
+      diffuse_image_free (ipimg);
+      diffuse_sd_unref (sd);
+      diffuse_pipeline_model_unref (pm);
+      goto out;
+    }
+    diffuse_image_free (st->ip_image);
+    st->ip_image = ipimg;
+  }
   if (sd && s.lora && !diffuse_sd_load_lora_spec (sd, s.lora, &err)) {
     gchar *what = g_strdup_printf ("Could not load the LoRA adapters \"%s\"", s.lora);
     gst_diffuse_post_error (st->element, err, what, dbg);
@@ -747,6 +861,7 @@ gst_diffuse_state_unload (GstDiffuseState *st)
 {
   g_clear_pointer (&st->sd, diffuse_sd_unref);
   g_clear_pointer (&st->pm, diffuse_pipeline_model_unref);
+  g_clear_pointer (&st->ip_image, diffuse_image_free);
   Effective before;
   effective_snapshot (st, &before);
   GST_OBJECT_LOCK (st->element);
@@ -829,6 +944,10 @@ gst_diffuse_state_generate (GstDiffuseState *st, const GstDiffuseSettings *s, in
   p.strength = (float) s->strength;
   p.sag_scale = (float) s->sag_scale;
   p.lora_scale = (float) s->lora_scale;
+  if (diffuse_sd_has_ip_adapter (st->sd)) {
+    diffuse_sd_set_ip_adapter_scale (st->sd, (float) s->ip_adapter_scale);
+    p.ip_adapter_image = st->ip_image;
+  }
   p.on_step = on_step;
   p.user_data = &sd;
   p.cancellable = get_cancellable (st);

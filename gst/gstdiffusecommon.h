@@ -44,6 +44,11 @@ enum {
   GST_DIFFUSE_PROP_SAG_SCALE,       /* not installed by diffuseanimate */
   GST_DIFFUSE_PROP_LORA,            /* not installed by diffuseanimate */
   GST_DIFFUSE_PROP_LORA_SCALE,      /* not installed by diffuseanimate */
+  GST_DIFFUSE_PROP_IP_ADAPTER,      /* these five: not installed by diffuseanimate */
+  GST_DIFFUSE_PROP_IP_ADAPTER_SUBFOLDER,
+  GST_DIFFUSE_PROP_IP_ADAPTER_WEIGHT_NAME,
+  GST_DIFFUSE_PROP_IP_ADAPTER_IMAGE,
+  GST_DIFFUSE_PROP_IP_ADAPTER_SCALE,
   GST_DIFFUSE_PROP_LAST
 };
 
@@ -65,6 +70,7 @@ GType gst_diffuse_dtype_get_type (void);
 typedef struct {
   gchar *model, *revision, *variant, *device, *scheduler;
   gchar *lora;              /* "PATH[:WEIGHT],..." (diffuse_sd_load_lora_spec), NULL = none */
+  gchar *ip_adapter, *ip_adapter_subfolder, *ip_adapter_weight_name, *ip_adapter_image;
   GstDiffuseDType dtype;
   gchar *prompt, *negative_prompt;
   gint num_inference_steps;
@@ -76,6 +82,7 @@ typedef struct {
   gboolean safety_checker;  /* run the model's safety checker (loaded without it when FALSE) */
   gdouble sag_scale;        /* self-attention guidance, 0 = off */
   gdouble lora_scale;       /* multiplies every LoRA adapter's weight (1) */
+  gdouble ip_adapter_scale; /* set_ip_adapter_scale (1) */
   guint user_set;           /* GST_DIFFUSE_SET_*: set by the user, so the model's suggestion does not apply */
 } GstDiffuseSettings;
 
@@ -104,6 +111,7 @@ typedef struct {
   /* streaming side (set in start, cleared in stop) */
   DiffusePipelineModel *pm;
   DiffuseSD *sd;
+  DiffuseImage *ip_image;         /* the decoded ip-adapter-image, or NULL */
   gint default_width, default_height;
   /* the model folder's suggestions (object lock; -1 / NULL: none) */
   gint suggested_steps;

@@ -25,6 +25,31 @@ test_cases (void)
   DiffuseImage *ipimg = diffuse_image_from_rgb8 (in->data, (int) in->shape[1], (int) in->shape[0],
                                                  (int) in->shape[1] * 3);
 
+  /* the same image as the PNG file PIL wrote (the elements read it this way) */
+  char *png = tu_fixture ("ip-adapter/input.png");
+  DiffuseImage *frompng = diffuse_image_load_png (png, &err);
+  g_assert_no_error (err);
+  g_assert_cmpint (frompng->width, ==, ipimg->width);
+  g_assert_cmpint (frompng->height, ==, ipimg->height);
+  g_assert_cmpint (memcmp (frompng->pixels, ipimg->pixels, sizeof (float) * ipimg->width * ipimg->height * 3), ==, 0);
+  diffuse_image_free (frompng);
+  /* a truncated copy: an error naming the file */
+  gchar *bytes = NULL;
+  gsize blen = 0;
+  g_assert_true (g_file_get_contents (png, &bytes, &blen, NULL));
+  char *tmpd = tu_mkdtemp ();
+  char *cut = g_build_filename (tmpd, "cut.png", NULL);
+  g_assert_true (g_file_set_contents (cut, bytes, (gssize) (blen / 2), NULL));
+  g_assert_null (diffuse_image_load_png (cut, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT);
+  g_assert_nonnull (strstr (err->message, "cut.png"));
+  g_clear_error (&err);
+  tu_rm_rf (tmpd);
+  g_free (tmpd);
+  g_free (cut);
+  g_free (bytes);
+  g_free (png);
+
   char *model = tu_fixture ("pipelines/tiny-sd");
   DiffuseLoadParams lp = diffuse_load_default_params ();
   lp.device = g_getenv ("DIFFUSE_TEST_DEVICE");

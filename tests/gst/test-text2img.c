@@ -724,6 +724,59 @@ GST_START_TEST (test_lora)
 }
 GST_END_TEST;
 
+/* ---- IP-Adapter: the ip-adapter* properties give diffusers' load_ip_adapter frame ---- */
+
+GST_START_TEST (test_ip_adapter)
+{
+  const char *fx = g_getenv ("DIFFUSE_FIXTURES");
+  const char *root = fx ? fx : TEST_FIXTURES_DIR;
+  gchar *path = g_build_filename (root, "ip-adapter", "images.safetensors", NULL);
+  DiffuseSafetensors *st = diffuse_safetensors_open (path, NULL);
+  fail_unless (st != NULL);
+  const DiffuseStEntry *e = diffuse_safetensors_find (st, "cfg-s1");   /* make_ip_adapter_fixtures.py */
+  fail_unless (e != NULL && e->dtype == DIFFUSE_ST_U8);
+  gchar *dir = g_build_filename (root, "ip-adapter", NULL), *png = g_build_filename (dir, "input.png", NULL);
+  GstHarness *h = new_src ("video/x-raw,format=RGB,width=32,height=32", 3, 5);
+  g_object_set (h->element, "prompt", "a red circle", "guidance-scale", 7.5, "ip-adapter", dir,
+                "ip-adapter-weight-name", "ip-adapter_tiny.safetensors", "ip-adapter-image", png, "num-buffers", 1,
+                NULL);
+  gst_harness_play (h);
+  GstBuffer *buf = gst_harness_pull (h);
+  fail_unless (buf != NULL);
+  GstVideoInfo info = current_info (h);
+  GstVideoFrame f;
+  fail_unless (gst_video_frame_map (&f, &info, buf, GST_MAP_READ));
+  int maxd = 0;
+  for (int y = 0; y < 32; y++) {
+    const guint8 *row = (const guint8 *) GST_VIDEO_FRAME_PLANE_DATA (&f, 0) + y * GST_VIDEO_FRAME_PLANE_STRIDE (&f, 0);
+    for (int i = 0; i < 32 * 3; i++)
+      maxd = MAX (maxd, ABS ((int) row[i] - (int) ((const guint8 *) e->data)[y * 32 * 3 + i]));
+  }
+  gst_video_frame_unmap (&f);
+  fail_unless (maxd <= 1, "the frame is %d levels from diffusers' image with the IP-Adapter", maxd);
+  gst_buffer_unref (buf);
+  gst_harness_teardown (h);
+
+  /* the adapter without an image: an error at start naming what is missing */
+  GstElement *el = gst_element_factory_make ("diffusetext2img", NULL);
+  gchar *model = test_model_path (NULL);
+  g_object_set (el, "model", model, "ip-adapter", dir, NULL);
+  GstMessage *msg = start_and_get_error (el, GST_STATE_PAUSED);
+  fail_unless (msg != NULL);
+  GError *err = NULL;
+  gst_message_parse_error (msg, &err, NULL);
+  fail_unless (strstr (err->message, "IP-Adapter") != NULL, "%s", err->message);
+  g_error_free (err);
+  gst_message_unref (msg);
+  gst_object_unref (el);
+  g_free (model);
+  g_free (png);
+  g_free (dir);
+  diffuse_safetensors_unref (st);
+  g_free (path);
+}
+GST_END_TEST;
+
 static GstElement *
 new_element (const char *model_name)
 {
@@ -955,6 +1008,7 @@ diffusetext2img_suite (void)
   tcase_add_test (tc, test_safety_checker);
   tcase_add_test (tc, test_sag_scale);
   tcase_add_test (tc, test_lora);
+  tcase_add_test (tc, test_ip_adapter);
   return s;
 }
 

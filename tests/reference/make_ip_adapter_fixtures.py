@@ -76,6 +76,7 @@ def main():
     img = np.clip(np.stack([xx * 5, yy * 6, (xx + yy) * 3], -1) + rng.integers(-30, 31, (40, 48, 3)), 0, 255)
     img = img.astype(np.uint8)
     images = {"input": torch.from_numpy(img)}
+    Image.fromarray(img).save(os.path.join(OUT, "input.png"))   # the same image as a file (the elements' test)
 
     base = {}
     for c in CASES:

@@ -41,6 +41,10 @@ void diffuse_image_free (DiffuseImage *img);
 void diffuse_image_to_rgb8 (const DiffuseImage *img, guint8 *dst, int stride);
 /* An image from 8-bit RGB (for img2img input). */
 DiffuseImage *diffuse_image_from_rgb8 (const guint8 *src, int width, int height, int stride);
+/* A PNG file (8-bit grey, grey+alpha, RGB or RGBA, not interlaced; alpha is
+ * dropped as PIL's convert ("RGB") does).  DIFFUSE_ERROR_CORRUPT naming the
+ * file for anything else or a damaged file; a GFileError when unreadable. */
+DiffuseImage *diffuse_image_load_png (const char *path, GError **error);
 
 typedef struct {
   const char *prompt;
