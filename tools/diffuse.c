@@ -32,6 +32,8 @@ static gboolean opt_no_safety_checker;
 static double opt_sag_scale;
 static char **opt_lora;
 static double opt_lora_scale = 1.0;
+static char *opt_ip_adapter, *opt_ip_subfolder, *opt_ip_weight, *opt_ip_image;
+static double opt_ip_scale = 1.0;
 static gint64 opt_shard;
 static char *opt_prompt, *opt_negative, *opt_scheduler, *opt_output;
 static char *opt_prompts_file, *opt_output_dir, *opt_adapter;
@@ -61,6 +63,13 @@ static GOptionEntry entries[] = {
   { "lora", 0, 0, G_OPTION_ARG_STRING_ARRAY, &opt_lora,
     "LoRA adapter (diffusers format), .safetensors file or folder, with an optional :weight (repeatable)",
     "PATH[:W]" },
+  { "ip-adapter", 0, 0, G_OPTION_ARG_STRING, &opt_ip_adapter,
+    "IP-Adapter folder or Hub repo id (with --ip-adapter-image)", "REF" },
+  { "ip-adapter-subfolder", 0, 0, G_OPTION_ARG_STRING, &opt_ip_subfolder, "Its subfolder (models)", "DIR" },
+  { "ip-adapter-weight-name", 0, 0, G_OPTION_ARG_STRING, &opt_ip_weight,
+    "Its weight file (ip-adapter_sd15.safetensors)", "FILE" },
+  { "ip-adapter-image", 0, 0, G_OPTION_ARG_FILENAME, &opt_ip_image, "The image prompt (PNG)", "PNG" },
+  { "ip-adapter-scale", 0, 0, G_OPTION_ARG_DOUBLE, &opt_ip_scale, "set_ip_adapter_scale (1)", "S" },
   { "lora-scale", 0, 0, G_OPTION_ARG_DOUBLE, &opt_lora_scale,
     "Multiplies every LoRA adapter's weight (cross_attention_kwargs scale, 1)", "S" },
   { "sag-scale", 0, 0, G_OPTION_ARG_DOUBLE, &opt_sag_scale,
@@ -282,9 +291,29 @@ generate (DiffusePipelineModel *pm)
       return fail (&err);
     }
   }
+  DiffuseImage *ip_image = NULL;
+  if (opt_ip_adapter) {
+    gboolean ok = opt_ip_image != NULL;
+    if (!ok)
+      g_set_error (&err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "--ip-adapter needs --ip-adapter-image");
+    if (ok)
+      ok = (ip_image = diffuse_image_load_png (opt_ip_image, &err)) != NULL;
+    if (ok)
+      ok = diffuse_sd_load_ip_adapter (sd, opt_ip_adapter, opt_ip_subfolder ? opt_ip_subfolder : "models",
+                                       opt_ip_weight ? opt_ip_weight : "ip-adapter_sd15.safetensors", &err);
+    if (!ok) {
+      diffuse_image_free (ip_image);
+      diffuse_sd_unref (sd);
+      g_ptr_array_unref (prompts);
+      return fail (&err);
+    }
+    diffuse_sd_set_ip_adapter_scale (sd, (float) opt_ip_scale);
+  }
   DiffuseSDParams p;
   diffuse_sd_default_params (&p);
+  p.ip_adapter_image = ip_image;
   if (!model_defaults (pm, &p, &err)) {
+    diffuse_image_free (ip_image);
     diffuse_sd_unref (sd);
     g_ptr_array_unref (prompts);
     return fail (&err);
@@ -336,6 +365,7 @@ generate (DiffusePipelineModel *pm)
     }
     g_ptr_array_unref (imgs);
   }
+  diffuse_image_free (ip_image);
   diffuse_sd_unref (sd);
   g_ptr_array_unref (prompts);
   return rc;

@@ -212,6 +212,9 @@ step_sd () {
   stamp "sd: test-lora on cuda:0 (LoRA adapters vs diffusers' load_lora_weights / set_adapters)"
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 60) $BIN/test-lora 2>&1 | grep -E "^ok|^not ok|levels|Bail" | tail -8
   RES[lora]=${PIPESTATUS[0]}
+  stamp "sd: test-ip-adapter on cuda:0 (IP-Adapter vs diffusers' load_ip_adapter)"
+  DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 60) $BIN/test-ip-adapter 2>&1 | grep -E "^ok|^not ok|levels|Bail" | tail -6
+  RES[ip_adapter]=${PIPESTATUS[0]}
   stamp "sd: test-animate on cuda:0 (tiny AnimateDiff pipelines vs diffusers fixtures)"
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 90) $BIN/test-animate 2>&1 | grep -vE "^# (Start|End)" | tail -30; RES[animate]=${PIPESTATUS[0]}
 }
