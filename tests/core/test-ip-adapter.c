@@ -80,17 +80,10 @@ test_cases (void)
     GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
     g_assert_no_error (err);
     DiffuseImage *img = g_ptr_array_index (imgs, 0);
-    const DiffuseStEntry *e = diffuse_safetensors_find (images, id);
-    g_assert_nonnull (e);
-    guint8 *got = g_new (guint8, (size_t) img->width * img->height * 3);
-    diffuse_image_to_rgb8 (img, got, img->width * 3);
-    int maxd = 0;
-    for (size_t k = 0; k < (size_t) img->width * img->height * 3; k++)
-      maxd = MAX (maxd, ABS ((int) got[k] - (int) ((const guint8 *) e->data)[k]));
+    const int maxd = tu_max_level_diff (img, diffuse_safetensors_find (images, id));
     g_test_message ("%s: max difference %d levels (the adapter moves diffusers' image %" G_GINT64_FORMAT ")", id,
                     maxd, json_object_get_int_member (c, "max_diff_to_plain"));
     g_assert_cmpint (maxd, <=, 1);
-    g_free (got);
     g_ptr_array_unref (imgs);
 
     if (i == 0) {

@@ -30,15 +30,7 @@ diff_to_scaled (DiffuseSD *sd, const char *id, float lora_scale)
   GError *err = NULL;
   GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
   g_assert_no_error (err);
-  DiffuseImage *img = g_ptr_array_index (imgs, 0);
-  const DiffuseStEntry *e = diffuse_safetensors_find (images, id);
-  g_assert_nonnull (e);
-  guint8 *got = g_new (guint8, (size_t) img->width * img->height * 3);
-  diffuse_image_to_rgb8 (img, got, img->width * 3);
-  int maxd = 0;
-  for (size_t k = 0; k < (size_t) img->width * img->height * 3; k++)
-    maxd = MAX (maxd, ABS ((int) got[k] - (int) ((const guint8 *) e->data)[k]));
-  g_free (got);
+  const int maxd = tu_max_level_diff (g_ptr_array_index (imgs, 0), diffuse_safetensors_find (images, id));
   g_ptr_array_unref (imgs);
   g_object_unref (parser);
   return maxd;

@@ -105,3 +105,20 @@ tu_st_image (DiffuseSafetensors *st, const char *name)
   g_assert_cmpint (e->dtype, ==, DIFFUSE_ST_U8);
   return diffuse_image_from_rgb8 (e->data, (int) e->shape[1], (int) e->shape[0], (int) e->shape[1] * 3);
 }
+
+int
+tu_max_level_diff (const DiffuseImage *img, const DiffuseStEntry *want)
+{
+  g_assert_nonnull (want);
+  g_assert_cmpint (want->dtype, ==, DIFFUSE_ST_U8);
+  g_assert_cmpint (want->shape[0], ==, img->height);
+  g_assert_cmpint (want->shape[1], ==, img->width);
+  const size_t n = (size_t) img->width * img->height * 3;
+  guint8 *got = g_new (guint8, n);
+  diffuse_image_to_rgb8 (img, got, img->width * 3);
+  int maxd = 0;
+  for (size_t k = 0; k < n; k++)
+    maxd = MAX (maxd, ABS ((int) got[k] - (int) ((const guint8 *) want->data)[k]));
+  g_free (got);
+  return maxd;
+}

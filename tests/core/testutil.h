@@ -15,5 +15,8 @@ void tu_assert_close (DiffuseTensor *got, DiffuseTensor *want, double atol, doub
 /* A temporary directory removed (recursively) by tu_rm_rf. */
 /* The [H, W, 3] u8 entry `name` of st as an image (asserts it exists). */
 DiffuseImage *tu_st_image (DiffuseSafetensors *st, const char *name);
+/* The largest difference in 8-bit levels between img (as diffusers'
+ * numpy_to_pil rounds it) and an 8-bit [H, W, 3] fixture entry of its size. */
+int tu_max_level_diff (const DiffuseImage *img, const DiffuseStEntry *want);
 char *tu_mkdtemp (void);
 void tu_rm_rf (const char *path);

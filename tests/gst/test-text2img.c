@@ -639,6 +639,27 @@ GST_START_TEST (test_safety_checker)
 }
 GST_END_TEST;
 
+/* The largest difference in levels between an RGB frame and an 8-bit [H, W, 3]
+ * fixture entry (diffusers' image). */
+static int
+frame_level_diff (GstHarness *h, GstBuffer *buf, const DiffuseStEntry *e)
+{
+  GstVideoInfo info = current_info (h);
+  fail_unless (GST_VIDEO_INFO_FORMAT (&info) == GST_VIDEO_FORMAT_RGB && GST_VIDEO_INFO_WIDTH (&info) == e->shape[1] &&
+               GST_VIDEO_INFO_HEIGHT (&info) == e->shape[0]);
+  GstVideoFrame f;
+  fail_unless (gst_video_frame_map (&f, &info, buf, GST_MAP_READ));
+  const int W = (int) e->shape[1], H = (int) e->shape[0];
+  int maxd = 0;
+  for (int y = 0; y < H; y++) {
+    const guint8 *row = (const guint8 *) GST_VIDEO_FRAME_PLANE_DATA (&f, 0) + y * GST_VIDEO_FRAME_PLANE_STRIDE (&f, 0);
+    for (int i = 0; i < W * 3; i++)
+      maxd = MAX (maxd, ABS ((int) row[i] - (int) ((const guint8 *) e->data)[(gsize) y * W * 3 + i]));
+  }
+  gst_video_frame_unmap (&f);
+  return maxd;
+}
+
 /* ---- self-attention guidance: sag-scale gives diffusers' StableDiffusionSAGPipeline frame ---- */
 
 GST_START_TEST (test_sag_scale)
@@ -658,17 +679,7 @@ GST_START_TEST (test_sag_scale)
   gst_harness_play (h);
   GstBuffer *buf = gst_harness_pull (h);
   fail_unless (buf != NULL);
-  GstVideoInfo info = current_info (h);
-  GstVideoFrame f;
-  fail_unless (gst_video_frame_map (&f, &info, buf, GST_MAP_READ));
-  const guint8 *want = e->data;
-  int maxd = 0;
-  for (int y = 0; y < 32; y++) {
-    const guint8 *row = (const guint8 *) GST_VIDEO_FRAME_PLANE_DATA (&f, 0) + y * GST_VIDEO_FRAME_PLANE_STRIDE (&f, 0);
-    for (int i = 0; i < 32 * 3; i++)
-      maxd = MAX (maxd, ABS ((int) row[i] - (int) want[y * 32 * 3 + i]));
-  }
-  gst_video_frame_unmap (&f);
+  const int maxd = frame_level_diff (h, buf, e);
   fail_unless (maxd <= 1, "the frame is %d levels from diffusers' StableDiffusionSAGPipeline image", maxd);
   gst_buffer_unref (buf);
   gst_harness_teardown (h);
@@ -695,16 +706,7 @@ GST_START_TEST (test_lora)
   gst_harness_play (h);
   GstBuffer *buf = gst_harness_pull (h);
   fail_unless (buf != NULL);
-  GstVideoInfo info = current_info (h);
-  GstVideoFrame f;
-  fail_unless (gst_video_frame_map (&f, &info, buf, GST_MAP_READ));
-  int maxd = 0;
-  for (int y = 0; y < 32; y++) {
-    const guint8 *row = (const guint8 *) GST_VIDEO_FRAME_PLANE_DATA (&f, 0) + y * GST_VIDEO_FRAME_PLANE_STRIDE (&f, 0);
-    for (int i = 0; i < 32 * 3; i++)
-      maxd = MAX (maxd, ABS ((int) row[i] - (int) ((const guint8 *) e->data)[y * 32 * 3 + i]));
-  }
-  gst_video_frame_unmap (&f);
+  const int maxd = frame_level_diff (h, buf, e);
   fail_unless (maxd <= 1, "the frame is %d levels from diffusers' image with both adapters", maxd);
   gst_buffer_unref (buf);
   gst_harness_teardown (h);
@@ -743,16 +745,7 @@ GST_START_TEST (test_ip_adapter)
   gst_harness_play (h);
   GstBuffer *buf = gst_harness_pull (h);
   fail_unless (buf != NULL);
-  GstVideoInfo info = current_info (h);
-  GstVideoFrame f;
-  fail_unless (gst_video_frame_map (&f, &info, buf, GST_MAP_READ));
-  int maxd = 0;
-  for (int y = 0; y < 32; y++) {
-    const guint8 *row = (const guint8 *) GST_VIDEO_FRAME_PLANE_DATA (&f, 0) + y * GST_VIDEO_FRAME_PLANE_STRIDE (&f, 0);
-    for (int i = 0; i < 32 * 3; i++)
-      maxd = MAX (maxd, ABS ((int) row[i] - (int) ((const guint8 *) e->data)[y * 32 * 3 + i]));
-  }
-  gst_video_frame_unmap (&f);
+  const int maxd = frame_level_diff (h, buf, e);
   fail_unless (maxd <= 1, "the frame is %d levels from diffusers' image with the IP-Adapter", maxd);
   gst_buffer_unref (buf);
   gst_harness_teardown (h);
