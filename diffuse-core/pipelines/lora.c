@@ -71,6 +71,22 @@ _diffuse_lora_adapter_has (DiffuseLoraAdapter *a, DiffuseLoraTarget target)
   return a->mods[target]->len > 0;
 }
 
+static gboolean
+filter_takes (const char *module, DiffuseLoraFilter filter)
+{
+  const gboolean motion = strstr (module, "motion_modules") != NULL;
+  return filter == DIFFUSE_LORA_ALL || (filter == DIFFUSE_LORA_ONLY_MOTION) == motion;
+}
+
+gboolean
+_diffuse_lora_adapter_has_filtered (DiffuseLoraAdapter *a, DiffuseLoraTarget target, DiffuseLoraFilter filter)
+{
+  for (guint i = 0; i < a->mods[target]->len; i++)
+    if (filter_takes (((LoraModule *) g_ptr_array_index (a->mods[target], i))->module, filter))
+      return TRUE;
+  return FALSE;
+}
+
 /* peft's pattern match: a key of rank_pattern / alpha_pattern names the module when the module's
  * name ends with it at a "." boundary (or equals it) */
 static gboolean
@@ -442,7 +458,7 @@ module_weight (DiffuseWeights *w, const LoraModule *m, GHashTable **flat, char *
 
 DiffuseWeights *
 _diffuse_lora_merge (DiffuseWeights *base, DiffuseLoraAdapter *const *adapters, const double *weights, int n,
-                     DiffuseLoraTarget target, GError **error)
+                     DiffuseLoraTarget target, DiffuseLoraFilter filter, GError **error)
 {
   GHashTable *patches = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, (GDestroyNotify) diffuse_tensor_unref);
   GHashTable *flat = NULL;
@@ -453,6 +469,8 @@ _diffuse_lora_merge (DiffuseWeights *base, DiffuseLoraAdapter *const *adapters, 
     g_string_append_printf (what, "%s%s", ai ? ", " : "", a->name);
     for (guint k = 0; k < a->mods[target]->len && ok; k++) {
       LoraModule *m = g_ptr_array_index (a->mods[target], k);
+      if (!filter_takes (m->module, filter))
+        continue;
       char *wname = NULL;
       const char *key = module_weight (base, m, &flat, &wname);
       if (!key) {
@@ -521,4 +539,207 @@ _diffuse_lora_merge (DiffuseWeights *base, DiffuseLoraAdapter *const *adapters, 
     g_hash_table_unref (flat);
   g_string_free (what, TRUE);
   return w;
+}
+
+/* ---- a pipeline's adapters (DiffuseLoraSet, pipelines-private.h) ----------- */
+
+void
+_diffuse_lora_set_init (DiffuseLoraSet *s, DiffuseLoraApplyFunc apply, gpointer owner)
+{
+  s->adapters = g_ptr_array_new_with_free_func ((GDestroyNotify) _diffuse_lora_adapter_free);
+  s->active = g_ptr_array_new ();
+  s->weights = g_array_new (FALSE, FALSE, sizeof (double));
+  s->merged_scale = 1.0;
+  s->apply = apply;
+  s->owner = owner;
+}
+
+void
+_diffuse_lora_set_clear (DiffuseLoraSet *s)
+{
+  g_clear_pointer (&s->active, g_ptr_array_unref);
+  g_clear_pointer (&s->weights, g_array_unref);
+  g_clear_pointer (&s->adapters, g_ptr_array_unref);
+}
+
+static DiffuseLoraAdapter *
+set_find (DiffuseLoraSet *s, const char *name)
+{
+  for (guint i = 0; i < s->adapters->len; i++)
+    if (g_str_equal (_diffuse_lora_adapter_name (g_ptr_array_index (s->adapters, i)), name))
+      return g_ptr_array_index (s->adapters, i);
+  return NULL;
+}
+
+/* makes act/ws the active set and applies it at scale; on failure the old set stays */
+static gboolean
+set_switch (DiffuseLoraSet *s, GPtrArray *act, GArray *ws, double scale, GError **error)
+{
+  const int n = (int) act->len;
+  double *scaled = g_new (double, MAX (n, 1));
+  for (int i = 0; i < n; i++)
+    scaled[i] = g_array_index (ws, double, i) * scale;
+  gboolean ok = s->apply (s->owner, (DiffuseLoraAdapter *const *) act->pdata, scaled, n, error);
+  g_free (scaled);
+  if (!ok)
+    return FALSE;
+  if (act != s->active) {
+    g_ptr_array_unref (s->active);
+    s->active = g_ptr_array_ref (act);
+  }
+  if (ws != s->weights) {
+    g_array_unref (s->weights);
+    s->weights = g_array_ref (ws);
+  }
+  s->merged_scale = scale;
+  return TRUE;
+}
+
+gboolean
+_diffuse_lora_set_load (DiffuseLoraSet *s, const char *path, const char *adapter_name, GError **error)
+{
+  char *name = adapter_name ? g_strdup (adapter_name) : g_strdup_printf ("default_%u", s->adapters->len);
+  gboolean ok = FALSE;
+  if (set_find (s, name)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "Adapter name %s already in use in the pipeline; choose another adapter_name", name);
+  } else {
+    DiffuseLoraAdapter *a = _diffuse_lora_adapter_load (path, name, error);
+    if (a) {
+      /* as diffusers: the adapter just loaded becomes the only active one, weight 1 */
+      GPtrArray *act = g_ptr_array_new ();
+      GArray *ws = g_array_new (FALSE, FALSE, sizeof (double));
+      const double one = 1.0;
+      g_ptr_array_add (act, a);
+      g_array_append_val (ws, one);
+      ok = set_switch (s, act, ws, 1.0, error);
+      if (ok)
+        g_ptr_array_add (s->adapters, a);
+      else
+        _diffuse_lora_adapter_free (a);
+      g_ptr_array_unref (act);
+      g_array_unref (ws);
+    }
+  }
+  g_free (name);
+  return ok;
+}
+
+gboolean
+_diffuse_lora_set_activate (DiffuseLoraSet *s, const char *const *names, const double *weights, int n, GError **error)
+{
+  GPtrArray *act = g_ptr_array_new ();
+  GArray *ws = g_array_new (FALSE, FALSE, sizeof (double));
+  gboolean ok = TRUE;
+  for (int i = 0; i < n && ok; i++) {
+    DiffuseLoraAdapter *a = set_find (s, names[i]);
+    const double w = weights ? weights[i] : 1.0;
+    if (!a) {
+      GString *list = g_string_new (NULL);
+      for (guint k = 0; k < s->adapters->len; k++)
+        g_string_append_printf (list, "%s%s", k ? ", " : "",
+                                _diffuse_lora_adapter_name (g_ptr_array_index (s->adapters, k)));
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                   "Adapter name(s) {'%s'} not in the list of present adapters: {%s}", names[i], list->str);
+      g_string_free (list, TRUE);
+      ok = FALSE;
+    } else if (!isfinite (w)) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "adapter %s: weight %g", names[i], w);
+      ok = FALSE;
+    } else {
+      g_ptr_array_add (act, a);
+      g_array_append_val (ws, w);
+    }
+  }
+  if (ok)
+    ok = set_switch (s, act, ws, 1.0, error);
+  g_ptr_array_unref (act);
+  g_array_unref (ws);
+  return ok;
+}
+
+void
+_diffuse_lora_set_unload (DiffuseLoraSet *s)
+{
+  GPtrArray *act = g_ptr_array_new ();
+  GArray *ws = g_array_new (FALSE, FALSE, sizeof (double));
+  set_switch (s, act, ws, 1.0, NULL);   /* no adapter: back to the components' own models */
+  g_ptr_array_unref (act);
+  g_array_unref (ws);
+  g_ptr_array_set_size (s->adapters, 0);
+}
+
+gboolean
+_diffuse_lora_set_rescale (DiffuseLoraSet *s, double scale, GError **error)
+{
+  if (s->active->len == 0 || scale == s->merged_scale)
+    return TRUE;
+  return set_switch (s, s->active, s->weights, scale, error);
+}
+
+char **
+_diffuse_lora_set_names (DiffuseLoraSet *s, gboolean active_only)
+{
+  GPtrArray *from = active_only ? s->active : s->adapters;
+  char **v = g_new0 (char *, from->len + 1);
+  for (guint i = 0; i < from->len; i++)
+    v[i] = g_strdup (_diffuse_lora_adapter_name (g_ptr_array_index (from, i)));
+  return v;
+}
+
+gboolean
+_diffuse_lora_set_load_spec (DiffuseLoraSet *s, const char *spec, GError **error)
+{
+  char **items = g_strsplit (spec, ",", -1);
+  GPtrArray *names = g_ptr_array_new_with_free_func (g_free);
+  GArray *weights = g_array_new (FALSE, FALSE, sizeof (double));
+  gboolean ok = TRUE;
+  for (char **it = items; ok && *it; it++) {
+    char *item = g_strstrip (*it);
+    if (!*item)
+      continue;
+    /* PATH:WEIGHT when what follows the last ':' is a number */
+    double w = 1.0;
+    char *path = g_strdup (item), *colon = strrchr (path, ':');
+    if (colon) {
+      char *end = NULL;
+      double v = g_ascii_strtod (colon + 1, &end);
+      if (end && end != colon + 1 && *end == '\0') {
+        w = v;
+        *colon = '\0';
+      }
+    }
+    /* the adapter's name: the file's (or folder's) stem, made unique */
+    char *base = g_path_get_basename (path);
+    char *dot = g_str_has_suffix (base, ".safetensors") ? strrchr (base, '.') : NULL;
+    if (dot)
+      *dot = '\0';
+    if (g_str_equal (base, "pytorch_lora_weights")) {
+      char *dir = g_path_get_dirname (path);
+      g_free (base);
+      base = g_path_get_basename (dir);
+      g_free (dir);
+    }
+    char *name = g_strdup (base);
+    for (int k = 2; set_find (s, name); k++) {
+      g_free (name);
+      name = g_strdup_printf ("%s_%d", base, k);
+    }
+    ok = _diffuse_lora_set_load (s, path, name, error);
+    if (ok) {
+      g_ptr_array_add (names, name);
+      g_array_append_val (weights, w);
+    } else {
+      g_free (name);
+    }
+    g_free (base);
+    g_free (path);
+  }
+  if (ok && names->len > 0)
+    ok = _diffuse_lora_set_activate (s, (const char *const *) names->pdata, (const double *) weights->data,
+                                     (int) names->len, error);
+  g_ptr_array_unref (names);
+  g_array_unref (weights);
+  g_strfreev (items);
+  return ok;
 }

@@ -32,9 +32,41 @@ DiffuseLoraAdapter *_diffuse_lora_adapter_load (const char *path, const char *na
 void _diffuse_lora_adapter_free (DiffuseLoraAdapter *a);
 const char *_diffuse_lora_adapter_name (DiffuseLoraAdapter *a);
 gboolean _diffuse_lora_adapter_has (DiffuseLoraAdapter *a, DiffuseLoraTarget target);
+/* Which of the UNet's modules a merge takes: all, all but the motion modules
+ * (an AnimateDiff UNet's 2-D part), or only those (the MotionAdapter's). */
+typedef enum { DIFFUSE_LORA_ALL, DIFFUSE_LORA_NO_MOTION, DIFFUSE_LORA_ONLY_MOTION } DiffuseLoraFilter;
 /* base with the n adapters (weights[i] each) merged into the target's modules */
 DiffuseWeights *_diffuse_lora_merge (DiffuseWeights *base, DiffuseLoraAdapter *const *adapters, const double *weights,
-                                     int n, DiffuseLoraTarget target, GError **error);
+                                     int n, DiffuseLoraTarget target, DiffuseLoraFilter filter, GError **error);
+/* any module of the target passing filter */
+gboolean _diffuse_lora_adapter_has_filtered (DiffuseLoraAdapter *a, DiffuseLoraTarget target,
+                                             DiffuseLoraFilter filter);
+
+/* A pipeline's adapters, as diffusers' load_lora_weights / set_adapters /
+ * unload_lora_weights keep them; apply (owner, active, weights * scale, n)
+ * rebuilds the owner's models with them merged (n = 0: the plain ones) and
+ * leaves everything as it was when it fails. */
+typedef gboolean (*DiffuseLoraApplyFunc) (gpointer owner, DiffuseLoraAdapter *const *active, const double *weights,
+                                          int n, GError **error);
+typedef struct {
+  GPtrArray *adapters;     /* DiffuseLoraAdapter*, owned, in load order */
+  GPtrArray *active;       /* borrowed, set_adapters order */
+  GArray *weights;         /* double, their weights */
+  double merged_scale;     /* the lora_scale the models were merged with */
+  DiffuseLoraApplyFunc apply;
+  gpointer owner;
+} DiffuseLoraSet;
+
+void _diffuse_lora_set_init (DiffuseLoraSet *s, DiffuseLoraApplyFunc apply, gpointer owner);
+void _diffuse_lora_set_clear (DiffuseLoraSet *s);
+gboolean _diffuse_lora_set_load (DiffuseLoraSet *s, const char *path, const char *adapter_name, GError **error);
+gboolean _diffuse_lora_set_activate (DiffuseLoraSet *s, const char *const *names, const double *weights, int n,
+                                     GError **error);
+void _diffuse_lora_set_unload (DiffuseLoraSet *s);
+/* merges again when scale differs from the last merge's */
+gboolean _diffuse_lora_set_rescale (DiffuseLoraSet *s, double scale, GError **error);
+char **_diffuse_lora_set_names (DiffuseLoraSet *s, gboolean active_only);
+gboolean _diffuse_lora_set_load_spec (DiffuseLoraSet *s, const char *spec, GError **error);
 
 /* IP-Adapter (ip_adapter.c) */
 typedef struct _DiffuseIpAdapter DiffuseIpAdapter;

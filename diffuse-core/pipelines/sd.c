@@ -35,10 +35,7 @@ struct _DiffuseSD {
   DiffuseClipText *base_text_encoder;
   DiffuseUNet *lora_unet;                        /* owned, or NULL */
   DiffuseClipText *lora_text_encoder;
-  GPtrArray *adapters;                           /* DiffuseLoraAdapter*, loaded, in order */
-  GPtrArray *active;                             /* DiffuseLoraAdapter* (borrowed), set_adapters order */
-  GArray *active_weights;                        /* double */
-  double merged_scale;                           /* the lora_scale the models were merged with */
+  DiffuseLoraSet lora;
   DiffuseIpAdapter *ip_adapter;                  /* NULL: none */
   DiffuseClipImageProcessor *ip_processor;       /* the pipeline's feature_extractor (borrowed), or NULL */
   DiffuseClipImageProcessor *feature_extractor;  /* with the checker */
@@ -46,6 +43,9 @@ struct _DiffuseSD {
   char *scheduler_class;
   GMutex lock;                    /* one generate() at a time */
 };
+
+static gboolean sd_lora_apply (gpointer owner, DiffuseLoraAdapter *const *ads, const double *ws, int n,
+                               GError **error);
 
 /* ---- images ------------------------------------------------------------- */
 
@@ -120,9 +120,7 @@ diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error)
   }
   sd->base_unet = sd->unet;
   sd->base_text_encoder = sd->text_encoder;
-  sd->adapters = g_ptr_array_new_with_free_func ((GDestroyNotify) _diffuse_lora_adapter_free);
-  sd->active = g_ptr_array_new ();
-  sd->active_weights = g_array_new (FALSE, FALSE, sizeof (double));
+  _diffuse_lora_set_init (&sd->lora, sd_lora_apply, sd);
   DiffuseComponent *sched = diffuse_pipeline_model_get (pm, "scheduler");
   if (!sched) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "%s: the pipeline has no scheduler",
@@ -167,29 +165,24 @@ diffuse_sd_has_safety_checker (DiffuseSD *sd)
 
 /* ---- LoRA ---------------------------------------------------------------- */
 
-/* Rebuilds the UNet and text encoder with the active adapters merged, their
- * weights times scale (lock held). */
+/* DiffuseLoraApplyFunc: the UNet and text encoder rebuilt with the adapters
+ * merged (lock held) */
 static gboolean
-lora_apply_scaled (DiffuseSD *sd, double scale, GError **error)
+sd_lora_apply (gpointer owner, DiffuseLoraAdapter *const *ads, const double *ws, int n, GError **error)
 {
-  const int n = (int) sd->active->len;
+  DiffuseSD *sd = owner;
   DiffuseUNet *unet = NULL;
   DiffuseClipText *te = NULL;
   gboolean want[2] = { FALSE, FALSE };
   for (int i = 0; i < n; i++)
     for (int t = 0; t < 2; t++)
-      want[t] = want[t] || _diffuse_lora_adapter_has (g_ptr_array_index (sd->active, i), (DiffuseLoraTarget) t);
-  DiffuseLoraAdapter *const *ads = (DiffuseLoraAdapter *const *) sd->active->pdata;
-  double *ws = g_new (double, MAX (n, 1));
-  for (int i = 0; i < n; i++)
-    ws[i] = g_array_index (sd->active_weights, double, i) * scale;
+      want[t] = want[t] || _diffuse_lora_adapter_has (ads[i], (DiffuseLoraTarget) t);
   if (want[DIFFUSE_LORA_UNET]) {
     DiffuseComponent *c = diffuse_pipeline_model_get (sd->pm, "unet");
-    DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_UNET, error);
-    if (!w) {
-      g_free (ws);
+    DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_UNET,
+                                             DIFFUSE_LORA_ALL, error);
+    if (!w)
       return FALSE;
-    }
     DiffuseUNetParams p;
     diffuse_unet_default_params (&p);
     p.dtype = diffuse_component_dtype (c);
@@ -197,26 +190,21 @@ lora_apply_scaled (DiffuseSD *sd, double scale, GError **error)
     p.component = diffuse_component_name (c);
     unet = diffuse_unet_new (diffuse_component_config (c), w, &p, error);
     diffuse_weights_unref (w);
-    if (!unet) {
-      g_free (ws);
+    if (!unet)
       return FALSE;
-    }
   }
   if (want[DIFFUSE_LORA_TEXT_ENCODER]) {
     DiffuseComponent *c = diffuse_pipeline_model_get (sd->pm, "text_encoder");
     DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_TEXT_ENCODER,
-                                             error);
+                                             DIFFUSE_LORA_ALL, error);
     te = w ? diffuse_clip_text_new (diffuse_component_config (c), w, diffuse_component_device (c),
                                     diffuse_component_dtype (c), error) : NULL;
     g_clear_pointer (&w, diffuse_weights_unref);
     if (!te) {
       g_clear_pointer (&unet, diffuse_unet_unref);
-      g_free (ws);
       return FALSE;
     }
   }
-  g_free (ws);
-  sd->merged_scale = scale;
   g_clear_pointer (&sd->lora_unet, diffuse_unet_unref);
   g_clear_pointer (&sd->lora_text_encoder, diffuse_clip_text_unref);
   sd->lora_unet = unet;
@@ -224,21 +212,6 @@ lora_apply_scaled (DiffuseSD *sd, double scale, GError **error)
   sd->unet = unet ? unet : sd->base_unet;
   sd->text_encoder = te ? te : sd->base_text_encoder;
   return TRUE;
-}
-
-static gboolean
-lora_apply (DiffuseSD *sd, GError **error)
-{
-  return lora_apply_scaled (sd, 1.0, error);
-}
-
-static DiffuseLoraAdapter *
-find_adapter (DiffuseSD *sd, const char *name)
-{
-  for (guint i = 0; i < sd->adapters->len; i++)
-    if (g_str_equal (_diffuse_lora_adapter_name (g_ptr_array_index (sd->adapters, i)), name))
-      return g_ptr_array_index (sd->adapters, i);
-  return NULL;
 }
 
 gboolean
@@ -289,51 +262,12 @@ diffuse_sd_has_ip_adapter (DiffuseSD *sd)
   return sd->ip_adapter != NULL;
 }
 
-static gboolean
-find_adapter_locked (DiffuseSD *sd, const char *name)
-{
-  g_mutex_lock (&sd->lock);
-  gboolean found = find_adapter (sd, name) != NULL;
-  g_mutex_unlock (&sd->lock);
-  return found;
-}
-
 gboolean
 diffuse_sd_load_lora_weights (DiffuseSD *sd, const char *path, const char *adapter_name, GError **error)
 {
   g_return_val_if_fail (sd != NULL && path != NULL, FALSE);
   g_mutex_lock (&sd->lock);
-  char *name = adapter_name ? g_strdup (adapter_name) : g_strdup_printf ("default_%u", sd->adapters->len);
-  gboolean ok = FALSE;
-  if (find_adapter (sd, name)) {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
-                 "Adapter name %s already in use in the pipeline; choose another adapter_name", name);
-  } else {
-    DiffuseLoraAdapter *a = _diffuse_lora_adapter_load (path, name, error);
-    if (a) {
-      /* as diffusers: the adapter just loaded becomes the only active one, weight 1 */
-      GPtrArray *old_active = sd->active;
-      GArray *old_w = sd->active_weights;
-      sd->active = g_ptr_array_new ();
-      sd->active_weights = g_array_new (FALSE, FALSE, sizeof (double));
-      const double one = 1.0;
-      g_ptr_array_add (sd->active, a);
-      g_array_append_val (sd->active_weights, one);
-      ok = lora_apply (sd, error);
-      if (ok) {
-        g_ptr_array_add (sd->adapters, a);
-        g_ptr_array_unref (old_active);
-        g_array_unref (old_w);
-      } else {
-        g_ptr_array_unref (sd->active);
-        g_array_unref (sd->active_weights);
-        sd->active = old_active;
-        sd->active_weights = old_w;
-        _diffuse_lora_adapter_free (a);
-      }
-    }
-  }
-  g_free (name);
+  gboolean ok = _diffuse_lora_set_load (&sd->lora, path, adapter_name, error);
   g_mutex_unlock (&sd->lock);
   return ok;
 }
@@ -343,48 +277,7 @@ diffuse_sd_set_adapters (DiffuseSD *sd, const char *const *names, const double *
 {
   g_return_val_if_fail (sd != NULL && (n == 0 || names != NULL), FALSE);
   g_mutex_lock (&sd->lock);
-  GPtrArray *act = g_ptr_array_new ();
-  GArray *ws = g_array_new (FALSE, FALSE, sizeof (double));
-  gboolean ok = TRUE;
-  for (int i = 0; i < n && ok; i++) {
-    DiffuseLoraAdapter *a = find_adapter (sd, names[i]);
-    if (!a) {
-      GString *list = g_string_new (NULL);
-      for (guint k = 0; k < sd->adapters->len; k++)
-        g_string_append_printf (list, "%s%s", k ? ", " : "", _diffuse_lora_adapter_name (g_ptr_array_index (sd->adapters, k)));
-      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
-                   "Adapter name(s) {'%s'} not in the list of present adapters: {%s}", names[i], list->str);
-      g_string_free (list, TRUE);
-      ok = FALSE;
-      break;
-    }
-    const double w = weights ? weights[i] : 1.0;
-    if (!isfinite (w)) {
-      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "adapter %s: weight %g", names[i], w);
-      ok = FALSE;
-      break;
-    }
-    g_ptr_array_add (act, a);
-    g_array_append_val (ws, w);
-  }
-  if (ok) {
-    GPtrArray *old_active = sd->active;
-    GArray *old_w = sd->active_weights;
-    sd->active = act;
-    sd->active_weights = ws;
-    ok = lora_apply (sd, error);
-    if (ok) {
-      g_ptr_array_unref (old_active);
-      g_array_unref (old_w);
-    } else {
-      sd->active = old_active;
-      sd->active_weights = old_w;
-    }
-  }
-  if (!ok) {
-    g_ptr_array_unref (act);
-    g_array_unref (ws);
-  }
+  gboolean ok = _diffuse_lora_set_activate (&sd->lora, names, weights, n, error);
   g_mutex_unlock (&sd->lock);
   return ok;
 }
@@ -394,10 +287,7 @@ diffuse_sd_unload_lora_weights (DiffuseSD *sd)
 {
   g_return_if_fail (sd != NULL);
   g_mutex_lock (&sd->lock);
-  g_ptr_array_set_size (sd->active, 0);
-  g_array_set_size (sd->active_weights, 0);
-  g_ptr_array_set_size (sd->adapters, 0);
-  lora_apply (sd, NULL);   /* no adapter: back to the components' own models */
+  _diffuse_lora_set_unload (&sd->lora);
   g_mutex_unlock (&sd->lock);
 }
 
@@ -405,57 +295,9 @@ gboolean
 diffuse_sd_load_lora_spec (DiffuseSD *sd, const char *spec, GError **error)
 {
   g_return_val_if_fail (sd != NULL && spec != NULL, FALSE);
-  char **items = g_strsplit (spec, ",", -1);
-  GPtrArray *names = g_ptr_array_new_with_free_func (g_free);
-  GArray *weights = g_array_new (FALSE, FALSE, sizeof (double));
-  gboolean ok = TRUE;
-  for (char **it = items; ok && *it; it++) {
-    char *item = g_strstrip (*it);
-    if (!*item)
-      continue;
-    /* PATH:WEIGHT when what follows the last ':' is a number */
-    double w = 1.0;
-    char *path = g_strdup (item), *colon = strrchr (path, ':');
-    if (colon) {
-      char *end = NULL;
-      double v = g_ascii_strtod (colon + 1, &end);
-      if (end && end != colon + 1 && *end == '\0') {
-        w = v;
-        *colon = '\0';
-      }
-    }
-    /* the adapter's name: the file's (or folder's) stem, made unique */
-    char *base = g_path_get_basename (path);
-    char *dot = g_str_has_suffix (base, ".safetensors") ? strrchr (base, '.') : NULL;
-    if (dot)
-      *dot = '\0';
-    if (g_str_equal (base, "pytorch_lora_weights")) {
-      char *dir = g_path_get_dirname (path);
-      g_free (base);
-      base = g_path_get_basename (dir);
-      g_free (dir);
-    }
-    char *name = g_strdup (base);
-    for (int k = 2; find_adapter_locked (sd, name); k++) {
-      g_free (name);
-      name = g_strdup_printf ("%s_%d", base, k);
-    }
-    ok = diffuse_sd_load_lora_weights (sd, path, name, error);
-    if (ok) {
-      g_ptr_array_add (names, name);
-      g_array_append_val (weights, w);
-    } else {
-      g_free (name);
-    }
-    g_free (base);
-    g_free (path);
-  }
-  if (ok && names->len > 0)
-    ok = diffuse_sd_set_adapters (sd, (const char *const *) names->pdata, (const double *) weights->data,
-                                  (int) names->len, error);
-  g_ptr_array_unref (names);
-  g_array_unref (weights);
-  g_strfreev (items);
+  g_mutex_lock (&sd->lock);
+  gboolean ok = _diffuse_lora_set_load_spec (&sd->lora, spec, error);
+  g_mutex_unlock (&sd->lock);
   return ok;
 }
 
@@ -463,9 +305,7 @@ char **
 diffuse_sd_get_active_adapters (DiffuseSD *sd)
 {
   g_mutex_lock (&sd->lock);
-  char **v = g_new0 (char *, sd->active->len + 1);
-  for (guint i = 0; i < sd->active->len; i++)
-    v[i] = g_strdup (_diffuse_lora_adapter_name (g_ptr_array_index (sd->active, i)));
+  char **v = _diffuse_lora_set_names (&sd->lora, TRUE);
   g_mutex_unlock (&sd->lock);
   return v;
 }
@@ -474,9 +314,7 @@ char **
 diffuse_sd_list_adapters (DiffuseSD *sd)
 {
   g_mutex_lock (&sd->lock);
-  char **v = g_new0 (char *, sd->adapters->len + 1);
-  for (guint i = 0; i < sd->adapters->len; i++)
-    v[i] = g_strdup (_diffuse_lora_adapter_name (g_ptr_array_index (sd->adapters, i)));
+  char **v = _diffuse_lora_set_names (&sd->lora, FALSE);
   g_mutex_unlock (&sd->lock);
   return v;
 }
@@ -538,9 +376,8 @@ diffuse_sd_unref (DiffuseSD *sd)
   g_free (sd->scheduler_class);
   g_clear_pointer (&sd->lora_unet, diffuse_unet_unref);
   g_clear_pointer (&sd->lora_text_encoder, diffuse_clip_text_unref);
-  g_clear_pointer (&sd->active, g_ptr_array_unref);
-  g_clear_pointer (&sd->active_weights, g_array_unref);
-  g_clear_pointer (&sd->adapters, g_ptr_array_unref);
+  if (sd->lora.adapters)
+    _diffuse_lora_set_clear (&sd->lora);
   g_clear_pointer (&sd->ip_adapter, _diffuse_ip_adapter_free);
   diffuse_pipeline_model_unref (sd->pm);
   g_mutex_clear (&sd->lock);
@@ -1016,7 +853,7 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     goto out;
   }
   /* cross_attention_kwargs={"scale": s}: the adapters merged again at that scale */
-  if (sd->active->len > 0 && (double) p.lora_scale != sd->merged_scale && !lora_apply_scaled (sd, p.lora_scale, error))
+  if (!_diffuse_lora_set_rescale (&sd->lora, p.lora_scale, error))
     goto out;
   const int n = p.num_images;
   const gboolean lcm_cond = diffuse_unet_time_cond_proj_dim (sd->unet) > 0;
