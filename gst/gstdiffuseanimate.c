@@ -484,6 +484,23 @@ gst_diffuse_animate_start (GstBaseSrc *bsrc)
     return FALSE;
   }
 
+  /* LoRA adapters (a motion LoRA's motion_modules go to the adapter) */
+  GST_OBJECT_LOCK (self);
+  gchar *lora = g_strdup (self->st.settings.lora);
+  GST_OBJECT_UNLOCK (self);
+  if (lora && !diffuse_animate_load_lora_spec (anim, lora, &err)) {
+    gchar *what = g_strdup_printf ("Could not load the LoRA adapters \"%s\"", lora);
+    gst_diffuse_post_error (self, err, what, NULL);
+    g_free (what);
+    g_free (lora);
+    g_clear_error (&err);
+    g_free (source);
+    diffuse_animate_unref (anim);
+    gst_diffuse_state_unload (&self->st);
+    return FALSE;
+  }
+  g_free (lora);
+
   int max = diffuse_animate_max_frames (anim);
   if (self->clip_frames > max) {
     GST_ELEMENT_ERROR (self, LIBRARY, SETTINGS,
@@ -590,6 +607,7 @@ generate_clip (GstDiffuseAnimate *self, const GstVideoInfo *info, guint64 clip, 
   p.num_frames = self->clip_frames;
   p.num_inference_steps = s.num_inference_steps;
   p.guidance_scale = (float) s.guidance_scale;
+  p.lora_scale = (float) s.lora_scale;
   p.seed = gst_diffuse_frame_seed (&self->st, &s, clip);
   p.clip_skip = s.clip_skip;
   p.scheduler = s.scheduler;

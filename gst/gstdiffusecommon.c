@@ -232,8 +232,7 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gbo
             "flagged frame leaves black, with a warning and a \"diffuse-nsfw\" element message.  FALSE loads "
             "the model without it (safety_checker=None) and warns",
             TRUE, RW | GST_PARAM_MUTABLE_READY));
-  if (with_safety_checker)
-    g_object_class_install_property (klass, GST_DIFFUSE_PROP_LORA,
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_LORA,
         g_param_spec_string ("lora", "LoRA",
             "LoRA adapters in diffusers' format, all active: \"PATH[:WEIGHT],PATH[:WEIGHT]...\" (a .safetensors "
             "file or a folder holding pytorch_lora_weights.safetensors; weight 1 when none); NULL = none",
@@ -260,8 +259,7 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gbo
             "How much the image prompt counts, as set_ip_adapter_scale", -10.0, 10.0, 1.0,
             RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
   }
-  if (with_safety_checker)
-    g_object_class_install_property (klass, GST_DIFFUSE_PROP_LORA_SCALE,
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_LORA_SCALE,
         g_param_spec_double ("lora-scale", "LoRA scale",
             "Multiplies every LoRA adapter's weight, as diffusers' cross_attention_kwargs={\"scale\": s}; a "
             "change merges the adapters again before the next frame",

@@ -42,8 +42,8 @@ enum {
   GST_DIFFUSE_PROP_LOAD_COUNT,
   GST_DIFFUSE_PROP_SAFETY_CHECKER,  /* not installed by diffuseanimate (AnimateDiff has none) */
   GST_DIFFUSE_PROP_SAG_SCALE,       /* not installed by diffuseanimate */
-  GST_DIFFUSE_PROP_LORA,            /* not installed by diffuseanimate */
-  GST_DIFFUSE_PROP_LORA_SCALE,      /* not installed by diffuseanimate */
+  GST_DIFFUSE_PROP_LORA,            /* diffuseanimate applies it itself (a motion LoRA too) */
+  GST_DIFFUSE_PROP_LORA_SCALE,
   GST_DIFFUSE_PROP_IP_ADAPTER,      /* these five: not installed by diffuseanimate */
   GST_DIFFUSE_PROP_IP_ADAPTER_SUBFOLDER,
   GST_DIFFUSE_PROP_IP_ADAPTER_WEIGHT_NAME,

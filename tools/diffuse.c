@@ -402,6 +402,12 @@ animate (DiffusePipelineModel *pm)
     if (ad)
       diffuse_component_unref (ad);
   }
+  if (an && opt_lora && *opt_lora) {
+    char *spec = g_strjoinv (",", opt_lora);
+    if (!diffuse_animate_load_lora_spec (an, spec, &err))
+      g_clear_pointer (&an, diffuse_animate_unref);
+    g_free (spec);
+  }
   if (!an) {
     g_ptr_array_unref (prompts);
     return fail (&err);
@@ -423,6 +429,7 @@ animate (DiffusePipelineModel *pm)
   p.scheduler = opt_scheduler ? opt_scheduler : d.scheduler;
   p.negative_prompt = opt_negative;
   p.clip_skip = opt_clip_skip;
+  p.lora_scale = (float) opt_lora_scale;
   if (opt_frames > 0)
     p.num_frames = opt_frames;
   p.on_step = opt_prompts_file ? NULL : on_step;

@@ -33,7 +33,93 @@ struct _DiffuseAnimate {
   DiffuseConfig *scheduler_config;
   char *scheduler_class;
   GMutex lock;                    /* one generate() at a time */
+  /* LoRA: motion / text_encoder above are then models of their own */
+  gboolean motion_unet_component; /* the unet component is a UNetMotionModel (no LoRA here yet) */
+  DiffuseUNetMotion *base_motion; /* a reference */
+  DiffuseClipText *base_text_encoder;
+  DiffuseClipText *lora_text_encoder;   /* owned, or NULL */
+  DiffuseLoraSet lora;
 };
+
+/* DiffuseLoraApplyFunc: the 2-D UNet (modules outside motion_modules), the
+ * motion adapter (motion_modules) and the text encoder rebuilt with the
+ * adapters merged, and a UNetMotionModel of the two (lock held) */
+static gboolean
+animate_lora_apply (gpointer owner, DiffuseLoraAdapter *const *ads, const double *ws, int n, GError **error)
+{
+  DiffuseAnimate *a = owner;
+  gboolean want_2d = FALSE, want_motion = FALSE, want_te = FALSE;
+  for (int i = 0; i < n; i++) {
+    want_2d = want_2d || _diffuse_lora_adapter_has_filtered (ads[i], DIFFUSE_LORA_UNET, DIFFUSE_LORA_NO_MOTION);
+    want_motion = want_motion || _diffuse_lora_adapter_has_filtered (ads[i], DIFFUSE_LORA_UNET,
+                                                                     DIFFUSE_LORA_ONLY_MOTION);
+    want_te = want_te || _diffuse_lora_adapter_has (ads[i], DIFFUSE_LORA_TEXT_ENCODER);
+  }
+  if ((want_2d || want_motion) && a->motion_unet_component) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                 "%s: LoRA on a saved AnimateDiff pipeline (its unet a UNetMotionModel) is not supported yet; load "
+                 "the Stable Diffusion checkpoint with a motion adapter instead", diffuse_pipeline_model_folder (a->pm));
+    return FALSE;
+  }
+  DiffuseUNet *unet = NULL;
+  DiffuseMotionAdapter *adapter = NULL;
+  DiffuseUNetMotion *motion = NULL;
+  DiffuseClipText *te = NULL;
+  gboolean ok = TRUE;
+  if (want_2d) {
+    DiffuseComponent *c = diffuse_pipeline_model_get (a->pm, "unet");
+    DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_UNET,
+                                             DIFFUSE_LORA_NO_MOTION, error);
+    DiffuseUNetParams p;
+    diffuse_unet_default_params (&p);
+    p.dtype = diffuse_component_dtype (c);
+    p.device = diffuse_component_device (c);
+    p.component = diffuse_component_name (c);
+    unet = w ? diffuse_unet_new (diffuse_component_config (c), w, &p, error) : NULL;
+    g_clear_pointer (&w, diffuse_weights_unref);
+    ok = unet != NULL;
+  }
+  if (ok && want_motion) {
+    DiffuseComponent *c = diffuse_pipeline_model_get (a->pm, "motion_adapter");
+    DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_UNET,
+                                             DIFFUSE_LORA_ONLY_MOTION, error);
+    DiffuseMotionAdapterParams p;
+    diffuse_motion_adapter_default_params (&p);
+    p.dtype = diffuse_component_dtype (c);
+    p.device = diffuse_component_device (c);
+    p.component = diffuse_component_name (c);
+    adapter = w ? diffuse_motion_adapter_new (diffuse_component_config (c), w, &p, error) : NULL;
+    g_clear_pointer (&w, diffuse_weights_unref);
+    ok = adapter != NULL;
+  }
+  if (ok && (unet || adapter)) {
+    motion = diffuse_unet_motion_new (unet ? unet : a->unet, adapter ? adapter : a->adapter, error);
+    ok = motion != NULL;
+  }
+  if (ok && want_te) {
+    DiffuseComponent *c = diffuse_pipeline_model_get (a->pm, "text_encoder");
+    DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_TEXT_ENCODER,
+                                             DIFFUSE_LORA_ALL, error);
+    te = w ? diffuse_clip_text_new (diffuse_component_config (c), w, diffuse_component_device (c),
+                                    diffuse_component_dtype (c), error) : NULL;
+    g_clear_pointer (&w, diffuse_weights_unref);
+    ok = te != NULL;
+  }
+  /* the UNetMotionModel holds its own references to the 2-D UNet and the adapter */
+  g_clear_pointer (&unet, diffuse_unet_unref);
+  g_clear_pointer (&adapter, diffuse_motion_adapter_unref);
+  if (!ok) {
+    g_clear_pointer (&motion, diffuse_unet_motion_unref);
+    g_clear_pointer (&te, diffuse_clip_text_unref);
+    return FALSE;
+  }
+  g_clear_pointer (&a->motion, diffuse_unet_motion_unref);
+  a->motion = motion ? motion : diffuse_unet_motion_ref (a->base_motion);
+  g_clear_pointer (&a->lora_text_encoder, diffuse_clip_text_unref);
+  a->lora_text_encoder = te;
+  a->text_encoder = te ? te : a->base_text_encoder;
+  return TRUE;
+}
 
 void
 diffuse_animate_default_params (DiffuseAnimateParams *p)
@@ -43,6 +129,7 @@ diffuse_animate_default_params (DiffuseAnimateParams *p)
   p->num_inference_steps = 50;
   p->guidance_scale = 7.5f;
   p->decode_chunk_size = 16;
+  p->lora_scale = 1.0f;
 }
 
 /* ---- components ------------------------------------------------------------ */
@@ -90,7 +177,8 @@ diffuse_animate_new (DiffusePipelineModel *pm, GError **error)
   a->ref_count = 1;
   a->pm = diffuse_pipeline_model_ref (pm);
   g_mutex_init (&a->lock);
-  if (diffuse_animate_model_has_motion_unet (pm)) {
+  a->motion_unet_component = diffuse_animate_model_has_motion_unet (pm);
+  if (a->motion_unet_component) {
     /* diffusers' AnimateDiffPipeline.__init__ converts only a UNet2DConditionModel:
      * a UNetMotionModel runs its own motion modules and motion_adapter is unused */
     DiffuseUNetMotion *m = _diffuse_pipeline_object (pm, "unet", "UNetMotionModel", build_unet_motion,
@@ -125,6 +213,9 @@ diffuse_animate_new (DiffusePipelineModel *pm, GError **error)
     diffuse_animate_unref (a);
     return NULL;
   }
+  a->base_motion = diffuse_unet_motion_ref (a->motion);
+  a->base_text_encoder = a->text_encoder;
+  _diffuse_lora_set_init (&a->lora, animate_lora_apply, a);
   DiffuseComponent *sched = diffuse_pipeline_model_get (pm, "scheduler");
   if (!sched) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "%s: the pipeline has no scheduler",
@@ -200,11 +291,54 @@ diffuse_animate_unref (DiffuseAnimate *a)
   if (!a || !g_atomic_int_dec_and_test (&a->ref_count))
     return;
   g_clear_pointer (&a->motion, diffuse_unet_motion_unref);
+  g_clear_pointer (&a->base_motion, diffuse_unet_motion_unref);
+  g_clear_pointer (&a->lora_text_encoder, diffuse_clip_text_unref);
+  if (a->lora.adapters)
+    _diffuse_lora_set_clear (&a->lora);
   g_clear_pointer (&a->scheduler_config, diffuse_config_unref);
   g_free (a->scheduler_class);
   diffuse_pipeline_model_unref (a->pm);
   g_mutex_clear (&a->lock);
   g_free (a);
+}
+
+gboolean
+diffuse_animate_load_lora_weights (DiffuseAnimate *a, const char *path, const char *adapter_name, GError **error)
+{
+  g_return_val_if_fail (a != NULL && path != NULL, FALSE);
+  g_mutex_lock (&a->lock);
+  gboolean ok = _diffuse_lora_set_load (&a->lora, path, adapter_name, error);
+  g_mutex_unlock (&a->lock);
+  return ok;
+}
+
+gboolean
+diffuse_animate_set_adapters (DiffuseAnimate *a, const char *const *names, const double *weights, int n,
+                              GError **error)
+{
+  g_return_val_if_fail (a != NULL && (n == 0 || names != NULL), FALSE);
+  g_mutex_lock (&a->lock);
+  gboolean ok = _diffuse_lora_set_activate (&a->lora, names, weights, n, error);
+  g_mutex_unlock (&a->lock);
+  return ok;
+}
+
+void
+diffuse_animate_unload_lora_weights (DiffuseAnimate *a)
+{
+  g_mutex_lock (&a->lock);
+  _diffuse_lora_set_unload (&a->lora);
+  g_mutex_unlock (&a->lock);
+}
+
+gboolean
+diffuse_animate_load_lora_spec (DiffuseAnimate *a, const char *spec, GError **error)
+{
+  g_return_val_if_fail (a != NULL && spec != NULL, FALSE);
+  g_mutex_lock (&a->lock);
+  gboolean ok = _diffuse_lora_set_load_spec (&a->lora, spec, error);
+  g_mutex_unlock (&a->lock);
+  return ok;
 }
 
 DiffusePipelineModel *diffuse_animate_get_model (DiffuseAnimate *a) { return a->pm; }
@@ -420,6 +554,9 @@ diffuse_animate_generate (DiffuseAnimate *a, const DiffuseAnimateParams *params,
 
   g_mutex_lock (&a->lock);
   const gboolean cfg = p.guidance_scale > 1.0f;
+  /* cross_attention_kwargs={"scale": s}: the LoRA adapters merged again at that scale */
+  if (!_diffuse_lora_set_rescale (&a->lora, p.lora_scale, error))
+    goto out;
 
   /* 1. prompt embeddings; with CFG [negative, prompt] in one batch (the
    * motion UNet repeats them over the frames, as repeat_interleave) */

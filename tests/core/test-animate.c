@@ -465,6 +465,56 @@ run_case (gconstpointer data)
   diffuse_animate_unref (anim);
 }
 
+/* LoRA on the AnimateDiff pipeline (make_animatediff_lora_fixtures.py): an
+ * adapter on the spatial and the motion-module attentions, as
+ * pipe_animate.load_lora_weights; frames within one level of diffusers'; the
+ * text2img pipeline on the same components stays as it was; unload goes back */
+static void
+test_lora (void)
+{
+  if (!tu_have_fixture ("animatediff/lora/frames.safetensors"))
+    return;
+  GError *err = NULL;
+  DiffusePipelineModel *pm = get_sd ();
+  DiffuseComponent *ad = load_adapter_component (pm, "a");
+  DiffuseAnimate *anim = diffuse_animate_new_from_pipe (pm, ad, &err);
+  g_assert_no_error (err);
+  diffuse_component_unref (ad);
+  DiffuseSafetensors *st = tu_open ("animatediff/lora/frames.safetensors");
+  char *lora = tu_fixture ("animatediff/lora");
+  DiffuseAnimateParams p;
+  diffuse_animate_default_params (&p);
+  p.prompt = "a red ball bouncing";
+  p.width = p.height = 32;
+  p.num_frames = 8;
+  p.num_inference_steps = 4;
+  p.seed = 42;
+  p.scheduler = "DDIMScheduler";
+  p.scheduler_overrides = diffuse_config_from_string (
+      "{\"clip_sample\": false, \"timestep_spacing\": \"linspace\", \"beta_schedule\": \"linear\", "
+      "\"steps_offset\": 1}", "overrides", &err);
+  g_assert_no_error (err);
+  const char *ids[] = { "base", "lora", "base" };
+  for (int i = 0; i < 3; i++) {
+    if (i == 1)
+      g_assert_true (diffuse_animate_load_lora_weights (anim, lora, "m", &err));
+    if (i == 2)
+      diffuse_animate_unload_lora_weights (anim);
+    g_assert_no_error (err);
+    GPtrArray *out = diffuse_animate_generate (anim, &p, &err);
+    g_assert_no_error (err);
+    guint64 off = 0;
+    int worst = frames_max_diff (st, ids[i], out, &off);
+    g_test_message ("%s: max diff %d levels", i == 2 ? "unloaded" : ids[i], worst);
+    g_assert_cmpint (worst, <=, 1);
+    g_ptr_array_unref (out);
+  }
+  diffuse_config_unref (p.scheduler_overrides);
+  diffuse_safetensors_unref (st);
+  g_free (lora);
+  diffuse_animate_unref (anim);
+}
+
 static gpointer
 must_not_build (DiffuseComponent *c, gpointer user_data, GError **error)
 {
@@ -1208,6 +1258,7 @@ main (int argc, char **argv)
     g_free (name);
   }
   g_test_add_func ("/animate/sharing", test_sharing);
+  g_test_add_func ("/animate/lora", test_lora);
   g_test_add_func ("/animate/cancel-and-errors", test_cancel_and_errors);
 
   /* a pipeline saved by diffusers: unet/ a UNetMotionModel */

@@ -55,6 +55,7 @@ typedef struct {
   DiffuseTensor *prompt_embeds;       /* optional, [1, 77, D]: replaces prompt */
   DiffuseTensor *negative_prompt_embeds;
   int decode_chunk_size;              /* frames per VAE decode call, 16 (0 = default) */
+  float lora_scale;                   /* 1: cross_attention_kwargs={"scale": s} for the LoRA adapters */
   DiffuseStepFunc on_step;            /* after each denoising step */
   DiffuseFrameFunc on_frame;          /* after each decoded frame */
   gpointer user_data;                 /* for both callbacks */
@@ -94,6 +95,18 @@ DiffuseComponent *diffuse_animate_load_adapter (DiffusePipelineModel *pm, const 
                                                 const DiffuseLoadParams *params, GError **error);
 
 DiffuseAnimate *diffuse_animate_ref (DiffuseAnimate *a);
+/* LoRA, as pipe_animate.load_lora_weights / set_adapters / unload_lora_weights
+ * (sd.h's diffuse_sd_load_lora_weights for the formats): modules inside
+ * "motion_modules" (a motion LoRA) go to the motion adapter, the others to
+ * the 2-D UNet, "text_encoder." ones to the text encoder; merged into this
+ * pipeline's own copies.  A pipeline whose unet is a saved UNetMotionModel:
+ * DIFFUSE_ERROR_UNSUPPORTED. */
+gboolean diffuse_animate_load_lora_weights (DiffuseAnimate *a, const char *path, const char *adapter_name,
+                                            GError **error);
+gboolean diffuse_animate_set_adapters (DiffuseAnimate *a, const char *const *names, const double *weights, int n,
+                                      GError **error);
+void diffuse_animate_unload_lora_weights (DiffuseAnimate *a);
+gboolean diffuse_animate_load_lora_spec (DiffuseAnimate *a, const char *spec, GError **error);
 void diffuse_animate_unref (DiffuseAnimate *a);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC (DiffuseAnimate, diffuse_animate_unref)
 
