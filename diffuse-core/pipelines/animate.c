@@ -67,16 +67,7 @@ animate_lora_apply (gpointer owner, DiffuseLoraAdapter *const *ads, const double
   DiffuseClipText *te = NULL;
   gboolean ok = TRUE;
   if (want_2d) {
-    DiffuseComponent *c = diffuse_pipeline_model_get (a->pm, "unet");
-    DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_UNET,
-                                             DIFFUSE_LORA_NO_MOTION, error);
-    DiffuseUNetParams p;
-    diffuse_unet_default_params (&p);
-    p.dtype = diffuse_component_dtype (c);
-    p.device = diffuse_component_device (c);
-    p.component = diffuse_component_name (c);
-    unet = w ? diffuse_unet_new (diffuse_component_config (c), w, &p, error) : NULL;
-    g_clear_pointer (&w, diffuse_weights_unref);
+    unet = _diffuse_pipeline_unet_with_lora (a->pm, ads, ws, n, DIFFUSE_LORA_NO_MOTION, error);
     ok = unet != NULL;
   }
   if (ok && want_motion) {
@@ -97,12 +88,7 @@ animate_lora_apply (gpointer owner, DiffuseLoraAdapter *const *ads, const double
     ok = motion != NULL;
   }
   if (ok && want_te) {
-    DiffuseComponent *c = diffuse_pipeline_model_get (a->pm, "text_encoder");
-    DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_TEXT_ENCODER,
-                                             DIFFUSE_LORA_ALL, error);
-    te = w ? diffuse_clip_text_new (diffuse_component_config (c), w, diffuse_component_device (c),
-                                    diffuse_component_dtype (c), error) : NULL;
-    g_clear_pointer (&w, diffuse_weights_unref);
+    te = _diffuse_pipeline_text_encoder_with_lora (a->pm, ads, ws, n, error);
     ok = te != NULL;
   }
   /* the UNetMotionModel holds its own references to the 2-D UNet and the adapter */

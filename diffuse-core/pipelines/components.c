@@ -3,15 +3,22 @@
 #include "pipelines-private.h"
 #include <diffuse/error.h>
 
-static gpointer
-build_unet (DiffuseComponent *c, gpointer user_data, GError **error)
+/* the component's UNet over weights w (its own, or LoRA-merged ones) */
+static DiffuseUNet *
+build_unet_from (DiffuseComponent *c, DiffuseWeights *w, GError **error)
 {
   DiffuseUNetParams p;
   diffuse_unet_default_params (&p);
   p.dtype = diffuse_component_dtype (c);
   p.device = diffuse_component_device (c);
   p.component = diffuse_component_name (c);
-  return diffuse_unet_new (diffuse_component_config (c), diffuse_component_weights (c), &p, error);
+  return diffuse_unet_new (diffuse_component_config (c), w, &p, error);
+}
+
+static gpointer
+build_unet (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return build_unet_from (c, diffuse_component_weights (c), error);
 }
 
 static gpointer
@@ -166,4 +173,35 @@ _diffuse_pipeline_initial_latents (DiffuseRng *rng, DiffuseScheduler *sched, Dif
   for (size_t i = 0; i < n; i++)
     lat[i] = lat[i] * sigma;
   diffuse_rng_round (rdt, lat, n);
+}
+
+/* ---- LoRA rebuilds: a component's model with adapters merged (lora.c) ------ */
+
+DiffuseUNet *
+_diffuse_pipeline_unet_with_lora (DiffusePipelineModel *pm, DiffuseLoraAdapter *const *ads, const double *ws, int n,
+                                  DiffuseLoraFilter filter, GError **error)
+{
+  DiffuseComponent *c = diffuse_pipeline_model_get (pm, "unet");
+  DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_UNET, filter,
+                                           error);
+  if (!w)
+    return NULL;
+  DiffuseUNet *u = build_unet_from (c, w, error);
+  diffuse_weights_unref (w);
+  return u;
+}
+
+DiffuseClipText *
+_diffuse_pipeline_text_encoder_with_lora (DiffusePipelineModel *pm, DiffuseLoraAdapter *const *ads, const double *ws,
+                                          int n, GError **error)
+{
+  DiffuseComponent *c = diffuse_pipeline_model_get (pm, "text_encoder");
+  DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_TEXT_ENCODER,
+                                           DIFFUSE_LORA_ALL, error);
+  if (!w)
+    return NULL;
+  DiffuseClipText *t = diffuse_clip_text_new (diffuse_component_config (c), w, diffuse_component_device (c),
+                                              diffuse_component_dtype (c), error);
+  diffuse_weights_unref (w);
+  return t;
 }

@@ -42,6 +42,12 @@ DiffuseWeights *_diffuse_lora_merge (DiffuseWeights *base, DiffuseLoraAdapter *c
 gboolean _diffuse_lora_adapter_has_filtered (DiffuseLoraAdapter *a, DiffuseLoraTarget target,
                                              DiffuseLoraFilter filter);
 
+/* The unet / text_encoder component's model with the adapters merged (components.c) */
+DiffuseUNet *_diffuse_pipeline_unet_with_lora (DiffusePipelineModel *pm, DiffuseLoraAdapter *const *ads,
+                                               const double *ws, int n, DiffuseLoraFilter filter, GError **error);
+DiffuseClipText *_diffuse_pipeline_text_encoder_with_lora (DiffusePipelineModel *pm, DiffuseLoraAdapter *const *ads,
+                                                           const double *ws, int n, GError **error);
+
 /* A pipeline's adapters, as diffusers' load_lora_weights / set_adapters /
  * unload_lora_weights keep them; apply (owner, active, weights * scale, n)
  * rebuilds the owner's models with them merged (n = 0: the plain ones) and

@@ -178,28 +178,12 @@ sd_lora_apply (gpointer owner, DiffuseLoraAdapter *const *ads, const double *ws,
     for (int t = 0; t < 2; t++)
       want[t] = want[t] || _diffuse_lora_adapter_has (ads[i], (DiffuseLoraTarget) t);
   if (want[DIFFUSE_LORA_UNET]) {
-    DiffuseComponent *c = diffuse_pipeline_model_get (sd->pm, "unet");
-    DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_UNET,
-                                             DIFFUSE_LORA_ALL, error);
-    if (!w)
-      return FALSE;
-    DiffuseUNetParams p;
-    diffuse_unet_default_params (&p);
-    p.dtype = diffuse_component_dtype (c);
-    p.device = diffuse_component_device (c);
-    p.component = diffuse_component_name (c);
-    unet = diffuse_unet_new (diffuse_component_config (c), w, &p, error);
-    diffuse_weights_unref (w);
+    unet = _diffuse_pipeline_unet_with_lora (sd->pm, ads, ws, n, DIFFUSE_LORA_ALL, error);
     if (!unet)
       return FALSE;
   }
   if (want[DIFFUSE_LORA_TEXT_ENCODER]) {
-    DiffuseComponent *c = diffuse_pipeline_model_get (sd->pm, "text_encoder");
-    DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_TEXT_ENCODER,
-                                             DIFFUSE_LORA_ALL, error);
-    te = w ? diffuse_clip_text_new (diffuse_component_config (c), w, diffuse_component_device (c),
-                                    diffuse_component_dtype (c), error) : NULL;
-    g_clear_pointer (&w, diffuse_weights_unref);
+    te = _diffuse_pipeline_text_encoder_with_lora (sd->pm, ads, ws, n, error);
     if (!te) {
       g_clear_pointer (&unet, diffuse_unet_unref);
       return FALSE;
