@@ -846,68 +846,65 @@ add_residual (DiffuseUNet *u, DiffuseTensor *a, DiffuseTensor *r, const char *wh
   return out;
 }
 
-/* IP-Adapter: the DiffuseBlkIp of each transformer block, in diffusers'
- * attn_processors order (down blocks, up blocks, mid block) */
-typedef struct {
-  DiffuseBlkIp *down[8][8], *up[8][8], *mid;
-} IpPlan;
-
 static int
 cross_layers (const DiffuseBlkTransformer2D *t)
 {
   return t->cfg.cross_attention_dim > 0 ? t->n_blocks : 0;
 }
 
-int
-diffuse_unet_n_cross_attention_layers (DiffuseUNet *u)
+/* cross-attention layers of the down (part 0) or up (part 1) blocks */
+static int
+part_cross_layers (DiffuseUNet *u, int part)
 {
   int n = 0;
-  for (int i = 0; i < u->n_blocks; i++)
-    for (int j = 0; u->down[i].has_attn && j < u->down[i].n_layers; j++)
-      n += cross_layers (&u->down[i].attns[j]);
-  for (int i = 0; i < u->n_blocks; i++)
-    for (int j = 0; u->up[i].has_attn && j < u->up[i].n_layers; j++)
-      n += cross_layers (&u->up[i].attns[j]);
-  if (u->mid.present && u->mid.has_attn)
-    n += cross_layers (&u->mid.attn);
+  for (int i = 0; i < u->n_blocks; i++) {
+    const UNetBlock *b = part ? &u->up[i] : &u->down[i];
+    for (int j = 0; b->has_attn && j < b->n_layers; j++)
+      n += cross_layers (&b->attns[j]);
+  }
   return n;
 }
 
-/* fills plan (pointers into one array of n DiffuseBlkIp, returned) or sets error */
-static DiffuseBlkIp *
-ip_plan (DiffuseUNet *u, const DiffuseUNetForwardArgs *args, IpPlan *plan, GError **error)
+int
+diffuse_unet_n_cross_attention_layers (DiffuseUNet *u)
 {
-  memset (plan, 0, sizeof *plan);
+  return part_cross_layers (u, 0) + part_cross_layers (u, 1) +
+         (u->mid.present && u->mid.has_attn ? cross_layers (&u->mid.attn) : 0);
+}
+
+/* IP-Adapter: one DiffuseBlkIp per cross-attention layer, in diffusers'
+ * attn_processors order (down blocks, up blocks, mid block); NULL without
+ * one, or with *error set */
+static DiffuseBlkIp *
+ip_layers (DiffuseUNet *u, const DiffuseUNetForwardArgs *args, GError **error)
+{
   if (!args || !args->ip_tokens)
     return NULL;
   const int n = diffuse_unet_n_cross_attention_layers (u);
-  if (args->n_ip_layers != n || !args->ip_k || !args->ip_v || u->n_blocks > 8) {
+  if (args->n_ip_layers != n || !args->ip_k || !args->ip_v) {
     arg_error (error, "%s: the IP-Adapter has %d cross-attention layers, the model %d", u->label, args->n_ip_layers,
                n);
     return NULL;
   }
   DiffuseBlkIp *all = g_new0 (DiffuseBlkIp, MAX (n, 1));
-  int k = 0;
-#define TAKE(t, slot)                                                                        \
-  G_STMT_START {                                                                             \
-    (slot) = all + k;                                                                        \
-    for (int b_ = 0; b_ < cross_layers (t); b_++, k++) {                                     \
-      all[k].tokens = args->ip_tokens;                                                       \
-      all[k].k_w = args->ip_k[k];                                                            \
-      all[k].v_w = args->ip_v[k];                                                            \
-      all[k].scale = args->ip_scale;                                                         \
-    }                                                                                        \
-  } G_STMT_END
-  for (int i = 0; i < u->n_blocks; i++)
-    for (int j = 0; u->down[i].has_attn && j < u->down[i].n_layers && j < 8; j++)
-      TAKE (&u->down[i].attns[j], plan->down[i][j]);
-  for (int i = 0; i < u->n_blocks; i++)
-    for (int j = 0; u->up[i].has_attn && j < u->up[i].n_layers && j < 8; j++)
-      TAKE (&u->up[i].attns[j], plan->up[i][j]);
-  if (u->mid.present && u->mid.has_attn)
-    TAKE (&u->mid.attn, plan->mid);
-#undef TAKE
+  for (int k = 0; k < n; k++) {
+    all[k].tokens = args->ip_tokens;
+    all[k].k_w = args->ip_k[k];
+    all[k].v_w = args->ip_v[k];
+    all[k].scale = args->ip_scale;
+  }
   return all;
+}
+
+/* the layers of transformer t, *next moved past them (NULL without IP-Adapter) */
+static const DiffuseBlkIp *
+ip_take (DiffuseBlkIp *all, int *next, const DiffuseBlkTransformer2D *t)
+{
+  if (!all)
+    return NULL;
+  const DiffuseBlkIp *r = all + *next;
+  *next += cross_layers (t);
+  return r;
 }
 
 static DiffuseTensor *forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t,
@@ -976,8 +973,6 @@ forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t, DiffuseTe
   const int n = u->n_blocks;
   DiffuseTensor *x = NULL, *emb = NULL, *ctx = NULL;
   DiffuseBlkIp *ip_all = NULL;
-  IpPlan ip;
-  memset (&ip, 0, sizeof ip);
   DiffuseTensor **res = NULL;
   int n_res = 0;
   gboolean failed = FALSE;
@@ -1011,11 +1006,13 @@ forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t, DiffuseTe
     goto fail;
 
   GError *ip_err = NULL;
-  ip_all = ip_plan (u, args, &ip, &ip_err);
+  ip_all = ip_layers (u, args, &ip_err);
   if (ip_err) {
     g_propagate_error (error, ip_err);
     goto fail_set;
   }
+  /* the forward visits down, mid, up; the layers are numbered down, up, mid */
+  int ip_down = 0, ip_up = ip_all ? part_cross_layers (u, 0) : 0, ip_mid = ip_all ? ip_up + part_cross_layers (u, 1) : 0;
 
   /* 3. down: every resnet/attention output and every downsampler output is kept */
   int max_res = 1;
@@ -1028,7 +1025,7 @@ forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t, DiffuseTe
     for (int j = 0; j < b->n_layers; j++) {
       x = swap (x, diffuse_blk_resnet_forward (&b->resnets[j], x, emb));
       if (b->has_attn)
-        x = swap (x, diffuse_blk_transformer2d_forward_ip (&b->attns[j], x, ctx, j < 8 ? ip.down[i][j] : NULL));
+        x = swap (x, diffuse_blk_transformer2d_forward_ip (&b->attns[j], x, ctx, ip_take (ip_all, &ip_down, &b->attns[j])));
       if (!x) {
         failed = TRUE;
         break;
@@ -1079,7 +1076,7 @@ forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t, DiffuseTe
       }
     }
     if (u->mid.has_attn) {
-      x = swap (x, diffuse_blk_transformer2d_forward_ip (&u->mid.attn, x, ctx, ip.mid));
+      x = swap (x, diffuse_blk_transformer2d_forward_ip (&u->mid.attn, x, ctx, ip_take (ip_all, &ip_mid, &u->mid.attn)));
       x = swap (x, diffuse_blk_resnet_forward (&u->mid.resnets[1], x, emb));
     }
     if (!x)
@@ -1120,7 +1117,7 @@ forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t, DiffuseTe
       x = swap (x, cat);
       x = swap (x, diffuse_blk_resnet_forward (&b->resnets[j], x, emb));
       if (b->has_attn)
-        x = swap (x, diffuse_blk_transformer2d_forward_ip (&b->attns[j], x, ctx, j < 8 ? ip.up[i][j] : NULL));
+        x = swap (x, diffuse_blk_transformer2d_forward_ip (&b->attns[j], x, ctx, ip_take (ip_all, &ip_up, &b->attns[j])));
       if (!x)
         goto fail;
     }
