@@ -502,17 +502,23 @@ GST_END_TEST;
 
 /* ---- the safety checker ------------------------------------------------------------ */
 
+static const char *
+fixtures_root (void)
+{
+  const char *fx = g_getenv ("DIFFUSE_FIXTURES");
+  return fx ? fx : TEST_FIXTURES_DIR;
+}
+
 /* tiny-sd's components + fixtures/safety's checker and feature extractor in tmp/safe */
 static gchar *
 model_with_safety_checker (const char *tmp)
 {
-  const char *fx = g_getenv ("DIFFUSE_FIXTURES");
+  const char *fx = fixtures_root ();
   gchar *dst = g_build_filename (tmp, "safe", NULL);
   gchar *cmd = g_strdup_printf ("mkdir -p '%s' && cd '%s' && for c in unet vae text_encoder tokenizer scheduler; do "
                                 "ln -s '%s/pipelines/tiny-sd/'$c $c; done && ln -s '%s/safety/safety_checker' "
                                 "safety_checker && ln -s '%s/safety/feature_extractor' feature_extractor",
-                                dst, dst, fx ? fx : TEST_FIXTURES_DIR, fx ? fx : TEST_FIXTURES_DIR,
-                                fx ? fx : TEST_FIXTURES_DIR);
+                                dst, dst, fx, fx, fx);
   fail_unless_equals_int (system (cmd), 0);
   g_free (cmd);
   gchar *index = g_build_filename (dst, "model_index.json", NULL);
@@ -639,11 +645,20 @@ GST_START_TEST (test_safety_checker)
 }
 GST_END_TEST;
 
-/* The largest difference in levels between an RGB frame and an 8-bit [H, W, 3]
- * fixture entry (diffusers' image). */
+/* Plays h (an RGB source, num-buffers 1), pulls its frame and returns the
+ * largest difference in levels from entry id (8-bit [H, W, 3], diffusers'
+ * image) of the fixture file rel; tears h down. */
 static int
-frame_level_diff (GstHarness *h, GstBuffer *buf, const DiffuseStEntry *e)
+frame_level_diff (GstHarness *h, const char *rel, const char *id)
 {
+  gchar *path = g_build_filename (fixtures_root (), rel, NULL);
+  DiffuseSafetensors *st = diffuse_safetensors_open (path, NULL);
+  fail_unless (st != NULL, "%s", path);
+  const DiffuseStEntry *e = diffuse_safetensors_find (st, id);
+  fail_unless (e != NULL && e->dtype == DIFFUSE_ST_U8, "%s: %s", path, id);
+  gst_harness_play (h);
+  GstBuffer *buf = gst_harness_pull (h);
+  fail_unless (buf != NULL);
   GstVideoInfo info = current_info (h);
   fail_unless (GST_VIDEO_INFO_FORMAT (&info) == GST_VIDEO_FORMAT_RGB && GST_VIDEO_INFO_WIDTH (&info) == e->shape[1] &&
                GST_VIDEO_INFO_HEIGHT (&info) == e->shape[0]);
@@ -657,6 +672,10 @@ frame_level_diff (GstHarness *h, GstBuffer *buf, const DiffuseStEntry *e)
       maxd = MAX (maxd, ABS ((int) row[i] - (int) ((const guint8 *) e->data)[(gsize) y * W * 3 + i]));
   }
   gst_video_frame_unmap (&f);
+  gst_buffer_unref (buf);
+  gst_harness_teardown (h);
+  diffuse_safetensors_unref (st);
+  g_free (path);
   return maxd;
 }
 
@@ -664,27 +683,14 @@ frame_level_diff (GstHarness *h, GstBuffer *buf, const DiffuseStEntry *e)
 
 GST_START_TEST (test_sag_scale)
 {
-  const char *fx = g_getenv ("DIFFUSE_FIXTURES");
-  gchar *path = g_build_filename (fx ? fx : TEST_FIXTURES_DIR, "sag", "images.safetensors", NULL);
-  GError *err = NULL;
-  DiffuseSafetensors *st = diffuse_safetensors_open (path, &err);
-  fail_unless (st != NULL, "%s: %s", path, err ? err->message : "?");
-  const DiffuseStEntry *e = diffuse_safetensors_find (st, "pndm-cfg");   /* make_sag_fixtures.py's first case */
-  fail_unless (e != NULL && e->dtype == DIFFUSE_ST_U8);
   GstHarness *h = new_src ("video/x-raw,format=RGB,width=32,height=32", 4, 33);
   gdouble def = -1;
   g_object_get (h->element, "sag-scale", &def, NULL);
   fail_unless_equals_float (def, 0.0);
   g_object_set (h->element, "prompt", "a red circle", "guidance-scale", 7.5, "sag-scale", 0.75, "num-buffers", 1, NULL);
-  gst_harness_play (h);
-  GstBuffer *buf = gst_harness_pull (h);
-  fail_unless (buf != NULL);
-  const int maxd = frame_level_diff (h, buf, e);
+  /* make_sag_fixtures.py's first case */
+  const int maxd = frame_level_diff (h, "sag/images.safetensors", "pndm-cfg");
   fail_unless (maxd <= 1, "the frame is %d levels from diffusers' StableDiffusionSAGPipeline image", maxd);
-  gst_buffer_unref (buf);
-  gst_harness_teardown (h);
-  diffuse_safetensors_unref (st);
-  g_free (path);
 }
 GST_END_TEST;
 
@@ -692,24 +698,13 @@ GST_END_TEST;
 
 GST_START_TEST (test_lora)
 {
-  const char *fx = g_getenv ("DIFFUSE_FIXTURES");
-  const char *root = fx ? fx : TEST_FIXTURES_DIR;
-  gchar *path = g_build_filename (root, "lora", "images.safetensors", NULL);
-  DiffuseSafetensors *st = diffuse_safetensors_open (path, NULL);
-  fail_unless (st != NULL);
+  const char *root = fixtures_root ();
   /* make_lora_fixtures.py: a at weight 0.6 with b at 1.5, 3 steps, seed 21, 32x32 */
-  const DiffuseStEntry *e = diffuse_safetensors_find (st, "ab");
-  fail_unless (e != NULL && e->dtype == DIFFUSE_ST_U8);
   gchar *spec = g_strdup_printf ("%s/lora/a:0.6, %s/lora/b/pytorch_lora_weights.safetensors:1.5", root, root);
   GstHarness *h = new_src ("video/x-raw,format=RGB,width=32,height=32", 3, 21);
   g_object_set (h->element, "prompt", "a red circle", "guidance-scale", 7.5, "lora", spec, "num-buffers", 1, NULL);
-  gst_harness_play (h);
-  GstBuffer *buf = gst_harness_pull (h);
-  fail_unless (buf != NULL);
-  const int maxd = frame_level_diff (h, buf, e);
+  const int maxd = frame_level_diff (h, "lora/images.safetensors", "ab");
   fail_unless (maxd <= 1, "the frame is %d levels from diffusers' image with both adapters", maxd);
-  gst_buffer_unref (buf);
-  gst_harness_teardown (h);
 
   /* a missing file: an error at start naming the property's value */
   GstElement *el = gst_element_factory_make ("diffusetext2img", NULL);
@@ -721,8 +716,6 @@ GST_START_TEST (test_lora)
   gst_object_unref (el);
   g_free (model);
   g_free (spec);
-  diffuse_safetensors_unref (st);
-  g_free (path);
 }
 GST_END_TEST;
 
@@ -730,25 +723,14 @@ GST_END_TEST;
 
 GST_START_TEST (test_ip_adapter)
 {
-  const char *fx = g_getenv ("DIFFUSE_FIXTURES");
-  const char *root = fx ? fx : TEST_FIXTURES_DIR;
-  gchar *path = g_build_filename (root, "ip-adapter", "images.safetensors", NULL);
-  DiffuseSafetensors *st = diffuse_safetensors_open (path, NULL);
-  fail_unless (st != NULL);
-  const DiffuseStEntry *e = diffuse_safetensors_find (st, "cfg-s1");   /* make_ip_adapter_fixtures.py */
-  fail_unless (e != NULL && e->dtype == DIFFUSE_ST_U8);
-  gchar *dir = g_build_filename (root, "ip-adapter", NULL), *png = g_build_filename (dir, "input.png", NULL);
+  gchar *dir = g_build_filename (fixtures_root (), "ip-adapter", NULL), *png = g_build_filename (dir, "input.png", NULL);
   GstHarness *h = new_src ("video/x-raw,format=RGB,width=32,height=32", 3, 5);
   g_object_set (h->element, "prompt", "a red circle", "guidance-scale", 7.5, "ip-adapter", dir,
                 "ip-adapter-weight-name", "ip-adapter_tiny.safetensors", "ip-adapter-image", png, "num-buffers", 1,
                 NULL);
-  gst_harness_play (h);
-  GstBuffer *buf = gst_harness_pull (h);
-  fail_unless (buf != NULL);
-  const int maxd = frame_level_diff (h, buf, e);
+  /* make_ip_adapter_fixtures.py */
+  const int maxd = frame_level_diff (h, "ip-adapter/images.safetensors", "cfg-s1");
   fail_unless (maxd <= 1, "the frame is %d levels from diffusers' image with the IP-Adapter", maxd);
-  gst_buffer_unref (buf);
-  gst_harness_teardown (h);
 
   /* the adapter without an image: an error at start naming what is missing */
   GstElement *el = gst_element_factory_make ("diffusetext2img", NULL);
@@ -765,8 +747,6 @@ GST_START_TEST (test_ip_adapter)
   g_free (model);
   g_free (png);
   g_free (dir);
-  diffuse_safetensors_unref (st);
-  g_free (path);
 }
 GST_END_TEST;
 
