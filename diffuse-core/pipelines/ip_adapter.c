@@ -60,7 +60,7 @@ ip_file (const char *ref, const char *subfolder, const char *name, DiffuseHubCli
       g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND, "IP-Adapter: %s is missing", path);
       g_clear_pointer (&path, g_free);
     }
-  } else if (strchr (ref, '/') && ref[0] != '/' && ref[0] != '.') {
+  } else if (diffuse_is_repo_id (ref)) {
     if (!*client)
       *client = diffuse_hub_client_new (NULL, error);
     if (*client)

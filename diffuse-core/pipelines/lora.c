@@ -127,22 +127,21 @@ meta_number (JsonObject *meta, const char *member, double def)
   return JSON_NODE_HOLDS_VALUE (n) && json_node_get_value_type (n) != G_TYPE_STRING ? json_node_get_double (n) : def;
 }
 
-/* "org/name" or "org/name/sub/file.safetensors": a Hub repo id (and a file in it) */
+/* "org/name" or "org/name/sub/file.safetensors": a Hub repo id (diffuse_is_repo_id)
+ * and a file in it; a missing "dir/x.safetensors" stays a local path */
 static gboolean
 split_repo (const char *ref, char **repo, char **file)
 {
-  if (!ref || ref[0] == '/' || ref[0] == '.' || ref[0] == '~' || strstr (ref, "..") || strchr (ref, '\\'))
-    return FALSE;
-  char **parts = g_strsplit (ref, "/", -1);
-  guint n = g_strv_length (parts);
-  /* (a missing "dir/x.safetensors" is a local path, not a repo named x.safetensors) */
-  gboolean ok = n >= 2 && *parts[0] && *parts[1] &&
-                (n == 2 ? !g_str_has_suffix (ref, ".safetensors") : g_str_has_suffix (ref, ".safetensors"));
+  const char *s1 = strchr (ref, '/'), *s2 = s1 ? strchr (s1 + 1, '/') : NULL;
+  char *r = s2 ? g_strndup (ref, s2 - ref) : g_strdup (ref);
+  gboolean ok = s1 && diffuse_is_repo_id (r) &&
+                (s2 ? g_str_has_suffix (s2 + 1, ".safetensors") : !g_str_has_suffix (ref, ".safetensors"));
   if (ok) {
-    *repo = g_strdup_printf ("%s/%s", parts[0], parts[1]);
-    *file = n > 2 ? g_strjoinv ("/", parts + 2) : NULL;
+    *repo = r;
+    *file = s2 ? g_strdup (s2 + 1) : NULL;
+  } else {
+    g_free (r);
   }
-  g_strfreev (parts);
   return ok;
 }
 
