@@ -44,11 +44,7 @@ host_values (DiffuseTensor *t)
 {
   if (!t)
     return NULL;
-  DiffuseTensor *h = diffuse_to_device (t, diffuse_device_cpu ());
-  DiffuseTensor *f = h ? diffuse_cast (h, DIFFUSE_DTYPE_F32) : NULL;
-  diffuse_tensor_clear (&h);
-  DiffuseTensor *c = f ? diffuse_contiguous (f) : NULL;
-  diffuse_tensor_clear (&f);
+  DiffuseTensor *c = diffuse_to_host_f32 (t);
   float *v = c ? g_memdup2 (diffuse_tensor_f32 (c), sizeof (float) * (size_t) diffuse_tensor_numel (c)) : NULL;
   diffuse_tensor_clear (&c);
   return v;

@@ -369,17 +369,6 @@ merge_config (DiffuseConfig *base, DiffuseConfig *over)
   return c;
 }
 
-static DiffuseTensor *
-host_f32 (DiffuseTensor *t)
-{
-  DiffuseTensor *h = diffuse_to_device (t, diffuse_device_cpu ());
-  DiffuseTensor *f = diffuse_cast (h, DIFFUSE_DTYPE_F32);
-  diffuse_tensor_clear (&h);
-  DiffuseTensor *c = diffuse_contiguous (f);
-  diffuse_tensor_clear (&f);
-  return c;
-}
-
 static void
 op_error (GError **error, const char *what)
 {
@@ -482,7 +471,7 @@ decode_frames (DiffuseAnimate *a, const DiffuseAnimateParams *p, DiffuseTensor *
     diffuse_tensor_unref (dc2);
     DiffuseTensor *dec = dcc ? diffuse_vae_decode (a->vae, dcc, &vp, error) : NULL;
     diffuse_tensor_unref (dcc);
-    DiffuseTensor *hd = dec ? host_f32 (dec) : NULL;
+    DiffuseTensor *hd = dec ? diffuse_to_host_f32 (dec) : NULL;
     diffuse_tensor_unref (dec);
     if (!hd) {
       op_error (error, "VAE decode");
@@ -632,7 +621,7 @@ diffuse_animate_generate (DiffuseAnimate *a, const DiffuseAnimateParams *params,
     diffuse_tensor_clear (&x);
     DiffuseTensor *out = x2 ? diffuse_unet_motion_forward (a->motion, x2, &t, 1, dembeds, NULL, error) : NULL;
     diffuse_tensor_clear (&x2);
-    DiffuseTensor *ho = out ? host_f32 (out) : NULL;
+    DiffuseTensor *ho = out ? diffuse_to_host_f32 (out) : NULL;
     diffuse_tensor_clear (&out);
     if (!ho) {
       op_error (error, "UNetMotionModel");

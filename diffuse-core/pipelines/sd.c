@@ -466,17 +466,6 @@ cancelled (const DiffuseSDParams *p, GError **error)
   return FALSE;
 }
 
-static DiffuseTensor *
-host_f32 (DiffuseTensor *t)
-{
-  DiffuseTensor *h = diffuse_to_device (t, diffuse_device_cpu ());
-  DiffuseTensor *f = diffuse_cast (h, DIFFUSE_DTYPE_F32);
-  diffuse_tensor_clear (&h);
-  DiffuseTensor *c = diffuse_contiguous (f);
-  diffuse_tensor_clear (&f);
-  return c;
-}
-
 static gboolean
 op_error (GError **error, const char *what)
 {
@@ -681,7 +670,7 @@ sag_guidance (DiffuseSD *sd, DiffuseScheduler *sched, const DiffuseSDParams *p, 
     }
   }
   /* the mask from the (unconditional) attention map */
-  DiffuseTensor *hp = host_f32 (probs);
+  DiffuseTensor *hp = diffuse_to_host_f32 (probs);
   gboolean ok = hp != NULL;
   const int L = map_hw[0] * map_hw[1];
   const int64_t rows = hp ? hp->shape[0] : 0;
@@ -744,7 +733,7 @@ sag_guidance (DiffuseSD *sd, DiffuseScheduler *sched, const DiffuseSDParams *p, 
     g_free (tv);
     diffuse_tensor_clear (&x);
     diffuse_tensor_clear (&e);
-    ho = out ? host_f32 (out) : NULL;
+    ho = out ? diffuse_to_host_f32 (out) : NULL;
     diffuse_tensor_clear (&out);
     if (!ho) {
       if (error && !*error)
@@ -950,7 +939,7 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     DiffuseTensor *z = diffuse_vae_posterior_sample (mean, logvar, noise_buf, error);
     diffuse_tensor_unref (mean);
     diffuse_tensor_unref (logvar);
-    DiffuseTensor *zh = z ? host_f32 (z) : NULL;
+    DiffuseTensor *zh = z ? diffuse_to_host_f32 (z) : NULL;
     diffuse_tensor_clear (&z);
     if (!zh) {
       if (error && !*error)
@@ -1021,7 +1010,7 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     diffuse_tensor_clear (&x);
     DiffuseTensor *out = x2 ? unet_step_run (&ustep, x2, t, error) : NULL;
     diffuse_tensor_clear (&x2);
-    DiffuseTensor *ho = out ? host_f32 (out) : NULL;
+    DiffuseTensor *ho = out ? diffuse_to_host_f32 (out) : NULL;
     diffuse_tensor_clear (&out);
     tm->unet_us += g_get_monotonic_time () - u0;
     tm->n_unet_calls++;
@@ -1086,7 +1075,7 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     diffuse_vae_default_params (&vp);
     DiffuseTensor *dec = dl2 ? diffuse_vae_decode (sd->vae, dl2, &vp, error) : NULL;
     diffuse_tensor_clear (&dl2);
-    DiffuseTensor *hd = dec ? host_f32 (dec) : NULL;
+    DiffuseTensor *hd = dec ? diffuse_to_host_f32 (dec) : NULL;
     diffuse_tensor_clear (&dec);
     if (!hd) {
       if (error && !*error)

@@ -101,6 +101,17 @@ diffuse_copy_into (DiffuseTensor *dst, DiffuseTensor *src)
 }
 
 DiffuseTensor *
+diffuse_to_host_f32 (DiffuseTensor *x)
+{
+  DiffuseTensor *h = diffuse_to_device (x, diffuse_device_cpu ());
+  DiffuseTensor *f = diffuse_cast (h, DIFFUSE_DTYPE_F32);
+  diffuse_tensor_clear (&h);
+  DiffuseTensor *c = diffuse_contiguous (f);
+  diffuse_tensor_clear (&f);
+  return c;
+}
+
+DiffuseTensor *
 diffuse_to_device (DiffuseTensor *x, DiffuseDevice *dev)
 {
   if (!x)

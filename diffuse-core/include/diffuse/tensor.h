@@ -145,6 +145,8 @@ DiffuseTensor *diffuse_contiguous (DiffuseTensor *x);          /* ref when alrea
 DiffuseTensor *diffuse_copy (DiffuseTensor *x);                /* always a new contiguous tensor */
 DiffuseTensor *diffuse_cast (DiffuseTensor *x, DiffuseDType dt); /* ref when same dtype */
 DiffuseTensor *diffuse_to_device (DiffuseTensor *x, DiffuseDevice *dev);
+/* x as a contiguous f32 tensor on the CPU (a ref when it already is one), to read its values */
+DiffuseTensor *diffuse_to_host_f32 (DiffuseTensor *x);
 DiffuseTensor *diffuse_concat (DiffuseTensor *const *xs, int n, int dim);
 /* Copy src into dst (same shape; any strides, dtypes may differ). */
 gboolean diffuse_copy_into (DiffuseTensor *dst, DiffuseTensor *src);
