@@ -389,42 +389,47 @@ k_weight_khwc (uint16_t *wt, const uint16_t *w, int64_t total, int Cin, int khw)
     wt[i] = w[ig_khwc_src (i, Cin, khw)];
 }
 
-/* Which convolutions take the implicit GEMM: DIFFUSE_CUDA_CONV=implicit every
- * one it can compute (grids smaller than the GPU split K, see igemm_splits),
- * =auto those whose grid covers every SM at least once (smaller ones — the
- * UNet's 8x8 .. 32x32 levels — keep im2col + cuBLAS), anything else none. */
-static gboolean
-igemm_ok (CudaCtx *c, int dt, const ConvGeom &g, int64_t N, int64_t Cout)
+/* DIFFUSE_CUDA_CONV: which convolutions take the implicit GEMM.  implicit:
+ * every one it can compute (grids smaller than the GPU split K, see
+ * igemm_splits); auto: those whose grid covers every SM at least once
+ * (smaller ones — the UNet's 8x8 .. 32x32 levels — keep im2col + cuBLAS);
+ * unset or anything else: none. */
+typedef enum { IG_OFF, IG_IMPLICIT, IG_AUTO } IgMode;
+
+static IgMode
+igemm_mode (void)
 {
   const char *e = g_getenv ("DIFFUSE_CUDA_CONV");
-  if (!e || (strcmp (e, "implicit") != 0 && strcmp (e, "auto") != 0))
-    return FALSE;
-  if ((dt != DIFFUSE_DTYPE_F16 && dt != DIFFUSE_DTYPE_BF16) || g.Cin % 8 != 0)
+  return !e ? IG_OFF : strcmp (e, "implicit") == 0 ? IG_IMPLICIT : strcmp (e, "auto") == 0 ? IG_AUTO : IG_OFF;
+}
+
+/* blocks of the implicit GEMM's grid without a split */
+static int64_t
+ig_blocks (int64_t NP, int64_t M)
+{
+  return ((NP + IG_BN - 1) / IG_BN) * ((M + IG_BM - 1) / IG_BM);
+}
+
+static gboolean
+igemm_ok (CudaCtx *c, IgMode mode, int dt, const ConvGeom &g, int64_t N, int64_t Cout)
+{
+  if (mode == IG_OFF || (dt != DIFFUSE_DTYPE_F16 && dt != DIFFUSE_DTYPE_BF16) || g.Cin % 8 != 0)
     return FALSE;
   const int64_t NP = N * g.P;
   if (g.K > G_MAXINT || NP > G_MAXINT - IG_BN || g.H * g.W > G_MAXINT || Cout > (int64_t) 65535 * IG_BM ||
       N > 65535)
     return FALSE;
-  if (strcmp (e, "auto") == 0) {
-    const int64_t blocks = ((NP + IG_BN - 1) / IG_BN) * ((Cout + IG_BM - 1) / IG_BM);
-    if (blocks < c->sm_count)
-      return FALSE;
-  }
-  return TRUE;
+  return mode != IG_AUTO || ig_blocks (NP, Cout) >= c->sm_count;
 }
 
-/* Splits of K for DIFFUSE_CUDA_CONV=implicit when the grid has fewer blocks
- * than two per SM: enough to reach two per SM, each split >= 4 K steps, at
- * most 64.  1: no split. */
+/* Splits of K under IG_IMPLICIT when the grid has fewer blocks than two per
+ * SM: enough to reach two per SM, each split >= 4 K steps, at most 64.
+ * 1: no split. */
 static int
-igemm_splits (CudaCtx *c, int64_t NP, int64_t M, int nk)
+igemm_splits (CudaCtx *c, IgMode mode, int64_t NP, int64_t M, int nk)
 {
-  const char *e = g_getenv ("DIFFUSE_CUDA_CONV");
-  if (!e || strcmp (e, "implicit") != 0)
-    return 1;
-  const int64_t blocks = ((NP + IG_BN - 1) / IG_BN) * ((M + IG_BM - 1) / IG_BM);
-  const int64_t target = 2 * (int64_t) MAX (c->sm_count, 1);
-  if (blocks >= target)
+  const int64_t blocks = ig_blocks (NP, M), target = 2 * (int64_t) MAX (c->sm_count, 1);
+  if (mode != IG_IMPLICIT || blocks >= target)
     return 1;
   int64_t want = (target + blocks - 1) / blocks;
   want = MIN (want, MIN ((int64_t) 64, (int64_t) nk / 4));
@@ -433,11 +438,11 @@ igemm_splits (CudaCtx *c, int64_t NP, int64_t M, int nk)
 
 template <typename T>
 static gboolean
-launch_igemm (CudaCtx *c, IgArgs<T> a, GError **error)
+launch_igemm (CudaCtx *c, IgMode mode, IgArgs<T> a, GError **error)
 {
   const int nk = (a.K + IG_BK - 1) / IG_BK;
   int ksteps = nk;
-  const int splits = ig_split (nk, igemm_splits (c, a.NP, a.M, nk), &ksteps);
+  const int splits = ig_split (nk, igemm_splits (c, mode, a.NP, a.M, nk), &ksteps);
   void *ws = NULL;
   if (splits > 1) {
     ws = dcu_scratch (c, (size_t) splits * a.M * a.NP * sizeof (float), error);
@@ -459,8 +464,8 @@ launch_igemm (CudaCtx *c, IgArgs<T> a, GError **error)
 }
 
 static gboolean
-conv_igemm (CudaCtx *c, DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *wc, DiffuseTensor *b, const ConvGeom &g,
-            GError **error)
+conv_igemm (CudaCtx *c, IgMode mode, DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *wc, DiffuseTensor *b,
+            const ConvGeom &g, GError **error)
 {
   const int dt = out->dtype;
   const int64_t N = x->shape[0], Cout = wc->shape[0], khw = g.kh * g.kw;
@@ -497,13 +502,13 @@ conv_igemm (CudaCtx *c, DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *wc,
     IgArgs<__half> a = { (const __half *) xt, (const __half *) wt, bf ? (const float *) dcu_ptr (bf) : NULL,
                          (__half *) dcu_ptr (out), (int) Cout, (int) g.K, (int) g.Cin, (int) g.H, (int) g.W,
                          (int) g.kw, (int) g.Wo, g.sh, g.sw, g.ph, g.pw, (int) g.P, (int) (N * g.P), NULL, 0 };
-    ok = launch_igemm (c, a, error);
+    ok = launch_igemm (c, mode, a, error);
   } else {
     IgArgs<__nv_bfloat16> a = { (const __nv_bfloat16 *) xt, (const __nv_bfloat16 *) wt,
                                 bf ? (const float *) dcu_ptr (bf) : NULL, (__nv_bfloat16 *) dcu_ptr (out),
                                 (int) Cout, (int) g.K, (int) g.Cin, (int) g.H, (int) g.W, (int) g.kw, (int) g.Wo,
                                 g.sh, g.sw, g.ph, g.pw, (int) g.P, (int) (N * g.P), NULL, 0 };
-    ok = launch_igemm (c, a, error);
+    ok = launch_igemm (c, mode, a, error);
   }
 done:
   dcu_scratch_free (c, xt);
@@ -547,8 +552,9 @@ dcu_conv2d (DiffuseTensor *out, DiffuseTensor *x, DiffuseTensor *w, DiffuseTenso
   if (!wc)
     return FALSE;
   const gboolean pointwise = g.kh == 1 && g.kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
-  if (!(pointwise && x->dtype == dt && diffuse_tensor_is_contiguous (x)) && igemm_ok (c, dt, g, N, Cout)) {
-    ok = conv_igemm (c, out, x, wc, b, g, error);   /* bias added in its epilogue */
+  const IgMode mode = igemm_mode ();
+  if (!(pointwise && x->dtype == dt && diffuse_tensor_is_contiguous (x)) && igemm_ok (c, mode, dt, g, N, Cout)) {
+    ok = conv_igemm (c, mode, out, x, wc, b, g, error);   /* bias added in its epilogue */
     diffuse_tensor_unref (wc);
     return ok;
   }
