@@ -284,13 +284,19 @@ diffuse_weights_new_patched (DiffuseWeights *base, GHashTable *patches, const ch
   DiffuseWeights *w = g_new0 (DiffuseWeights, 1);
   w->ref_count = 1;
   g_mutex_init (&w->lock);
+  /* a patched base: its files, its patches and then these (these win) */
   w->base = diffuse_weights_ref (base->base ? base->base : base);
   w->patches = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, (GDestroyNotify) diffuse_tensor_unref);
-  GHashTableIter it;
-  gpointer k, v;
-  g_hash_table_iter_init (&it, patches);
-  while (g_hash_table_iter_next (&it, &k, &v))
-    g_hash_table_insert (w->patches, g_strdup (k), diffuse_tensor_ref (v));
+  GHashTable *layers[2] = { base->base ? base->patches : NULL, patches };
+  for (int l = 0; l < 2; l++) {
+    if (!layers[l])
+      continue;
+    GHashTableIter it;
+    gpointer k, v;
+    g_hash_table_iter_init (&it, layers[l]);
+    while (g_hash_table_iter_next (&it, &k, &v))
+      g_hash_table_insert (w->patches, g_strdup (k), diffuse_tensor_ref (v));
+  }
   w->describe = g_strdup_printf ("%s + %s", diffuse_weights_describe (w->base), what ? what : "patches");
   return w;
 }
