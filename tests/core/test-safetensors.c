@@ -1407,6 +1407,49 @@ test_ours_python_roundtrip (void)
   g_free (dir);
 }
 
+/* diffuse_weights_new_patched: named tensors replaced, the rest the base's own
+ * (the same objects), and a patch over a patched set keeps the first patches */
+static void
+test_weights_patched (void)
+{
+  GError *err = NULL;
+  char *path = tu_fixture ("pipelines/tiny-sd/vae/diffusion_pytorch_model.safetensors");
+  const char *paths[] = { path, NULL };
+  DiffuseWeights *base = diffuse_weights_open (paths, &err);
+  g_assert_no_error (err);
+  guint n = 0;
+  const char **names = diffuse_weights_names (base, &n);
+  g_assert_cmpuint (n, >=, 2);
+  const char *a = names[0], *b = names[1];
+  DiffuseTensor *ta = diffuse_weights_get (base, a, DIFFUSE_DTYPE_F32, diffuse_device_cpu (), &err);
+  DiffuseTensor *tb = diffuse_weights_get (base, b, DIFFUSE_DTYPE_F32, diffuse_device_cpu (), &err);
+  g_assert_no_error (err);
+  DiffuseTensor *pa = diffuse_scale (ta, 2.0f, 1.0f), *pb = diffuse_scale (tb, -1.0f, 0.0f);
+  GHashTable *p1 = g_hash_table_new (g_str_hash, g_str_equal), *p2 = g_hash_table_new (g_str_hash, g_str_equal);
+  g_hash_table_insert (p1, (gpointer) a, pa);
+  g_hash_table_insert (p2, (gpointer) b, pb);
+  DiffuseWeights *w1 = diffuse_weights_new_patched (base, p1, "one");
+  DiffuseWeights *w2 = diffuse_weights_new_patched (w1, p2, "two");
+  g_assert_true (diffuse_weights_has (w2, a) && diffuse_weights_entry (w2, b) == diffuse_weights_entry (base, b));
+  DiffuseTensor *ga = diffuse_weights_get (w2, a, DIFFUSE_DTYPE_F32, diffuse_device_cpu (), &err);
+  DiffuseTensor *gb = diffuse_weights_get (w2, b, DIFFUSE_DTYPE_F32, diffuse_device_cpu (), &err);
+  DiffuseTensor *g1b = diffuse_weights_get (w1, b, DIFFUSE_DTYPE_F32, diffuse_device_cpu (), &err);
+  g_assert_no_error (err);
+  g_assert_cmpfloat (diffuse_tensor_max_abs_diff (ga, pa), ==, 0.0);
+  g_assert_cmpfloat (diffuse_tensor_max_abs_diff (gb, pb), ==, 0.0);
+  g_assert_true (g1b == tb);   /* unpatched: the base's own tensor */
+  DiffuseTensor *all[] = { ta, tb, pa, pb, ga, gb, g1b };
+  for (guint i = 0; i < G_N_ELEMENTS (all); i++)
+    diffuse_tensor_unref (all[i]);
+  diffuse_weights_unref (w2);
+  diffuse_weights_unref (w1);
+  g_hash_table_unref (p1);
+  g_hash_table_unref (p2);
+  g_free (names);
+  diffuse_weights_unref (base);
+  g_free (path);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -1425,6 +1468,7 @@ main (int argc, char **argv)
   g_test_add_func ("/safetensors/write/shard-rule", test_shard_rule);
   g_test_add_func ("/safetensors/write/matches-save-pretrained", test_writer_matches_diffusers_shards);
   g_test_add_func ("/safetensors/weights/errors", test_weights_errors);
+  g_test_add_func ("/safetensors/weights/patched", test_weights_patched);
   g_test_add_func ("/safetensors/ours/write", test_ours_write);
   g_test_add_func ("/safetensors/ours/python-roundtrip", test_ours_python_roundtrip);
   return g_test_run ();
