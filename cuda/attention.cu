@@ -10,11 +10,13 @@
  * Semantics are the CPU backend's: scores = scale * q.k + mask, causal keys
  * after the query masked, a row with every key masked gives zeros.
  *
- * Two kernels: the simple one below (CUDA cores, f32 FMA, any dtype, head
- * dims up to what shared memory holds) and a tensor-core one (WMMA,
- * f16/bf16 with D == Dv <= 256), used for f16/bf16 unless
- * DIFFUSE_CUDA_ATTN=simple.  Head dims neither holds (the VAE's 512) take an
- * unfused cuBLAS path (sdpa_unfused; DIFFUSE_CUDA_ATTN=unfused forces it). */
+ * Three fused kernels: the simple one below (CUDA cores, f32 FMA, any
+ * dtype, head dims up to what shared memory holds), a WMMA one (f16/bf16,
+ * D == Dv <= 256, masks and causal) and a FlashAttention-2-style one
+ * (k_flash: mma.sync with the scores in registers; f16/bf16, no mask, D % 8
+ * == 0, D <= 160 — every attention of the SD UNets and motion modules).
+ * Head dims no fused kernel holds (the VAE's 512) take an unfused cuBLAS
+ * path (sdpa_unfused).  The choice per call: attn_path (DIFFUSE_CUDA_ATTN). */
 #include "common.cuh"
 #include <string.h>
 
@@ -307,15 +309,30 @@ k_attention_wmma (AttnArgs a, int DP)
   }
 }
 
+/* DIFFUSE_CUDA_ATTN: the path of f16/bf16 attention.  flash, wmma, simple,
+ * unfused: that kernel wherever it applies (else the next that does);
+ * unset (auto): the flash kernel where it applies, else the WMMA one for
+ * short key sequences (Lk <= 128: the cross-attentions) and the unfused
+ * cuBLAS path for longer ones, where it was measured faster (docs/gpu-check.md). */
+typedef enum { ATTN_AUTO, ATTN_FLASH, ATTN_WMMA, ATTN_SIMPLE, ATTN_UNFUSED } AttnPath;
+
+static AttnPath
+attn_path (void)
+{
+  const char *e = g_getenv ("DIFFUSE_CUDA_ATTN");
+  if (!e)
+    return ATTN_AUTO;
+  return strcmp (e, "flash") == 0 ? ATTN_FLASH : strcmp (e, "wmma") == 0 ? ATTN_WMMA
+       : strcmp (e, "simple") == 0 ? ATTN_SIMPLE : strcmp (e, "unfused") == 0 ? ATTN_UNFUSED : ATTN_AUTO;
+}
+
 static gboolean
 use_wmma (CudaCtx *c, DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor *v)
 {
   if (out->dtype == DIFFUSE_DTYPE_F32 || q->dtype != out->dtype || k->dtype != out->dtype || v->dtype != out->dtype)
     return FALSE;
-  if (q->shape[3] != v->shape[3] || q->shape[3] > 256 || wmma_smem ((q->shape[3] + 15) / 16 * 16) > c->smem_optin)
-    return FALSE;
-  const char *e = g_getenv ("DIFFUSE_CUDA_ATTN");
-  return !(e && (strcmp (e, "simple") == 0 || strcmp (e, "unfused") == 0));
+  return q->shape[3] == v->shape[3] && q->shape[3] <= 256 &&
+         wmma_smem ((q->shape[3] + 15) / 16 * 16) <= c->smem_optin;
 }
 
 template <typename T>
@@ -335,6 +352,320 @@ launch_wmma (CudaCtx *c, const AttnArgs &a, int64_t BH, GError **error)
   dim3 grid ((unsigned) ((a.Lq + WM - 1) / WM), (unsigned) BH);
   k_attention_wmma<T><<<grid, WT, smem, c->stream>>> (a, DP);
   return dcu_check_launch (error, "attention (tensor cores)");
+}
+
+/* ---- FlashAttention-2-style kernel (mma.sync, scores in registers) --------
+ * The WMMA kernel above stages every score tile through shared memory (its
+ * fragments' layout is opaque); measured on an H200 it lost to the unfused
+ * cuBLAS path at every self-attention shape of SD 1.5 (2.26 vs 1.73 ms at
+ * 64x64).  This one uses the PTX m16n8k16 instruction, whose fragment
+ * layout is documented, so the scores, the online softmax and P never leave
+ * registers:
+ *   - a block owns FA_BM = 64 query rows of one (batch, head), 4 warps of 16
+ *     rows; keys go in tiles of FA_BN = 64, double-buffered in shared memory
+ *     by cp.async (16-byte copies, zero-filled past Lk and past D);
+ *   - per tile a warp computes S = Q K^T (16 x 64, f32 accumulators: thread
+ *     (g = lane / 4, t = lane % 4) holds rows g and g + 8, columns 8n + 2t,
+ *     8n + 2t + 1 of each 8-key slice n), scales by scale * log2 e, takes the
+ *     row max over its 16 values and the 3 other threads of the row (two
+ *     shuffles), rescales the running output by exp2 (m_old - m_new) and
+ *     turns its own accumulators into the A operand of P V (the C layout of
+ *     two adjacent 8-key slices is the A layout of one 16-key step);
+ *   - V's B operand comes from ldmatrix .trans (V stays [key][d]);
+ *   - the row sums stay per thread until the end (one correction factor per
+ *     row, the same in the row's 4 threads), then O / l is stored.
+ * Rows of shared memory are DP + 8 elements long: 16-byte row starts and no
+ * bank conflict for the fragment loads.  Requirements (flash_ok): f16/bf16
+ * q, k, v and out; no mask, not causal; D == Dv, D % 8 == 0, D <= 160;
+ * unit stride along D and 16-byte aligned rows (SD's [B, L, H * D] views
+ * qualify). */
+#define FA_BN 64
+
+template <typename T> struct FaMma;
+template <> struct FaMma<__half> {
+  static __device__ __forceinline__ void run (float *c, const uint32_t *a, uint32_t b0, uint32_t b1)
+  {
+    asm volatile ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                  "{%0,%1,%2,%3};\n"
+                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack (float lo, float hi)
+  {
+    __half2 h = __floats2half2_rn (lo, hi);
+    return *reinterpret_cast<uint32_t *> (&h);
+  }
+};
+template <> struct FaMma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run (float *c, const uint32_t *a, uint32_t b0, uint32_t b1)
+  {
+    asm volatile ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                  "{%0,%1,%2,%3};\n"
+                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack (float lo, float hi)
+  {
+    __nv_bfloat162 h = __floats2bfloat162_rn (lo, hi);
+    return *reinterpret_cast<uint32_t *> (&h);
+  }
+};
+
+__device__ __forceinline__ void
+fa_cp16 (void *dst, const void *src, bool valid)
+{
+  const unsigned s = (unsigned) __cvta_generic_to_shared (dst);
+  const int n = valid ? 16 : 0;   /* 0: the 16 bytes are zero-filled, nothing is read */
+  asm volatile ("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(n));
+}
+
+/* rows [r0, r0 + ROWS) of a [L][D] slice (row stride rs elements, unit
+ * stride along D) into dst [ROWS][SR], in 16-byte pieces; rows >= L and
+ * columns >= D are zeros */
+template <typename T, int DP, int ROWS, int NT>
+__device__ __forceinline__ void
+fa_load_tile (T *dst, const T *src, int64_t rs, int64_t r0, int64_t L, int D)
+{
+  constexpr int SR = DP + 8, CH = DP / 8;
+  for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
+    const int r = i / CH, ch = i - r * CH;
+    const bool valid = r0 + r < L && ch * 8 < D;
+    fa_cp16 (dst + r * SR + ch * 8, valid ? src + (r0 + r) * rs + ch * 8 : src, valid);
+  }
+}
+
+template <typename T, int DP, int NW>
+__global__ void __launch_bounds__ (NW * 32)
+k_flash (AttnArgs a)
+{
+  constexpr int SR = DP + 8, FA_BM = NW * 16, NT = NW * 32;
+  extern __shared__ __align__ (128) unsigned char sm[];
+  T *Qs = (T *) sm;                /* [FA_BM][SR] */
+  T *Ks = Qs + FA_BM * SR;         /* [2][64][SR] */
+  T *Vs = Ks + 2 * FA_BN * SR;     /* [2][64][SR] */
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+  const int64_t bh = blockIdx.y, b = bh / a.H, h = bh - b * a.H;
+  const int64_t q0 = (int64_t) blockIdx.x * FA_BM;
+  const T *qp = (const T *) a.q + b * a.qs[0] + h * a.qs[1];
+  const T *kp = (const T *) a.k + b * a.ks[0] + h * a.ks[1];
+  const T *vp = (const T *) a.v + b * a.vs[0] + h * a.vs[1];
+  const int D = (int) a.D;
+
+  fa_load_tile<T, DP, FA_BM, NT> (Qs, qp, a.qs[2], q0, a.Lq, D);
+  fa_load_tile<T, DP, FA_BN, NT> (Ks, kp, a.ks[2], 0, a.Lk, D);
+  fa_load_tile<T, DP, FA_BN, NT> (Vs, vp, a.vs[2], 0, a.Lk, D);
+  asm volatile ("cp.async.commit_group;\n" ::);
+
+  float o[DP / 8][4];
+#pragma unroll
+  for (int j = 0; j < DP / 8; j++)
+    o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+  const float sl = a.scale * 1.4426950408889634f;   /* exp (x) = exp2 (x log2 e) */
+  const int ntiles = (int) ((a.Lk + FA_BN - 1) / FA_BN);
+
+  for (int it = 0; it < ntiles; it++) {
+    const int cur = it & 1;
+    if (it + 1 < ntiles) {
+      const int64_t k1 = (int64_t) (it + 1) * FA_BN;
+      fa_load_tile<T, DP, FA_BN, NT> (Ks + (cur ^ 1) * FA_BN * SR, kp, a.ks[2], k1, a.Lk, D);
+      fa_load_tile<T, DP, FA_BN, NT> (Vs + (cur ^ 1) * FA_BN * SR, vp, a.vs[2], k1, a.Lk, D);
+      asm volatile ("cp.async.commit_group;\n" ::);
+      asm volatile ("cp.async.wait_group 1;\n" ::);
+    } else {
+      asm volatile ("cp.async.wait_group 0;\n" ::);
+    }
+    __syncthreads ();   /* tile it (and Q) visible to every warp */
+    const T *Kc = Ks + cur * FA_BN * SR, *Vc = Vs + cur * FA_BN * SR;
+
+    /* S = Q K^T: 16 rows x 64 keys per warp */
+    float s[FA_BN / 8][4];
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; n++)
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; kk++) {
+      const T *qr = Qs + (warp * 16 + g) * SR + kk * 16 + 2 * t4;
+      uint32_t af[4];
+      af[0] = *(const uint32_t *) qr;                   /* row g,     k 2t, 2t+1 */
+      af[1] = *(const uint32_t *) (qr + 8 * SR);        /* row g + 8, k 2t, 2t+1 */
+      af[2] = *(const uint32_t *) (qr + 8);             /* row g,     k 2t+8, 2t+9 */
+      af[3] = *(const uint32_t *) (qr + 8 * SR + 8);    /* row g + 8, k 2t+8, 2t+9 */
+#pragma unroll
+      for (int n = 0; n < FA_BN / 8; n++) {
+        const T *kr = Kc + (n * 8 + g) * SR + kk * 16 + 2 * t4;   /* B[k][n] = K[key n][d k] */
+        FaMma<T>::run (s[n], af, *(const uint32_t *) kr, *(const uint32_t *) (kr + 8));
+      }
+    }
+
+    /* online softmax in registers (rows g and g + 8 of the warp) */
+    const int64_t kv0 = (int64_t) it * FA_BN;
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; n++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const bool in = kv0 + n * 8 + 2 * t4 + e < a.Lk;
+        s[n][e] = in ? s[n][e] * sl : -INFINITY;
+        s[n][2 + e] = in ? s[n][2 + e] * sl : -INFINITY;
+        mx0 = fmaxf (mx0, s[n][e]);
+        mx1 = fmaxf (mx1, s[n][2 + e]);
+      }
+    mx0 = fmaxf (mx0, __shfl_xor_sync (0xffffffffu, mx0, 1));
+    mx0 = fmaxf (mx0, __shfl_xor_sync (0xffffffffu, mx0, 2));
+    mx1 = fmaxf (mx1, __shfl_xor_sync (0xffffffffu, mx1, 1));
+    mx1 = fmaxf (mx1, __shfl_xor_sync (0xffffffffu, mx1, 2));
+    /* every tile holds at least one key < Lk: the new maxima are finite */
+    const float mn0 = fmaxf (m0, mx0), mn1 = fmaxf (m1, mx1);
+    const float c0 = exp2f (m0 - mn0), c1 = exp2f (m1 - mn1);   /* 0 on the first tile */
+    m0 = mn0;
+    m1 = mn1;
+    uint32_t pf[FA_BN / 16][4];
+    float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+    for (int n = 0; n < FA_BN / 8; n++) {
+      const float p00 = exp2f (s[n][0] - mn0), p01 = exp2f (s[n][1] - mn0);
+      const float p10 = exp2f (s[n][2] - mn1), p11 = exp2f (s[n][3] - mn1);
+      ps0 += p00 + p01;
+      ps1 += p10 + p11;
+      /* C of slices 2kk, 2kk + 1 = A of key step kk */
+      pf[n >> 1][(n & 1) * 2 + 0] = FaMma<T>::pack (p00, p01);
+      pf[n >> 1][(n & 1) * 2 + 1] = FaMma<T>::pack (p10, p11);
+    }
+    l0 = l0 * c0 + ps0;
+    l1 = l1 * c1 + ps1;
+#pragma unroll
+    for (int j = 0; j < DP / 8; j++) {
+      o[j][0] *= c0;
+      o[j][1] *= c0;
+      o[j][2] *= c1;
+      o[j][3] *= c1;
+    }
+
+    /* O += P V: ldmatrix .x4 .trans gives the B operands of two 8-column
+     * slices of V for one 16-key step (lanes 0-15: keys 0-15 of columns
+     * 16jp..+7, lanes 16-31: the same keys, columns +8..+15) */
+#pragma unroll
+    for (int kk = 0; kk < FA_BN / 16; kk++)
+#pragma unroll
+      for (int jp = 0; jp < DP / 16; jp++) {
+        const T *vr = Vc + (kk * 16 + (lane & 15)) * SR + jp * 16 + (lane >> 4) * 8;
+        const unsigned addr = (unsigned) __cvta_generic_to_shared (vr);
+        uint32_t r0, r1, r2, r3;
+        asm volatile ("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                      : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                      : "r"(addr));
+        FaMma<T>::run (o[2 * jp], pf[kk], r0, r1);
+        FaMma<T>::run (o[2 * jp + 1], pf[kk], r2, r3);
+      }
+    __syncthreads ();   /* every warp done with buffer cur before it is refilled */
+  }
+
+  l0 += __shfl_xor_sync (0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync (0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync (0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync (0xffffffffu, l1, 2);
+  const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+  const int64_t row0 = q0 + warp * 16 + g, row1 = row0 + 8;
+  T *op = (T *) a.o + bh * a.Lq * a.Dv;
+#pragma unroll
+  for (int j = 0; j < DP / 8; j++) {
+    const int col = j * 8 + 2 * t4;
+    if (col >= D)
+      continue;
+    if (row0 < a.Lq)
+      *(uint32_t *) (op + row0 * a.Dv + col) = FaMma<T>::pack (o[j][0] * i0, o[j][1] * i0);
+    if (row1 < a.Lq)
+      *(uint32_t *) (op + row1 * a.Dv + col) = FaMma<T>::pack (o[j][2] * i1, o[j][3] * i1);
+  }
+}
+
+/* the padded head dim of the instantiated kernels, 0 for none */
+static int
+flash_dp (int64_t D)
+{
+  static const int dps[] = { 32, 48, 64, 80, 96, 128, 160 };
+  for (guint i = 0; i < G_N_ELEMENTS (dps); i++)
+    if (D <= dps[i])
+      return dps[i];
+  return 0;
+}
+
+/* warps per block (16 query rows each): 4, or 8 with DIFFUSE_CUDA_FLASH_ROWS=128 */
+static int
+flash_warps (void)
+{
+  return g_strcmp0 (g_getenv ("DIFFUSE_CUDA_FLASH_ROWS"), "128") == 0 ? 8 : 4;
+}
+
+static size_t
+flash_smem (int DP, int NW)
+{
+  return (size_t) (NW * 16 + 4 * FA_BN) * (DP + 8) * 2;
+}
+
+static gboolean
+aligned16 (const DiffuseTensor *t)
+{
+  if (((uintptr_t) dcu_ptr (t)) % 16 != 0 || t->stride[3] != 1)
+    return FALSE;
+  for (int i = 0; i < 3; i++)
+    if ((t->stride[i] * 2) % 16 != 0)
+      return FALSE;
+  return TRUE;
+}
+
+static gboolean
+flash_ok (CudaCtx *c, DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor *v, DiffuseTensor *mask,
+          gboolean causal)
+{
+  if ((out->dtype != DIFFUSE_DTYPE_F16 && out->dtype != DIFFUSE_DTYPE_BF16) || q->dtype != out->dtype ||
+      k->dtype != out->dtype || v->dtype != out->dtype || mask || causal)
+    return FALSE;
+  const int64_t D = q->shape[3];
+  if (D != v->shape[3] || D % 8 != 0 || !flash_dp (D) || flash_smem (flash_dp (D), 8) > c->smem_optin)
+    return FALSE;
+  if (q->shape[0] * q->shape[1] > 65535 || q->shape[2] > (int64_t) G_MAXINT ||
+      k->shape[2] > (int64_t) G_MAXINT - FA_BN)
+    return FALSE;
+  return aligned16 (q) && aligned16 (k) && aligned16 (v) && ((uintptr_t) dcu_ptr (out)) % 4 == 0;
+}
+
+template <typename T, int DP, int NW>
+static gboolean
+launch_flash_nw (CudaCtx *c, const AttnArgs &a, int64_t BH, GError **error)
+{
+  const size_t smem = flash_smem (DP, NW);
+  if (smem > 48 * 1024)
+    DCU_TRY (cudaFuncSetAttribute (k_flash<T, DP, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem),
+             "attention smem");
+  dim3 grid ((unsigned) ((a.Lq + NW * 16 - 1) / (NW * 16)), (unsigned) BH);
+  k_flash<T, DP, NW><<<grid, NW * 32, smem, c->stream>>> (a);
+  return dcu_check_launch (error, "attention (flash)");
+}
+
+template <typename T, int DP>
+static gboolean
+launch_flash_dp (CudaCtx *c, const AttnArgs &a, int64_t BH, GError **error)
+{
+  if (flash_warps () == 8)
+    return launch_flash_nw<T, DP, 8> (c, a, BH, error);
+  return launch_flash_nw<T, DP, 4> (c, a, BH, error);
+}
+
+template <typename T>
+static gboolean
+launch_flash (CudaCtx *c, const AttnArgs &a, int64_t BH, GError **error)
+{
+  switch (flash_dp (a.D)) {
+  case 32: return launch_flash_dp<T, 32> (c, a, BH, error);
+  case 48: return launch_flash_dp<T, 48> (c, a, BH, error);
+  case 64: return launch_flash_dp<T, 64> (c, a, BH, error);
+  case 80: return launch_flash_dp<T, 80> (c, a, BH, error);
+  case 96: return launch_flash_dp<T, 96> (c, a, BH, error);
+  case 128: return launch_flash_dp<T, 128> (c, a, BH, error);
+  default: return launch_flash_dp<T, 160> (c, a, BH, error);
+  }
 }
 
 /* ---- unfused path for head dims the fused kernels cannot hold ------------
@@ -478,13 +809,21 @@ dcu_sdpa (DiffuseTensor *out, DiffuseTensor *q, DiffuseTensor *k, DiffuseTensor 
   a.odt = out->dtype;
   if (B * a.H * a.Lq * a.Dv == 0)
     return TRUE;
-  if (B * a.H <= 65535 && use_wmma (c, out, q, k, v)) {
+  const AttnPath path = attn_path ();
+  if ((path == ATTN_AUTO || path == ATTN_FLASH) && flash_ok (c, out, q, k, v, mask, causal)) {
+    if (out->dtype == DIFFUSE_DTYPE_F16)
+      return launch_flash<__half> (c, a, B * a.H, error);
+    return launch_flash<__nv_bfloat16> (c, a, B * a.H, error);
+  }
+  const size_t smem = sizeof (float) * (size_t) ((BM + BN) * (a.D + a.Dv));
+  if (path != ATTN_SIMPLE && path != ATTN_UNFUSED && B * a.H <= 65535 && use_wmma (c, out, q, k, v)) {
+    if (path == ATTN_AUTO && a.Lk > 128)
+      return sdpa_unfused (c, out, q, k, v, mask, causal, scale, error);
     if (out->dtype == DIFFUSE_DTYPE_F16)
       return launch_wmma<__half> (c, a, B * a.H, error);
     return launch_wmma<__nv_bfloat16> (c, a, B * a.H, error);
   }
-  const size_t smem = sizeof (float) * (size_t) ((BM + BN) * (a.D + a.Dv));
-  if (smem > c->smem_optin || g_strcmp0 (g_getenv ("DIFFUSE_CUDA_ATTN"), "unfused") == 0)
+  if (smem > c->smem_optin || path == ATTN_UNFUSED)
     return sdpa_unfused (c, out, q, k, v, mask, causal, scale, error);
   if (B * a.H > 65535) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,

@@ -11,9 +11,11 @@
  * (k_conv_igemm, below): no column matrix at all — the input is transposed
  * once to channels-last, the weight reordered to [Cout][kh][kw][Cin], and
  * the tensor-core kernel gathers its B tiles straight from the input, bias
- * added in its epilogue, output written NCHW.  DIFFUSE_CUDA_CONV=implicit
- * uses it wherever it applies, =auto where its grid fills the GPU; the
- * default stays im2col until a GPU run has measured both. */
+ * added in its epilogue, output written NCHW.  By default (auto) it takes
+ * the convolutions whose grid fills the GPU (the VAE's and the UNet's 64x64
+ * level), im2col + cuBLAS the rest: the fastest mix measured on an H200
+ * (docs/benchmarks.md: VAE decode 74.7 -> 25.3 ms).  DIFFUSE_CUDA_CONV=implicit
+ * uses it wherever it applies (split-K on small grids), =im2col nowhere. */
 #include "common.cuh"
 #include <mma.h>
 #include <string.h>
@@ -50,8 +52,10 @@ k_im2col (char *col, int dt, TView x, ConvGeom g, int64_t n0, int64_t p0, int64_
  * block row per column row kk (its cin, ky, kx computed once), threads along
  * the output positions (coalesced stores, mostly coalesced loads), 32-bit
  * index math, the elements copied as raw 2- or 4-byte words (padding = 0 bits
- * = 0.0 in f32, f16 and bf16).  grid (ceil (np / 256), K, images).  Selected by
- * DIFFUSE_CUDA_IM2COL=rows until measured against k_im2col on a GPU. */
+ * = 0.0 in f32, f16 and bf16).  grid (ceil (np / 256), K, images).  The
+ * default (measured on an H200: VAE decode 74.7 -> 56.8 ms, UNet step
+ * 36.1 -> 33.8 ms against k_im2col); DIFFUSE_CUDA_IM2COL=elements selects
+ * k_im2col, which also takes strided inputs and other dtypes. */
 template <typename E>
 __global__ void __launch_bounds__ (256)
 k_im2col_rows (E *col, const E *x, int Cin, int H, int W, int kh, int kw, int Wo, int sh, int sw, int ph, int pw,
@@ -75,7 +79,7 @@ static gboolean
 im2col_rows_ok (const DiffuseTensor *x, int dt, const ConvGeom &g, int64_t nimg, int64_t np)
 {
   const char *e = g_getenv ("DIFFUSE_CUDA_IM2COL");
-  if (!e || strcmp (e, "rows") != 0)
+  if (e && strcmp (e, "elements") == 0)
     return FALSE;
   return (int) x->dtype == dt && diffuse_tensor_is_contiguous (x) && g.K <= 65535 && nimg <= 65535 &&
          np <= G_MAXINT - 256 && g.H <= G_MAXINT / MAX (g.W, (int64_t) 1) && g.Cin <= G_MAXINT;
@@ -391,16 +395,16 @@ k_weight_khwc (uint16_t *wt, const uint16_t *w, int64_t total, int Cin, int khw)
 
 /* DIFFUSE_CUDA_CONV: which convolutions take the implicit GEMM.  implicit:
  * every one it can compute (grids smaller than the GPU split K, see
- * igemm_splits); auto: those whose grid covers every SM at least once
- * (smaller ones — the UNet's 8x8 .. 32x32 levels — keep im2col + cuBLAS);
- * unset or anything else: none. */
+ * igemm_splits); auto (the default: unset or any other value): those whose
+ * grid covers every SM at least once (smaller ones — the UNet's 8x8 .. 32x32
+ * levels — keep im2col + cuBLAS); im2col: none. */
 typedef enum { IG_OFF, IG_IMPLICIT, IG_AUTO } IgMode;
 
 static IgMode
 igemm_mode (void)
 {
   const char *e = g_getenv ("DIFFUSE_CUDA_CONV");
-  return !e ? IG_OFF : strcmp (e, "implicit") == 0 ? IG_IMPLICIT : strcmp (e, "auto") == 0 ? IG_AUTO : IG_OFF;
+  return !e ? IG_AUTO : strcmp (e, "implicit") == 0 ? IG_IMPLICIT : strcmp (e, "im2col") == 0 ? IG_OFF : IG_AUTO;
 }
 
 /* blocks of the implicit GEMM's grid without a split */

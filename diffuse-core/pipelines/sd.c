@@ -479,8 +479,9 @@ op_error (GError **error, const char *what)
  * tensors; the first call runs eagerly (it warms the pool and cuBLAS), the
  * second is captured as a CUDA graph and replayed, and every later call only
  * replays it: one launch instead of a thousand (cuda/diffuse-cuda.h).  A
- * capture that fails is reported once and the loop goes on eagerly.  Off by
- * default until a GPU run has compared it with the eager loop (issue 7). */
+ * capture that fails is reported once and the loop goes on eagerly.  On by
+ * default (UNet step 36.1 -> 34.8 ms on an H200, docs/benchmarks.md);
+ * DIFFUSE_CUDA_GRAPH=0 turns it off. */
 typedef struct {
   DiffuseUNet *unet;
   DiffuseTensor *ehs, *tcond;   /* borrowed: alive until unet_step_clear */
@@ -511,7 +512,7 @@ unet_step_init (UNetStep *s, DiffuseUNet *unet, DiffuseTensor *ehs, DiffuseTenso
 #if DIFFUSE_HAVE_CUDA
   /* (SAG reads the attention probabilities on the host each step: eager) */
   const char *e = g_getenv ("DIFFUSE_CUDA_GRAPH");
-  s->use_graph = !sag && diffuse_device_is_cuda (diffuse_unet_device (unet)) && e && g_str_equal (e, "1");
+  s->use_graph = !sag && diffuse_device_is_cuda (diffuse_unet_device (unet)) && !(e && g_str_equal (e, "0"));
 #endif
 }
 

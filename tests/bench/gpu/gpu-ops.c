@@ -16,8 +16,11 @@
  *           round the output): limit = 5e-3 * max(1, max|cpu|)
  *   bf16    the same in bfloat16: limit = 2e-2 * max(1, max|cpu|)
  *
- * sdpa cases also run f16s/bf16s: the same with DIFFUSE_CUDA_ATTN=simple
- * (the CUDA-core kernel instead of the tensor-core one).
+ * sdpa cases also run f16w/bf16w, f16s/bf16s and nat-u/f16u/bf16u: the
+ * same with DIFFUSE_CUDA_ATTN=wmma, simple and unfused (the default f16/bf16
+ * path is the flash kernel where it applies); conv2d cases run nat-e/f16e/
+ * bf16e (element-wise im2col, no implicit GEMM) and nat-i/f16i/bf16i (the
+ * implicit GEMM everywhere).
  *
  * Every line also prints the error against torch's f32 result (for f16/bf16
  * that includes the input rounding: softmax_large, with inputs of ~100,
@@ -495,7 +498,7 @@ attn_timing (void)
     { 16, 256, 256, 160, "self 16x16" },   { 16, 256, 77, 160, "cross 16x16" },
     { 16, 64, 64, 160, "self 8x8 (mid)" }, { 1, 4096, 4096, 512, "VAE mid 64x64" },
   };
-  static const char *modes[] = { "unfused", "default", "simple" };
+  static const char *modes[] = { "unfused", "flash", "flash128", "wmma", "simple" };
   for (guint si = 0; si < G_N_ELEMENTS (shapes); si++) {
     const int64_t qs[4] = { 1, shapes[si].bh, shapes[si].lq, shapes[si].d };
     const int64_t ks[4] = { 1, shapes[si].bh, shapes[si].lk, shapes[si].d };
@@ -506,10 +509,12 @@ attn_timing (void)
     DiffuseTensor *q = diffuse_to_device (cq, gpu), *k = diffuse_to_device (ck, gpu), *v = diffuse_to_device (cv, gpu);
     DiffuseTensor *ref = NULL;
     for (guint mi = 0; mi < G_N_ELEMENTS (modes); mi++) {
-      if (g_str_equal (modes[mi], "default"))
-        g_unsetenv ("DIFFUSE_CUDA_ATTN");
+      const gboolean rows128 = g_str_equal (modes[mi], "flash128");
+      g_setenv ("DIFFUSE_CUDA_ATTN", rows128 ? "flash" : modes[mi], TRUE);
+      if (rows128)
+        g_setenv ("DIFFUSE_CUDA_FLASH_ROWS", "128", TRUE);
       else
-        g_setenv ("DIFFUSE_CUDA_ATTN", modes[mi], TRUE);
+        g_unsetenv ("DIFFUSE_CUDA_FLASH_ROWS");
       double t[10];
       DiffuseTensor *o = NULL;
       GError *err = NULL;
@@ -544,6 +549,7 @@ attn_timing (void)
         diffuse_tensor_unref (o);
     }
     g_unsetenv ("DIFFUSE_CUDA_ATTN");
+    g_unsetenv ("DIFFUSE_CUDA_FLASH_ROWS");
     diffuse_tensor_clear (&ref);
     DiffuseTensor *all[] = { hq, hk, hv, cq, ck, cv, q, k, v };
     for (guint i = 0; i < G_N_ELEMENTS (all); i++)
@@ -621,14 +627,17 @@ main (int argc, char **argv)
     run_variant (c, DIFFUSE_DTYPE_F16, "f16", 5e-3);
     run_variant (c, DIFFUSE_DTYPE_BF16, "bf16", 2e-2);
     if (g_str_equal (op, "conv2d")) {
-      /* the row-wise im2col kernel (DIFFUSE_CUDA_IM2COL=rows), until it is the default */
-      g_setenv ("DIFFUSE_CUDA_IM2COL", "rows", TRUE);
-      run_variant (c, -1, "nat-r", MAX (tol, 2e-5));
-      run_variant (c, DIFFUSE_DTYPE_F16, "f16r", 5e-3);
-      run_variant (c, DIFFUSE_DTYPE_BF16, "bf16r", 2e-2);
+      /* the default is the row-wise im2col + cuBLAS for these small grids
+       * (the implicit GEMM takes only grids that fill the GPU); also the
+       * element-wise im2col kernel with no implicit GEMM at all */
+      g_setenv ("DIFFUSE_CUDA_IM2COL", "elements", TRUE);
+      g_setenv ("DIFFUSE_CUDA_CONV", "im2col", TRUE);
+      run_variant (c, -1, "nat-e", MAX (tol, 2e-5));
+      run_variant (c, DIFFUSE_DTYPE_F16, "f16e", 5e-3);
+      run_variant (c, DIFFUSE_DTYPE_BF16, "bf16e", 2e-2);
       g_unsetenv ("DIFFUSE_CUDA_IM2COL");
-      /* the implicit GEMM (DIFFUSE_CUDA_CONV=implicit: every f16/bf16 conv
-       * with Cin % 8 == 0 that is not a plain 1x1), until it is the default */
+      /* the implicit GEMM everywhere (DIFFUSE_CUDA_CONV=implicit: every
+       * f16/bf16 conv with Cin % 8 == 0 that is not a plain 1x1, split-K) */
       g_setenv ("DIFFUSE_CUDA_CONV", "implicit", TRUE);
       run_variant (c, -1, "nat-i", MAX (tol, 2e-5));
       run_variant (c, DIFFUSE_DTYPE_F16, "f16i", 5e-3);
@@ -636,7 +645,15 @@ main (int argc, char **argv)
       g_unsetenv ("DIFFUSE_CUDA_CONV");
     }
     if (g_str_equal (op, "sdpa")) {
-      /* f16/bf16 attention runs on the tensor-core kernel; the simple one too */
+      /* f16/bf16 attention runs on the flash kernel where it applies (no
+       * mask, D % 8 == 0, D <= 160), else WMMA / unfused; each forced too */
+      g_setenv ("DIFFUSE_CUDA_FLASH_ROWS", "128", TRUE);   /* the flash kernel's 8-warp blocks */
+      run_variant (c, DIFFUSE_DTYPE_F16, "f16f8", 5e-3);
+      run_variant (c, DIFFUSE_DTYPE_BF16, "bf16f8", 2e-2);
+      g_unsetenv ("DIFFUSE_CUDA_FLASH_ROWS");
+      g_setenv ("DIFFUSE_CUDA_ATTN", "wmma", TRUE);
+      run_variant (c, DIFFUSE_DTYPE_F16, "f16w", 5e-3);
+      run_variant (c, DIFFUSE_DTYPE_BF16, "bf16w", 2e-2);
       g_setenv ("DIFFUSE_CUDA_ATTN", "simple", TRUE);
       run_variant (c, DIFFUSE_DTYPE_F16, "f16s", 5e-3);
       run_variant (c, DIFFUSE_DTYPE_BF16, "bf16s", 2e-2);
