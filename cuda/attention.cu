@@ -362,7 +362,8 @@ launch_wmma (CudaCtx *c, const AttnArgs &a, int64_t BH, GError **error)
  * layout is documented, so the scores, the online softmax and P never leave
  * registers:
  *   - a block owns FA_BM = 64 query rows of one (batch, head), 4 warps of 16
- *     rows; keys go in tiles of FA_BN = 64, double-buffered in shared memory
+ *     rows (128 rows, 8 warps, for Lq >= 2048: half the K/V traffic per
+ *     query; flash_warps); keys go in tiles of FA_BN = 64, double-buffered in shared memory
  *     by cp.async (16-byte copies, zero-filled past Lk and past D);
  *   - per tile a warp computes S = Q K^T (16 x 64, f32 accumulators: thread
  *     (g = lane / 4, t = lane % 4) holds rows g and g + 8, columns 8n + 2t,
@@ -591,11 +592,19 @@ flash_dp (int64_t D)
   return 0;
 }
 
-/* warps per block (16 query rows each): 4, or 8 with DIFFUSE_CUDA_FLASH_ROWS=128 */
+/* warps per block (16 query rows each): 8 for long query sequences (SD's
+ * 64x64 level: 0.351 vs 0.370 ms on an H200), 4 otherwise (at 16x16 8 warps
+ * were slower: 0.030 vs 0.025 ms; too few blocks); DIFFUSE_CUDA_FLASH_ROWS=64
+ * or 128 forces one */
 static int
-flash_warps (void)
+flash_warps (int64_t Lq)
 {
-  return g_strcmp0 (g_getenv ("DIFFUSE_CUDA_FLASH_ROWS"), "128") == 0 ? 8 : 4;
+  const char *e = g_getenv ("DIFFUSE_CUDA_FLASH_ROWS");
+  if (e && strcmp (e, "128") == 0)
+    return 8;
+  if (e && strcmp (e, "64") == 0)
+    return 4;
+  return Lq >= 2048 ? 8 : 4;
 }
 
 static size_t
@@ -648,7 +657,7 @@ template <typename T, int DP>
 static gboolean
 launch_flash_dp (CudaCtx *c, const AttnArgs &a, int64_t BH, GError **error)
 {
-  if (flash_warps () == 8)
+  if (flash_warps (a.Lq) == 8)
     return launch_flash_nw<T, DP, 8> (c, a, BH, error);
   return launch_flash_nw<T, DP, 4> (c, a, BH, error);
 }

@@ -1,20 +1,34 @@
 /* gst-diffuse — CUDA backend: errors, the caching device pool, CUDA graphs.
  *
- * The pool.  Sizes are rounded to a class (512 B steps up to 1 MiB, 2 MiB
+ * The pool.  Sizes are rounded to a class (512 B steps up to 1 MiB, 64 KiB
  * steps above); a freed block goes on its class's free list (a stack), and
- * an allocation of that class takes the most recently freed block.  Nothing
- * is returned to the driver during a run, so a denoising loop whose
- * allocation sequence repeats makes no cudaMalloc after its first step and
- * gets the same addresses every step — the property CUDA graph replay needs.
- * All work of a device is on one stream, so a block freed by one op and
- * reused by the next is ordered by the stream.  When cudaMalloc fails, the
- * cached free blocks are released and the allocation retried once; then the
- * failure is an OUT_OF_MEMORY GError.
+ * an allocation of that class takes the most recently freed block.  A
+ * denoising loop whose allocation sequence repeats therefore makes no new
+ * allocation after its first step and gets the same addresses every step —
+ * the property CUDA graph replay needs.  All work of a device is on one
+ * stream, so a block freed by one op and reused by the next is ordered by
+ * the stream.
+ *
+ * Under the classes, blocks are carved best-fit out of 64 MiB segments
+ * (tensor/range-pool.h).  A miss first tries the segments' free ranges, then
+ * hands every cached free block of the general pool back to its segment
+ * (merging neighbours) and tries again, and only then takes a new segment
+ * from cudaMalloc: the memory one phase of a run leaves (the UNet's
+ * activations) serves the next (the VAE decoder's larger ones), and weights
+ * are packed instead of each costing a 2 MiB-rounded cudaMalloc.  On the
+ * full-size SD 1.5 run the one-cudaMalloc-per-class pool reserved 1.12x
+ * diffusers' peak (docs/benchmarks.md).  DIFFUSE_CUDA_POOL=classes comes
+ * close to that pool (2 MiB classes above 1 MiB, the cache never handed back
+ * before a new segment is taken, segments no larger than a block).  When
+ * cudaMalloc fails, the cached blocks are handed back, empty segments
+ * released and the allocation retried once; then the failure is an
+ * OUT_OF_MEMORY GError.
  *
  * Live and peak bytes of tensors are counted by the tensor layer in the
  * device record (diffuse_device_get_mem_stats); the pool adds what it
  * reserves from the driver (diffuse_cuda_get_pool_stats). */
 #include "common.cuh"
+#include "range-pool.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -120,16 +134,42 @@ struct CudaPool {
   GHashTable *free;       /* size -> GPtrArray of Block* (stack), general pool */
   GHashTable *live;       /* ptr -> Block* */
   GHashTable *privates;   /* id -> PrivatePool* */
+  DiffuseRangePool *ranges;
+  gboolean classes_only;  /* DIFFUSE_CUDA_POOL=classes: a segment per block, no merging */
+  cudaError_t seg_err;    /* the last segment cudaMalloc's error */
   guint64 reserved, peak_reserved, n_mallocs, n_hits;
 };
 
+#define SEGMENT_BYTES ((size_t) 64 << 20)
+
 static size_t
-size_class (size_t n)
+size_class (const CudaPool *p, size_t n)
 {
-  const size_t small = 512, big = 2u << 20;
+  const size_t small = 512, big = p->classes_only ? (size_t) 2 << 20 : (size_t) 64 << 10;
   if (n <= (1u << 20))
     return (n + small - 1) / small * small;
   return (n + big - 1) / big * big;
+}
+
+static void *
+segment_alloc (size_t size, gpointer user)
+{
+  CudaPool *p = (CudaPool *) user;
+  void *ptr = NULL;
+  cudaError_t e = cudaMalloc (&ptr, size);
+  if (e != cudaSuccess) {
+    cudaGetLastError ();
+    p->seg_err = e;
+    return NULL;
+  }
+  p->n_mallocs++;
+  return ptr;
+}
+
+static void
+segment_free (void *base, gpointer user)
+{
+  cudaFree (base);
 }
 
 static GHashTable *
@@ -178,13 +218,15 @@ dcu_pool_init (CudaCtx *c, GError **error)
   p->free = new_free_table ();
   p->live = g_hash_table_new (g_direct_hash, g_direct_equal);
   p->privates = g_hash_table_new_full (g_direct_hash, g_direct_equal, NULL, private_free);
+  p->classes_only = g_strcmp0 (g_getenv ("DIFFUSE_CUDA_POOL"), "classes") == 0;
+  p->ranges = _diffuse_range_pool_new (p->classes_only ? 0 : SEGMENT_BYTES, 512, segment_alloc, segment_free, p);
   c->pool = p;
   return TRUE;
 }
 
-/* Releases every cached free block of a table to the driver (lock held). */
+/* Hands every cached free block of a table back to its segment (lock held). */
 static void
-release_table (CudaPool *p, GHashTable *table)
+flush_table (CudaPool *p, GHashTable *table)
 {
   GHashTableIter it;
   gpointer k, v;
@@ -193,12 +235,20 @@ release_table (CudaPool *p, GHashTable *table)
     GPtrArray *stack = (GPtrArray *) v;
     for (guint i = 0; i < stack->len; i++) {
       Block *b = (Block *) g_ptr_array_index (stack, i);
-      cudaFree (b->ptr);
-      p->reserved -= b->size;
+      _diffuse_range_pool_free (p->ranges, b->ptr);
       g_free (b);
     }
     g_ptr_array_set_size (stack, 0);
   }
+}
+
+/* ... and the segments left empty to the driver (lock held, stream idle). */
+static void
+release_table (CudaPool *p, GHashTable *table)
+{
+  flush_table (p, table);
+  _diffuse_range_pool_trim (p->ranges);
+  p->reserved = _diffuse_range_pool_reserved (p->ranges);
 }
 
 void
@@ -217,6 +267,7 @@ dcu_pool_destroy (CudaCtx *c)
     while (g_hash_table_iter_next (&it, &k, &v))
       release_table (p, ((PrivatePool *) v)->free);
   }
+  _diffuse_range_pool_destroy (p->ranges);   /* blocks still live: tensors outlived the device */
   g_hash_table_unref (p->free);
   g_hash_table_unref (p->privates);
   g_hash_table_unref (p->live);
@@ -229,7 +280,7 @@ void *
 dcu_pool_alloc (CudaCtx *c, size_t nbytes, GError **error)
 {
   CudaPool *p = c->pool;
-  size_t size = size_class (nbytes ? nbytes : 1);
+  size_t size = size_class (p, nbytes ? nbytes : 1);
   Block *b = NULL;
   g_mutex_lock (&p->lock);
   PrivatePool *pp = c->capturing ? (PrivatePool *) g_hash_table_lookup (p->privates, GUINT_TO_POINTER (c->capture_id))
@@ -245,17 +296,25 @@ dcu_pool_alloc (CudaCtx *c, size_t nbytes, GError **error)
       g_mutex_unlock (&p->lock);
       return NULL;
     }
-    void *ptr = NULL;
-    cudaError_t e = cudaMalloc (&ptr, size);
-    if (e == cudaErrorMemoryAllocation && !c->capturing) {
-      /* give the cache back and retry once */
-      cudaGetLastError ();
+    /* free space in the segments; then with the general cache merged back
+     * into them; then a new segment */
+    void *ptr = _diffuse_range_pool_alloc (p->ranges, size, FALSE);
+    if (!ptr && !p->classes_only) {
+      flush_table (p, p->free);
+      ptr = _diffuse_range_pool_alloc (p->ranges, size, FALSE);
+    }
+    p->seg_err = cudaSuccess;
+    if (!ptr)
+      ptr = _diffuse_range_pool_alloc (p->ranges, size, TRUE);
+    if (!ptr && p->seg_err == cudaErrorMemoryAllocation && !c->capturing) {
+      /* give the cache and the empty segments back and retry once */
       cudaStreamSynchronize (c->stream);
       release_table (p, p->free);
-      e = cudaMalloc (&ptr, size);
+      p->seg_err = cudaSuccess;
+      ptr = _diffuse_range_pool_alloc (p->ranges, size, TRUE);
     }
-    if (e != cudaSuccess) {
-      cudaGetLastError ();
+    cudaError_t e = ptr ? cudaSuccess : p->seg_err != cudaSuccess ? p->seg_err : cudaErrorMemoryAllocation;
+    if (!ptr) {
       size_t fr = 0, total = 0;
       cudaMemGetInfo (&fr, &total);
       cudaGetLastError ();
@@ -271,8 +330,7 @@ dcu_pool_alloc (CudaCtx *c, size_t nbytes, GError **error)
     b = g_new0 (Block, 1);
     b->ptr = ptr;
     b->size = size;
-    p->reserved += size;
-    p->n_mallocs++;
+    p->reserved = _diffuse_range_pool_reserved (p->ranges);
     if (p->reserved > p->peak_reserved)
       p->peak_reserved = p->reserved;
   }

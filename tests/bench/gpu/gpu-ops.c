@@ -498,7 +498,7 @@ attn_timing (void)
     { 16, 256, 256, 160, "self 16x16" },   { 16, 256, 77, 160, "cross 16x16" },
     { 16, 64, 64, 160, "self 8x8 (mid)" }, { 1, 4096, 4096, 512, "VAE mid 64x64" },
   };
-  static const char *modes[] = { "unfused", "flash", "flash128", "wmma", "simple" };
+  static const char *modes[] = { "unfused", "flash", "flash64", "flash128", "wmma", "simple" };
   for (guint si = 0; si < G_N_ELEMENTS (shapes); si++) {
     const int64_t qs[4] = { 1, shapes[si].bh, shapes[si].lq, shapes[si].d };
     const int64_t ks[4] = { 1, shapes[si].bh, shapes[si].lk, shapes[si].d };
@@ -509,10 +509,10 @@ attn_timing (void)
     DiffuseTensor *q = diffuse_to_device (cq, gpu), *k = diffuse_to_device (ck, gpu), *v = diffuse_to_device (cv, gpu);
     DiffuseTensor *ref = NULL;
     for (guint mi = 0; mi < G_N_ELEMENTS (modes); mi++) {
-      const gboolean rows128 = g_str_equal (modes[mi], "flash128");
-      g_setenv ("DIFFUSE_CUDA_ATTN", rows128 ? "flash" : modes[mi], TRUE);
-      if (rows128)
-        g_setenv ("DIFFUSE_CUDA_FLASH_ROWS", "128", TRUE);
+      const gboolean rows = g_str_has_prefix (modes[mi], "flash") && modes[mi][5];   /* flash64, flash128 */
+      g_setenv ("DIFFUSE_CUDA_ATTN", rows ? "flash" : modes[mi], TRUE);
+      if (rows)
+        g_setenv ("DIFFUSE_CUDA_FLASH_ROWS", modes[mi] + 5, TRUE);
       else
         g_unsetenv ("DIFFUSE_CUDA_FLASH_ROWS");
       double t[10];

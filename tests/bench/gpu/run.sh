@@ -78,9 +78,12 @@ step_ops () {
   ours timeout $(tmo 60) $BIN/gpu-ops --device cuda:0 --attn-timing 2>&1 | grep -E "^attn"
 }
 
-# variant NAME VAR=VALUE...: ours again with those settings, $W/ours-NAME.{json,ppm}
+# variant NAME VAR=VALUE...: ours again with those settings, $W/ours-NAME.{json,ppm};
+# only the names in $VARIANTS (default: all) run
+VARIANTS=${VARIANTS:-unfused flash64 pool-classes wmma no-graph implicit im2col old}
 variant () {
   local name=$1; shift
+  case " $VARIANTS " in *" $name "*) ;; *) return 0 ;; esac
   stamp "bench: ours, $name ($*)"
   env "$@" LD_LIBRARY_PATH=$OURLIB timeout $(tmo 120) $BIN/sd-bench-gpu $M --device cuda:0 --dtype f16 --steps 20 \
     --size 512 --runs 5 --out $W/ours-$name.ppm --json $W/ours-$name.json 2>&1 | grep -vE '^\{' | tail -2
@@ -104,7 +107,8 @@ step_bench () {
   # fills the GPU, row-wise im2col) against each switch turned back, and the
   # defaults before session 8 (docs/gpu-check.md section 9)
   variant unfused DIFFUSE_CUDA_ATTN=unfused
-  variant flash128 DIFFUSE_CUDA_FLASH_ROWS=128
+  variant flash64 DIFFUSE_CUDA_FLASH_ROWS=64
+  variant pool-classes DIFFUSE_CUDA_POOL=classes
   variant wmma DIFFUSE_CUDA_ATTN=wmma
   variant no-graph DIFFUSE_CUDA_GRAPH=0
   variant implicit DIFFUSE_CUDA_CONV=implicit
@@ -113,6 +117,7 @@ step_bench () {
   # diffusers again: eager PyTorch is launch-bound, and its first run on a
   # fresh machine was 1.4x slower than a later one (docs/benchmarks.md); the
   # ratios use the faster of the two medians
+  [ "${DIFFUSERS_TWICE:-1}" = 1 ] && {
   stamp "bench: diffusers eager fp16 SDPA, second run"
   timeout $(tmo 100) python3 tests/bench/gpu/sd15_diffusers.py bench $M --out $W/diffusers2.ppm --json $W/diffusers2.json \
     2>&1 | grep -vE "Loading|it/s\]|deprecat" | tail -2
@@ -128,7 +133,8 @@ if b["total_s"] < a["total_s"]:
     json.dump(b, open(sys.argv[1], "w"))
     print("the ratios below use the second run")
 PY
-  python3 - "$W" "$OUT" <<'PY' | tee $OUT/variants.txt
+  }
+  VARIANTS="$VARIANTS" python3 - "$W" "$OUT" <<'PY' | tee $OUT/variants.txt
 import json, math, os, sys
 import numpy as np
 w, out = sys.argv[1], sys.argv[2]
@@ -152,7 +158,7 @@ def load(p):
         return None
 d = load(os.path.join(out, "diffusers.json"))
 rows = [("default", os.path.join(out, "ours"))] + [
-    (n, os.path.join(w, "ours-" + n)) for n in ("unfused", "flash128", "wmma", "no-graph", "implicit", "im2col", "old")]
+    (n, os.path.join(w, "ours-" + n)) for n in os.environ.get("VARIANTS", "").split()]
 print(f"{'variant':10s} {'total_s':>8s} {'x diff.':>7s} {'unet_ms':>8s} {'vae_ms':>7s} {'peak_res_GB':>11s} {'PSNR vs diffusers':>17s}")
 for n, base in rows:
     j = load(base + ".json")
