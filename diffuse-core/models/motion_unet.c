@@ -286,6 +286,18 @@ check_inputs (DiffuseUNetMotion *m, DiffuseTensor *sample, int n_timesteps, Diff
                       m->label, D, want);
   if (args && (args->down_block_additional_residuals || args->mid_block_additional_residual))
     return arg_error (error, "%s: ControlNet residuals are not supported by the motion UNet", m->label);
+  if (args && args->mid_self_attn_probs)
+    return arg_error (error, "%s: self-attention guidance is not supported by the motion UNet", m->label);
+  if (args && args->ip_tokens) {
+    DiffuseTensor *it = args->ip_tokens;
+    if (it->ndim != 3 || (it->shape[0] != B && it->shape[0] != B * F) || it->shape[2] != D) {
+      char *d = diffuse_tensor_describe (it);
+      arg_error (error, "%s: IP-Adapter tokens %s should be [%" G_GINT64_FORMAT " (B) or %" G_GINT64_FORMAT
+                 " (B * F), T, %" G_GINT64_FORMAT "]", m->label, d, B, B * F, D);
+      g_free (d);
+      return FALSE;
+    }
+  }
   if (args && args->timestep_cond) {
     DiffuseTensor *tc = args->timestep_cond;
     if (u->time_cond_proj_dim <= 0)
@@ -337,8 +349,9 @@ diffuse_unet_motion_forward (DiffuseUNetMotion *m, DiffuseTensor *sample, const 
   const int64_t H = sample->shape[3], W = sample->shape[4];
   const int n = u->n_blocks;
   const int nf = (int) F;
-  DiffuseTensor *x = NULL, *emb = NULL, *ctx = NULL, *out = NULL;
+  DiffuseTensor *x = NULL, *emb = NULL, *ctx = NULL, *out = NULL, *ip_tok = NULL;
   DiffuseTensor **res = NULL;
+  DiffuseBlkIp *ip_all = NULL;
   int n_res = 0;
 
   int factor = 1 << u->num_upsamplers;
@@ -369,6 +382,24 @@ diffuse_unet_motion_forward (DiffuseUNetMotion *m, DiffuseTensor *sample, const 
   if (ctx && ctx->shape[0] == B && F > 1)
     ctx = swap (ctx, repeat_interleave (ctx, F));
 
+  /* IP-Adapter image tokens, repeated over the frames as the text (diffusers'
+   * UNetMotionModel: image_embed.repeat_interleave (num_frames, dim=0)) */
+  if (args && args->ip_tokens) {
+    ip_tok = to_model (u, args->ip_tokens);
+    if (ip_tok && ip_tok->shape[0] == B && F > 1)
+      ip_tok = swap (ip_tok, repeat_interleave (ip_tok, F));
+    if (!ip_tok)
+      goto fail;
+    GError *ip_err = NULL;
+    ip_all = _diffuse_unet_ip_layers (u, args, ip_tok, &ip_err);
+    if (ip_err) {
+      g_propagate_error (error, ip_err);
+      goto fail_set;
+    }
+  }
+  int ip_down = 0, ip_up = ip_all ? _diffuse_unet_part_cross_layers (u, 0) : 0;
+  int ip_mid = ip_all ? ip_up + _diffuse_unet_part_cross_layers (u, 1) : 0;
+
   /* 2. [B, C, F, H, W] -> [B * F, C, H, W], conv_in */
   {
     DiffuseTensor *s = to_model (u, sample);
@@ -394,7 +425,8 @@ diffuse_unet_motion_forward (DiffuseUNetMotion *m, DiffuseTensor *sample, const 
     for (int j = 0; j < b->n_layers; j++) {
       x = swap (x, diffuse_blk_resnet_forward (&b->resnets[j], x, emb));
       if (b->has_attn)
-        x = swap (x, diffuse_blk_transformer2d_forward (&b->attns[j], x, ctx));
+        x = swap (x, diffuse_blk_transformer2d_forward_ip (&b->attns[j], x, ctx,
+                                                           _diffuse_unet_ip_take (ip_all, &ip_down, &b->attns[j])));
       x = swap (x, motion (m, &a->down[i], j, x, nf));
       if (!x)
         goto fail;
@@ -410,7 +442,8 @@ diffuse_unet_motion_forward (DiffuseUNetMotion *m, DiffuseTensor *sample, const 
 
   /* 4. mid */
   x = swap (x, diffuse_blk_resnet_forward (&u->mid.resnets[0], x, emb));
-  x = swap (x, diffuse_blk_transformer2d_forward (&u->mid.attn, x, ctx));
+  x = swap (x, diffuse_blk_transformer2d_forward_ip (&u->mid.attn, x, ctx,
+                                                     _diffuse_unet_ip_take (ip_all, &ip_mid, &u->mid.attn)));
   if (a->has_mid)
     x = swap (x, motion (m, &a->mid, 0, x, nf));
   x = swap (x, diffuse_blk_resnet_forward (&u->mid.resnets[1], x, emb));
@@ -441,7 +474,8 @@ diffuse_unet_motion_forward (DiffuseUNetMotion *m, DiffuseTensor *sample, const 
       x = swap (x, cat);
       x = swap (x, diffuse_blk_resnet_forward (&b->resnets[j], x, emb));
       if (b->has_attn)
-        x = swap (x, diffuse_blk_transformer2d_forward (&b->attns[j], x, ctx));
+        x = swap (x, diffuse_blk_transformer2d_forward_ip (&b->attns[j], x, ctx,
+                                                           _diffuse_unet_ip_take (ip_all, &ip_up, &b->attns[j])));
       x = swap (x, motion (m, &a->up[i], j, x, nf));
       if (!x)
         goto fail;
@@ -480,8 +514,10 @@ done:
   for (int k = 0; res && k < n_res; k++)
     diffuse_tensor_unref (res[k]);
   g_free (res);
+  g_free (ip_all);
   diffuse_tensor_unref (x);
   diffuse_tensor_unref (emb);
   diffuse_tensor_unref (ctx);
+  diffuse_tensor_unref (ip_tok);
   return out;
 }

@@ -853,8 +853,8 @@ cross_layers (const DiffuseBlkTransformer2D *t)
 }
 
 /* cross-attention layers of the down (part 0) or up (part 1) blocks */
-static int
-part_cross_layers (DiffuseUNet *u, int part)
+int
+_diffuse_unet_part_cross_layers (DiffuseUNet *u, int part)
 {
   int n = 0;
   for (int i = 0; i < u->n_blocks; i++) {
@@ -868,15 +868,16 @@ part_cross_layers (DiffuseUNet *u, int part)
 int
 diffuse_unet_n_cross_attention_layers (DiffuseUNet *u)
 {
-  return part_cross_layers (u, 0) + part_cross_layers (u, 1) +
+  return _diffuse_unet_part_cross_layers (u, 0) + _diffuse_unet_part_cross_layers (u, 1) +
          (u->mid.present && u->mid.has_attn ? cross_layers (&u->mid.attn) : 0);
 }
 
 /* IP-Adapter: one DiffuseBlkIp per cross-attention layer, in diffusers'
  * attn_processors order (down blocks, up blocks, mid block); NULL without
- * one, or with *error set */
-static DiffuseBlkIp *
-ip_layers (DiffuseUNet *u, const DiffuseUNetForwardArgs *args, GError **error)
+ * one, or with *error set.  The tokens are args->ip_tokens unless `tokens`
+ * is given (the motion UNet's, repeated over the frames). */
+DiffuseBlkIp *
+_diffuse_unet_ip_layers (DiffuseUNet *u, const DiffuseUNetForwardArgs *args, DiffuseTensor *tokens, GError **error)
 {
   if (!args || !args->ip_tokens)
     return NULL;
@@ -888,7 +889,7 @@ ip_layers (DiffuseUNet *u, const DiffuseUNetForwardArgs *args, GError **error)
   }
   DiffuseBlkIp *all = g_new0 (DiffuseBlkIp, MAX (n, 1));
   for (int k = 0; k < n; k++) {
-    all[k].tokens = args->ip_tokens;
+    all[k].tokens = tokens ? tokens : args->ip_tokens;
     all[k].k_w = args->ip_k[k];
     all[k].v_w = args->ip_v[k];
     all[k].scale = args->ip_scale;
@@ -897,8 +898,8 @@ ip_layers (DiffuseUNet *u, const DiffuseUNetForwardArgs *args, GError **error)
 }
 
 /* the layers of transformer t, *next moved past them (NULL without IP-Adapter) */
-static const DiffuseBlkIp *
-ip_take (DiffuseBlkIp *all, int *next, const DiffuseBlkTransformer2D *t)
+const DiffuseBlkIp *
+_diffuse_unet_ip_take (DiffuseBlkIp *all, int *next, const DiffuseBlkTransformer2D *t)
 {
   if (!all)
     return NULL;
@@ -1006,13 +1007,14 @@ forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t, DiffuseTe
     goto fail;
 
   GError *ip_err = NULL;
-  ip_all = ip_layers (u, args, &ip_err);
+  ip_all = _diffuse_unet_ip_layers (u, args, NULL, &ip_err);
   if (ip_err) {
     g_propagate_error (error, ip_err);
     goto fail_set;
   }
   /* the forward visits down, mid, up; the layers are numbered down, up, mid */
-  int ip_down = 0, ip_up = ip_all ? part_cross_layers (u, 0) : 0, ip_mid = ip_all ? ip_up + part_cross_layers (u, 1) : 0;
+  int ip_down = 0, ip_up = ip_all ? _diffuse_unet_part_cross_layers (u, 0) : 0;
+  int ip_mid = ip_all ? ip_up + _diffuse_unet_part_cross_layers (u, 1) : 0;
 
   /* 3. down: every resnet/attention output and every downsampler output is kept */
   int max_res = 1;
@@ -1025,7 +1027,8 @@ forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t, DiffuseTe
     for (int j = 0; j < b->n_layers; j++) {
       x = swap (x, diffuse_blk_resnet_forward (&b->resnets[j], x, emb));
       if (b->has_attn)
-        x = swap (x, diffuse_blk_transformer2d_forward_ip (&b->attns[j], x, ctx, ip_take (ip_all, &ip_down, &b->attns[j])));
+        x = swap (x, diffuse_blk_transformer2d_forward_ip (&b->attns[j], x, ctx,
+                                                           _diffuse_unet_ip_take (ip_all, &ip_down, &b->attns[j])));
       if (!x) {
         failed = TRUE;
         break;
@@ -1076,7 +1079,8 @@ forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t, DiffuseTe
       }
     }
     if (u->mid.has_attn) {
-      x = swap (x, diffuse_blk_transformer2d_forward_ip (&u->mid.attn, x, ctx, ip_take (ip_all, &ip_mid, &u->mid.attn)));
+      x = swap (x, diffuse_blk_transformer2d_forward_ip (&u->mid.attn, x, ctx,
+                                                         _diffuse_unet_ip_take (ip_all, &ip_mid, &u->mid.attn)));
       x = swap (x, diffuse_blk_resnet_forward (&u->mid.resnets[1], x, emb));
     }
     if (!x)
@@ -1117,7 +1121,8 @@ forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t, DiffuseTe
       x = swap (x, cat);
       x = swap (x, diffuse_blk_resnet_forward (&b->resnets[j], x, emb));
       if (b->has_attn)
-        x = swap (x, diffuse_blk_transformer2d_forward_ip (&b->attns[j], x, ctx, ip_take (ip_all, &ip_up, &b->attns[j])));
+        x = swap (x, diffuse_blk_transformer2d_forward_ip (&b->attns[j], x, ctx,
+                                                           _diffuse_unet_ip_take (ip_all, &ip_up, &b->attns[j])));
       if (!x)
         goto fail;
     }

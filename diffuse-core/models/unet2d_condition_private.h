@@ -71,4 +71,16 @@ struct _DiffuseUNet {
 DiffuseUNet *_diffuse_unet_new_owned (DiffuseConfig *config, DiffuseWeights *weights, const DiffuseUNetParams *params,
                                       DiffuseBlkKeyFilter owns, GError **error);
 
+/* IP-Adapter layers for a forward (the motion UNet shares them): one
+ * DiffuseBlkIp per cross-attention layer in diffusers' attn_processors order
+ * (down, up, mid), with `tokens` (NULL: args->ip_tokens); NULL without an
+ * IP-Adapter or with *error set (a layer count that does not fit).  Free
+ * with g_free.  _diffuse_unet_ip_take hands out transformer t's layers and
+ * moves *next past them; part 0 / 1: the cross-attention layers of the
+ * down / up blocks (where the up / mid counters start). */
+DiffuseBlkIp *_diffuse_unet_ip_layers (DiffuseUNet *u, const DiffuseUNetForwardArgs *args, DiffuseTensor *tokens,
+                                       GError **error);
+const DiffuseBlkIp *_diffuse_unet_ip_take (DiffuseBlkIp *all, int *next, const DiffuseBlkTransformer2D *t);
+int _diffuse_unet_part_cross_layers (DiffuseUNet *u, int part);
+
 G_END_DECLS

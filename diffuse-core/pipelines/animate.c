@@ -39,6 +39,8 @@ struct _DiffuseAnimate {
   DiffuseClipText *base_text_encoder;
   DiffuseClipText *lora_text_encoder;   /* owned, or NULL */
   DiffuseLoraSet lora;
+  DiffuseIpAdapter *ip_adapter;           /* NULL: none */
+  DiffuseClipImageProcessor *ip_processor;   /* the pipeline's feature_extractor (borrowed), or NULL */
 };
 
 /* DiffuseLoraApplyFunc: the 2-D UNet (modules outside motion_modules), the
@@ -279,6 +281,7 @@ diffuse_animate_unref (DiffuseAnimate *a)
   g_clear_pointer (&a->motion, diffuse_unet_motion_unref);
   g_clear_pointer (&a->base_motion, diffuse_unet_motion_unref);
   g_clear_pointer (&a->lora_text_encoder, diffuse_clip_text_unref);
+  g_clear_pointer (&a->ip_adapter, _diffuse_ip_adapter_free);
   if (a->lora.adapters)
     _diffuse_lora_set_clear (&a->lora);
   g_clear_pointer (&a->scheduler_config, diffuse_config_unref);
@@ -325,6 +328,54 @@ diffuse_animate_load_lora_spec (DiffuseAnimate *a, const char *spec, GError **er
   gboolean ok = _diffuse_lora_set_load_spec (&a->lora, spec, error);
   g_mutex_unlock (&a->lock);
   return ok;
+}
+
+gboolean
+diffuse_animate_load_ip_adapter (DiffuseAnimate *a, const char *ref, const char *subfolder, const char *weight_name,
+                                 GError **error)
+{
+  g_return_val_if_fail (a != NULL && ref != NULL && weight_name != NULL, FALSE);
+  g_mutex_lock (&a->lock);
+  /* the pipeline's own feature extractor when it has one (diffusers uses it) */
+  const gboolean has_fe = diffuse_pipeline_model_get (a->pm, "feature_extractor") != NULL;
+  DiffuseClipImageProcessor *proc = has_fe ? _diffuse_pipeline_feature_extractor (a->pm, error) : NULL;
+  gboolean ok = FALSE;
+  if (proc || !has_fe) {
+    DiffuseIpAdapter *ip = _diffuse_ip_adapter_load (ref, subfolder, weight_name, proc, diffuse_unet_device (a->unet),
+                                                     diffuse_unet_dtype (a->unet), error);
+    if (ip) {
+      g_clear_pointer (&a->ip_adapter, _diffuse_ip_adapter_free);
+      a->ip_adapter = ip;
+      a->ip_processor = proc;
+      ok = TRUE;
+    }
+  }
+  g_mutex_unlock (&a->lock);
+  return ok;
+}
+
+void
+diffuse_animate_set_ip_adapter_scale (DiffuseAnimate *a, float scale)
+{
+  g_mutex_lock (&a->lock);
+  if (a->ip_adapter)
+    _diffuse_ip_adapter_set_scale (a->ip_adapter, scale);
+  g_mutex_unlock (&a->lock);
+}
+
+void
+diffuse_animate_unload_ip_adapter (DiffuseAnimate *a)
+{
+  g_mutex_lock (&a->lock);
+  g_clear_pointer (&a->ip_adapter, _diffuse_ip_adapter_free);
+  a->ip_processor = NULL;
+  g_mutex_unlock (&a->lock);
+}
+
+gboolean
+diffuse_animate_has_ip_adapter (DiffuseAnimate *a)
+{
+  return a->ip_adapter != NULL;
 }
 
 DiffusePipelineModel *diffuse_animate_get_model (DiffuseAnimate *a) { return a->pm; }
@@ -522,13 +573,24 @@ diffuse_animate_generate (DiffuseAnimate *a, const DiffuseAnimateParams *params,
   DiffuseConfig *merged = NULL;
   DiffuseRng *rng = NULL;
   DiffuseTensor *cond = NULL, *uncond = NULL, *embeds = NULL, *dembeds = NULL, *latents = NULL;
-  DiffuseTensor *model_in = NULL;
+  DiffuseTensor *model_in = NULL, *ip_tokens = NULL;
+  DiffuseUNetForwardArgs uargs = { 0 };
   float *eps = NULL;
   const DiffuseDType udt = diffuse_unet_dtype (a->unet);
   DiffuseDevice *udev = diffuse_unet_device (a->unet);
 
   g_mutex_lock (&a->lock);
   const gboolean cfg = p.guidance_scale > 1.0f;
+  if (a->ip_adapter && !p.ip_adapter_image) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "an IP-Adapter is loaded: give an ip_adapter_image (or unload it)");
+    goto out;
+  }
+  if (!a->ip_adapter && p.ip_adapter_image) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "an ip_adapter_image was given but no IP-Adapter is loaded (diffuse_animate_load_ip_adapter)");
+    goto out;
+  }
   /* cross_attention_kwargs={"scale": s}: the LoRA adapters merged again at that scale */
   if (!_diffuse_lora_set_rescale (&a->lora, p.lora_scale, error))
     goto out;
@@ -567,6 +629,15 @@ diffuse_animate_generate (DiffuseAnimate *a, const DiffuseAnimateParams *params,
   if (!dembeds) {
     op_error (error, "prompt embedding");
     goto out;
+  }
+
+  /* IP-Adapter: image tokens [uncond (zero embeds); cond] for the one clip,
+   * repeated over the frames inside the motion UNet */
+  if (a->ip_adapter) {
+    ip_tokens = _diffuse_ip_adapter_tokens (a->ip_adapter, a->ip_processor, p.ip_adapter_image, 1, cfg, error);
+    if (!ip_tokens)
+      goto out;
+    _diffuse_ip_adapter_args (a->ip_adapter, ip_tokens, &uargs);
   }
 
   /* 2. scheduler (class swap, config replaced and/or overridden) */
@@ -619,7 +690,8 @@ diffuse_animate_generate (DiffuseAnimate *a, const DiffuseAnimateParams *params,
     DiffuseTensor *x = diffuse_to_device (model_in, udev);
     DiffuseTensor *x2 = x ? diffuse_cast (x, udt) : NULL;
     diffuse_tensor_clear (&x);
-    DiffuseTensor *out = x2 ? diffuse_unet_motion_forward (a->motion, x2, &t, 1, dembeds, NULL, error) : NULL;
+    DiffuseTensor *out = x2 ? diffuse_unet_motion_forward (a->motion, x2, &t, 1, dembeds, ip_tokens ? &uargs : NULL,
+                                                           error) : NULL;
     diffuse_tensor_clear (&x2);
     DiffuseTensor *ho = out ? diffuse_to_host_f32 (out) : NULL;
     diffuse_tensor_clear (&out);
@@ -673,6 +745,7 @@ out:
   diffuse_tensor_clear (&dembeds);
   diffuse_tensor_clear (&latents);
   diffuse_tensor_clear (&model_in);
+  diffuse_tensor_clear (&ip_tokens);
   if (merged)
     diffuse_config_unref (merged);
   if (sched)

@@ -515,6 +515,116 @@ test_lora (void)
   diffuse_animate_unref (anim);
 }
 
+/* IP-Adapter on AnimateDiff (make_animatediff_ip_fixtures.py): the tiny
+ * IP-Adapter of tests/fixtures/ip-adapter loaded on the pipeline made by
+ * from_pipe, two scales with CFG and one without: frames within one level
+ * of diffusers'; then the errors of a missing image / an image without an
+ * adapter, and unloading */
+static void
+test_ip_adapter (void)
+{
+  if (!tu_have_fixture ("animatediff/ip-adapter/frames.safetensors"))
+    return;
+  GError *err = NULL;
+  DiffusePipelineModel *pm = get_sd ();
+  DiffuseComponent *ad = load_adapter_component (pm, "a");
+  DiffuseAnimate *anim = diffuse_animate_new_from_pipe (pm, ad, &err);
+  g_assert_no_error (err);
+  diffuse_component_unref (ad);
+  char *png = tu_fixture ("ip-adapter/input.png");
+  DiffuseImage *img = diffuse_image_load_png (png, &err);
+  g_assert_no_error (err);
+  g_free (png);
+  char *dir = tu_fixture ("ip-adapter");
+  char *path = tu_fixture ("animatediff/ip-adapter/case.json");
+  JsonParser *parser = json_parser_new ();
+  g_assert_true (json_parser_load_from_file (parser, path, NULL));
+  g_free (path);
+  JsonObject *root = json_node_get_object (json_parser_get_root (parser));
+  JsonObject *gen = json_object_get_object_member (root, "generate");
+  DiffuseSafetensors *st = tu_open ("animatediff/ip-adapter/frames.safetensors");
+  DiffuseAnimateParams p;
+  diffuse_animate_default_params (&p);
+  p.prompt = json_object_get_string_member (gen, "prompt");
+  p.width = (int) json_object_get_int_member (gen, "width");
+  p.height = (int) json_object_get_int_member (gen, "height");
+  p.num_frames = (int) json_object_get_int_member (gen, "num_frames");
+  p.num_inference_steps = (int) json_object_get_int_member (gen, "num_inference_steps");
+  p.scheduler = "DDIMScheduler";
+  p.scheduler_overrides = diffuse_config_from_string (
+      "{\"clip_sample\": false, \"timestep_spacing\": \"linspace\", \"beta_schedule\": \"linear\", "
+      "\"steps_offset\": 1}", "overrides", &err);
+  g_assert_no_error (err);
+
+  /* an image without an adapter */
+  p.ip_adapter_image = img;
+  g_assert_null (diffuse_animate_generate (anim, &p, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_assert_nonnull (strstr (err->message, "no IP-Adapter is loaded"));
+  g_clear_error (&err);
+
+  g_assert_true (diffuse_animate_load_ip_adapter (anim, dir, "models",
+                                                  json_object_get_string_member (root, "weight_name"), &err));
+  g_assert_no_error (err);
+  g_assert_true (diffuse_animate_has_ip_adapter (anim));
+  JsonArray *cases = json_object_get_array_member (root, "cases");
+  for (guint i = 0; i < json_array_get_length (cases); i++) {
+    JsonObject *c = json_array_get_object_element (cases, i);
+    const char *id = json_object_get_string_member (c, "id");
+    diffuse_animate_set_ip_adapter_scale (anim, (float) json_object_get_double_member (c, "scale"));
+    p.guidance_scale = (float) json_object_get_double_member (c, "guidance");
+    p.seed = (guint64) json_object_get_int_member (c, "seed");
+    GPtrArray *out = diffuse_animate_generate (anim, &p, &err);
+    g_assert_no_error (err);
+    guint64 off = 0;
+    int worst = frames_max_diff (st, id, out, &off);
+    g_test_message ("%s: max diff %d levels (the adapter moves diffusers' frames %d)", id, worst,
+                    (int) json_object_get_int_member (c, "max_diff_to_plain"));
+    g_assert_cmpint (worst, <=, 1);
+    g_ptr_array_unref (out);
+  }
+
+  /* the guide's example: the IP-Adapter with a motion LoRA ("m" at 0.75) */
+  {
+    JsonObject *c = json_object_get_object_member (root, "with_lora");
+    char *lora = tu_fixture ("animatediff/lora");
+    const char *names[] = { "m" };
+    const double w[] = { json_object_get_double_member (c, "lora_weight") };
+    g_assert_true (diffuse_animate_load_lora_weights (anim, lora, "m", &err));
+    g_assert_true (diffuse_animate_set_adapters (anim, names, w, 1, &err));
+    g_assert_no_error (err);
+    g_free (lora);
+    diffuse_animate_set_ip_adapter_scale (anim, (float) json_object_get_double_member (c, "scale"));
+    p.guidance_scale = (float) json_object_get_double_member (c, "guidance");
+    p.seed = (guint64) json_object_get_int_member (c, "seed");
+    GPtrArray *out = diffuse_animate_generate (anim, &p, &err);
+    g_assert_no_error (err);
+    guint64 off = 0;
+    int worst = frames_max_diff (st, json_object_get_string_member (c, "id"), out, &off);
+    g_test_message ("IP-Adapter + motion LoRA: max diff %d levels (the LoRA moves diffusers' frames %d)", worst,
+                    (int) json_object_get_int_member (c, "max_diff_to_ip_only"));
+    g_assert_cmpint (worst, <=, 1);
+    g_ptr_array_unref (out);
+    diffuse_animate_unload_lora_weights (anim);
+  }
+
+  /* the adapter loaded but no image */
+  p.ip_adapter_image = NULL;
+  g_assert_null (diffuse_animate_generate (anim, &p, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_assert_nonnull (strstr (err->message, "give an ip_adapter_image"));
+  g_clear_error (&err);
+  diffuse_animate_unload_ip_adapter (anim);
+  g_assert_false (diffuse_animate_has_ip_adapter (anim));
+
+  diffuse_config_unref (p.scheduler_overrides);
+  diffuse_safetensors_unref (st);
+  g_object_unref (parser);
+  diffuse_image_free (img);
+  g_free (dir);
+  diffuse_animate_unref (anim);
+}
+
 static gpointer
 must_not_build (DiffuseComponent *c, gpointer user_data, GError **error)
 {
@@ -1259,6 +1369,7 @@ main (int argc, char **argv)
   }
   g_test_add_func ("/animate/sharing", test_sharing);
   g_test_add_func ("/animate/lora", test_lora);
+  g_test_add_func ("/animate/ip-adapter", test_ip_adapter);
   g_test_add_func ("/animate/cancel-and-errors", test_cancel_and_errors);
 
   /* a pipeline saved by diffusers: unet/ a UNetMotionModel */

@@ -56,6 +56,9 @@ typedef struct {
   DiffuseTensor *negative_prompt_embeds;
   int decode_chunk_size;              /* frames per VAE decode call, 16 (0 = default) */
   float lora_scale;                   /* 1: cross_attention_kwargs={"scale": s} for the LoRA adapters */
+  /* IP-Adapter (diffuse_animate_load_ip_adapter): the image prompt, any size;
+   * its tokens are repeated over the frames as the text is */
+  const DiffuseImage *ip_adapter_image;
   DiffuseStepFunc on_step;            /* after each denoising step */
   DiffuseFrameFunc on_frame;          /* after each decoded frame */
   gpointer user_data;                 /* for both callbacks */
@@ -107,6 +110,18 @@ gboolean diffuse_animate_set_adapters (DiffuseAnimate *a, const char *const *nam
                                       GError **error);
 void diffuse_animate_unload_lora_weights (DiffuseAnimate *a);
 gboolean diffuse_animate_load_lora_spec (DiffuseAnimate *a, const char *spec, GError **error);
+
+/* IP-Adapter on AnimateDiff, as the guide's pipe_animate.load_ip_adapter
+ * ("h94/IP-Adapter", subfolder="models", weight_name=...) /
+ * set_ip_adapter_scale / unload_ip_adapter: the same adapters as
+ * diffuse_sd_load_ip_adapter (sd.h), applied to the spatial cross-attention
+ * layers of the motion UNet (not the motion modules), with LoRA adapters
+ * too.  While one is loaded, generate() needs params->ip_adapter_image. */
+gboolean diffuse_animate_load_ip_adapter (DiffuseAnimate *a, const char *ref, const char *subfolder,
+                                          const char *weight_name, GError **error);
+void diffuse_animate_set_ip_adapter_scale (DiffuseAnimate *a, float scale);
+void diffuse_animate_unload_ip_adapter (DiffuseAnimate *a);
+gboolean diffuse_animate_has_ip_adapter (DiffuseAnimate *a);
 void diffuse_animate_unref (DiffuseAnimate *a);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC (DiffuseAnimate, diffuse_animate_unref)
 
