@@ -501,6 +501,45 @@ gst_diffuse_animate_start (GstBaseSrc *bsrc)
   }
   g_free (lora);
 
+  /* IP-Adapter (the guide's pipe_animate.load_ip_adapter + ip_adapter_image) */
+  GST_OBJECT_LOCK (self);
+  gchar *ip = g_strdup (self->st.settings.ip_adapter);
+  gchar *ip_sub = g_strdup (self->st.settings.ip_adapter_subfolder);
+  gchar *ip_name = g_strdup (self->st.settings.ip_adapter_weight_name);
+  gchar *ip_file = g_strdup (self->st.settings.ip_adapter_image);
+  GST_OBJECT_UNLOCK (self);
+  if (ip) {
+    DiffuseImage *ipimg = NULL;
+    gboolean ok_ip = FALSE;
+    if (!ip_file)
+      g_set_error (&err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                   "ip-adapter is set but ip-adapter-image is not: the image prompt is needed");
+    else if ((ipimg = gst_diffuse_load_image_file (ip_file, &err)))
+      ok_ip = diffuse_animate_load_ip_adapter (anim, ip, ip_sub, ip_name ? ip_name : "ip-adapter_sd15.safetensors",
+                                               &err);
+    if (!ok_ip) {
+      gchar *what = g_strdup_printf ("Could not use the IP-Adapter \"%s\"", ip);
+      gst_diffuse_post_error (self, err, what, NULL);
+      g_free (what);
+      g_clear_error (&err);
+      diffuse_image_free (ipimg);
+      g_free (ip);
+      g_free (ip_sub);
+      g_free (ip_name);
+      g_free (ip_file);
+      g_free (source);
+      diffuse_animate_unref (anim);
+      gst_diffuse_state_unload (&self->st);
+      return FALSE;
+    }
+    diffuse_image_free (self->st.ip_image);
+    self->st.ip_image = ipimg;
+  }
+  g_free (ip);
+  g_free (ip_sub);
+  g_free (ip_name);
+  g_free (ip_file);
+
   int max = diffuse_animate_max_frames (anim);
   if (self->clip_frames > max) {
     GST_ELEMENT_ERROR (self, LIBRARY, SETTINGS,
@@ -608,6 +647,10 @@ generate_clip (GstDiffuseAnimate *self, const GstVideoInfo *info, guint64 clip, 
   p.num_inference_steps = s.num_inference_steps;
   p.guidance_scale = (float) s.guidance_scale;
   p.lora_scale = (float) s.lora_scale;
+  if (diffuse_animate_has_ip_adapter (self->anim)) {
+    diffuse_animate_set_ip_adapter_scale (self->anim, (float) s.ip_adapter_scale);
+    p.ip_adapter_image = self->st.ip_image;
+  }
   p.seed = gst_diffuse_frame_seed (&self->st, &s, clip);
   p.clip_skip = s.clip_skip;
   p.scheduler = s.scheduler;

@@ -237,7 +237,7 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gbo
             "LoRA adapters in diffusers' format, all active: \"PATH[:WEIGHT],PATH[:WEIGHT]...\" (a .safetensors "
             "file or a folder holding pytorch_lora_weights.safetensors; weight 1 when none); NULL = none",
             NULL, RW | GST_PARAM_MUTABLE_READY));
-  if (with_safety_checker) {
+  {
     g_object_class_install_property (klass, GST_DIFFUSE_PROP_IP_ADAPTER,
         g_param_spec_string ("ip-adapter", "IP-Adapter",
             "IP-Adapter to load, as diffusers' load_ip_adapter: a local folder or a Hub repo id "
@@ -621,8 +621,8 @@ is_cancel (GstDiffuseState *st, const GError *err)
 
 /* The IP-Adapter's image prompt: a PNG read by the core, any other file
  * through GStreamer's decoders (decodebin), as 8-bit RGB. */
-static DiffuseImage *
-load_image_file (const char *path, GError **error)
+DiffuseImage *
+gst_diffuse_load_image_file (const char *path, GError **error)
 {
   if (g_str_has_suffix (path, ".png") || g_str_has_suffix (path, ".PNG"))
     return diffuse_image_load_png (path, error);
@@ -776,7 +776,7 @@ gst_diffuse_state_load (GstDiffuseState *st)
     if (!s.ip_adapter_image)
       g_set_error (&err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
                    "ip-adapter is set but ip-adapter-image is not: the image prompt is needed");
-    else if ((ipimg = load_image_file (s.ip_adapter_image, &err)))
+    else if ((ipimg = gst_diffuse_load_image_file (s.ip_adapter_image, &err)))
       ok_ip = diffuse_sd_load_ip_adapter (sd, s.ip_adapter, s.ip_adapter_subfolder,
                                           s.ip_adapter_weight_name ? s.ip_adapter_weight_name
                                                                    : "ip-adapter_sd15.safetensors", &err);

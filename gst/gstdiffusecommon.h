@@ -131,6 +131,10 @@ void gst_diffuse_state_finalize (GstDiffuseState *st);
 
 /* Installs the shared properties (strength only when with_strength,
  * safety-checker and sag-scale only when with_safety_checker: the SD elements). */
+/* The IP-Adapter's image prompt from a file: PNG by the core, anything else
+ * through decodebin; NULL with *error set when it cannot be read. */
+DiffuseImage *gst_diffuse_load_image_file (const char *path, GError **error);
+
 void gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gboolean with_safety_checker,
                                      gint64 default_seed_increment);
 /* TRUE when prop_id is one of the shared properties (then handled). */

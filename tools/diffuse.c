@@ -64,7 +64,7 @@ static GOptionEntry entries[] = {
     "LoRA adapter (diffusers format), .safetensors file or folder, with an optional :weight (repeatable)",
     "PATH[:W]" },
   { "ip-adapter", 0, 0, G_OPTION_ARG_STRING, &opt_ip_adapter,
-    "IP-Adapter folder or Hub repo id (with --ip-adapter-image)", "REF" },
+    "IP-Adapter folder or Hub repo id (with --ip-adapter-image; generate and animate)", "REF" },
   { "ip-adapter-subfolder", 0, 0, G_OPTION_ARG_STRING, &opt_ip_subfolder, "Its subfolder (models)", "DIR" },
   { "ip-adapter-weight-name", 0, 0, G_OPTION_ARG_STRING, &opt_ip_weight,
     "Its weight file (ip-adapter_sd15.safetensors)", "FILE" },
@@ -408,7 +408,23 @@ animate (DiffusePipelineModel *pm)
       g_clear_pointer (&an, diffuse_animate_unref);
     g_free (spec);
   }
+  DiffuseImage *ip_image = NULL;
+  if (an && opt_ip_adapter) {
+    gboolean ok = opt_ip_image != NULL;
+    if (!ok)
+      g_set_error (&err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "--ip-adapter needs --ip-adapter-image");
+    if (ok)
+      ok = (ip_image = diffuse_image_load_png (opt_ip_image, &err)) != NULL;
+    if (ok)
+      ok = diffuse_animate_load_ip_adapter (an, opt_ip_adapter, opt_ip_subfolder ? opt_ip_subfolder : "models",
+                                            opt_ip_weight ? opt_ip_weight : "ip-adapter_sd15.safetensors", &err);
+    if (ok)
+      diffuse_animate_set_ip_adapter_scale (an, (float) opt_ip_scale);
+    else
+      g_clear_pointer (&an, diffuse_animate_unref);
+  }
   if (!an) {
+    diffuse_image_free (ip_image);
     g_ptr_array_unref (prompts);
     return fail (&err);
   }
@@ -416,12 +432,14 @@ animate (DiffusePipelineModel *pm)
   DiffuseSDParams d;
   diffuse_sd_default_params (&d);
   if (!model_defaults (pm, &d, &err)) {
+    diffuse_image_free (ip_image);
     diffuse_animate_unref (an);
     g_ptr_array_unref (prompts);
     return fail (&err);
   }
   DiffuseAnimateParams p;
   diffuse_animate_default_params (&p);
+  p.ip_adapter_image = ip_image;
   p.num_inference_steps = opt_steps > 0 ? opt_steps : d.num_inference_steps;
   p.guidance_scale = opt_guidance >= 0 ? (float) opt_guidance : d.guidance_scale;
   p.width = opt_width ? opt_width : d.width;
@@ -456,6 +474,7 @@ animate (DiffusePipelineModel *pm)
               p.prompt, p.seed, p.num_inference_steps, (t1 - t0) / 1e6);
     g_ptr_array_unref (frames);
   }
+  diffuse_image_free (ip_image);
   diffuse_animate_unref (an);
   g_ptr_array_unref (prompts);
   return rc;

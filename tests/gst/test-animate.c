@@ -34,9 +34,18 @@ new_src (const char *adapter, int frames, guint64 seed)
   return h;
 }
 
+static GPtrArray *ref_clip_ip (const char *adapter, int frames, guint64 seed, const char *ip_dir, float ip_scale);
+
 /* The core's clip for these settings, RGB8 frames of 16x16 (g_ptr_array of g_free'd buffers). */
 static GPtrArray *
 ref_clip (const char *adapter, int frames, guint64 seed)
+{
+  return ref_clip_ip (adapter, frames, seed, NULL, 0.0f);
+}
+
+/* ... with the tiny IP-Adapter of ip_dir (tests/fixtures/ip-adapter) and its input.png when ip_dir is set */
+static GPtrArray *
+ref_clip_ip (const char *adapter, int frames, guint64 seed, const char *ip_dir, float ip_scale)
 {
   GError *err = NULL;
   gchar *model = test_model_path (NULL), *ad_dir = adapter_path (adapter);
@@ -54,8 +63,20 @@ ref_clip (const char *adapter, int frames, guint64 seed)
   p.num_frames = frames;
   p.num_inference_steps = STEPS;
   p.seed = seed;
+  DiffuseImage *ipimg = NULL;
+  if (ip_dir) {
+    gchar *png = g_build_filename (ip_dir, "input.png", NULL);
+    ipimg = diffuse_image_load_png (png, &err);
+    fail_unless (ipimg != NULL, "%s: %s", png, err ? err->message : "?");
+    g_free (png);
+    fail_unless (diffuse_animate_load_ip_adapter (anim, ip_dir, "models", "ip-adapter_tiny.safetensors", &err),
+                 "IP-Adapter: %s", err ? err->message : "?");
+    diffuse_animate_set_ip_adapter_scale (anim, ip_scale);
+    p.ip_adapter_image = ipimg;
+  }
   GPtrArray *imgs = diffuse_animate_generate (anim, &p, &err);
   fail_unless (imgs != NULL, "generate: %s", err ? err->message : "?");
+  diffuse_image_free (ipimg);
   fail_unless_equals_int (imgs->len, frames);
   GPtrArray *out = g_ptr_array_new_with_free_func (g_free);
   for (guint i = 0; i < imgs->len; i++) {
@@ -401,6 +422,52 @@ start_and_get_error (GstElement *el)
   return msg;
 }
 
+/* The ip-adapter* properties: the clip equals the core's with the same
+ * IP-Adapter, image and scale (the core's equality to diffusers with an
+ * IP-Adapter is tests/core/test-animate.c /animate/ip-adapter), and the
+ * adapter changes the frames; without ip-adapter-image: an error. */
+GST_START_TEST (test_ip_adapter)
+{
+  const char *fx = g_getenv ("DIFFUSE_FIXTURES");
+  gchar *dir = g_build_filename (fx ? fx : TEST_FIXTURES_DIR, "ip-adapter", NULL);
+  gchar *png = g_build_filename (dir, "input.png", NULL);
+  GPtrArray *ref = ref_clip_ip ("a", 4, 3, dir, 0.6f);
+  GPtrArray *plain = ref_clip ("a", 4, 3);
+  GstHarness *h = new_src ("a", 4, 3);
+  g_object_set (h->element, "clips", 1, "ip-adapter", dir, "ip-adapter-weight-name", "ip-adapter_tiny.safetensors",
+                "ip-adapter-image", png, "ip-adapter-scale", 0.6, "guidance-scale", 7.5, NULL);
+  gst_harness_play (h);
+  for (int i = 0; i < 4; i++) {
+    GstBuffer *buf = gst_harness_pull (h);
+    fail_unless (buf != NULL, "frame %d missing", i);
+    assert_buffer_equals (h, buf, g_ptr_array_index (ref, i));
+    gst_buffer_unref (buf);
+  }
+  fail_unless (frames_differ (g_ptr_array_index (ref, 0), g_ptr_array_index (plain, 0)),
+               "the IP-Adapter did not change the frames");
+  gst_harness_teardown (h);
+  g_ptr_array_unref (ref);
+  g_ptr_array_unref (plain);
+
+  /* the adapter without an image: an error at start naming what is missing */
+  GstElement *el = gst_element_factory_make ("diffuseanimate", NULL);
+  gchar *model = test_model_path (NULL), *ad = adapter_path ("a");
+  g_object_set (el, "model", model, "motion-adapter", ad, "ip-adapter", dir, NULL);
+  GstMessage *msg = start_and_get_error (el);
+  fail_unless (msg != NULL);
+  GError *err = NULL;
+  gst_message_parse_error (msg, &err, NULL);
+  fail_unless (strstr (err->message, "IP-Adapter") != NULL, "%s", err->message);
+  g_error_free (err);
+  gst_message_unref (msg);
+  gst_object_unref (el);
+  g_free (model);
+  g_free (ad);
+  g_free (png);
+  g_free (dir);
+}
+GST_END_TEST;
+
 GST_START_TEST (test_error_no_adapter)
 {
   GstElement *el = new_element ("diffuseanimate");
@@ -531,6 +598,7 @@ diffuseanimate_suite (void)
   tcase_add_test (tc, test_flushing_seek);
   tcase_add_test (tc, test_live_latency);
   tcase_add_test (tc, test_shares_model_with_text2img);
+  tcase_add_test (tc, test_ip_adapter);
   tcase_add_test (tc, test_error_no_adapter);
   tcase_add_test (tc, test_error_too_many_frames);
   tcase_add_test (tc, test_animatediff_model);
