@@ -633,12 +633,14 @@ sag_blur (const float *in, float *out, int planes, int h, int w)
  *   self-attention (unconditional half, mean over heads, summed over queries)
  *   is above 1, nearest-upsampled to the latent size; degraded = blur (x0)
  *   in the mask, x0 elsewhere, noised back to t with pred_epsilon; a UNet
- *   pass of it on the unconditional embeddings; eps += sag_scale *
- *   (uncond prediction - that pass). */
+ *   pass of it on the unconditional embeddings (and, with an IP-Adapter,
+ *   the unconditional image tokens; without CFG the prompt's and the
+ *   image's, as diffusers' added_uncond_kwargs / added_cond_kwargs);
+ *   eps += sag_scale * (uncond prediction - that pass). */
 static gboolean
 sag_guidance (DiffuseSD *sd, DiffuseScheduler *sched, const DiffuseSDParams *p, gboolean cfg, int n, int C, int h,
               int w, const float *lat, const float *op, DiffuseTensor *probs, const int *map_hw,
-              DiffuseTensor *embeds, double t, float *eps, GError **error)
+              DiffuseTensor *embeds, const UNetStep *step, double t, float *eps, GError **error)
 {
   const size_t per = (size_t) C * h * w, total = per * n;
   if (!probs) {
@@ -727,13 +729,21 @@ sag_guidance (DiffuseSD *sd, DiffuseScheduler *sched, const DiffuseSDParams *p, 
     DiffuseTensor *x = xd ? diffuse_cast (xd, diffuse_unet_dtype (sd->unet)) : NULL;
     diffuse_tensor_clear (&xd);
     DiffuseTensor *e = cfg ? diffuse_narrow (embeds, 0, 0, n) : diffuse_tensor_ref (embeds);
+    DiffuseTensor *it = NULL;
+    DiffuseUNetForwardArgs args = { 0 };
+    if (step->ip) {
+      it = cfg ? diffuse_narrow (step->ip_tokens, 0, 0, n) : diffuse_tensor_ref (step->ip_tokens);
+      _diffuse_ip_adapter_args (step->ip, it, &args);
+    }
     float *tv = g_new (float, n);
     for (int i = 0; i < n; i++)
       tv[i] = (float) t;
-    DiffuseTensor *out = x && e ? diffuse_unet_forward (sd->unet, x, tv, n, e, NULL, error) : NULL;
+    DiffuseTensor *out = x && e && (it || !step->ip) ? diffuse_unet_forward (sd->unet, x, tv, n, e, &args, error)
+                                                     : NULL;
     g_free (tv);
     diffuse_tensor_clear (&x);
     diffuse_tensor_clear (&e);
+    diffuse_tensor_clear (&it);
     ho = out ? diffuse_to_host_f32 (out) : NULL;
     diffuse_tensor_clear (&out);
     if (!ho) {
@@ -1036,7 +1046,7 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
       memcpy (eps, op, total * sizeof (float));
     }
     if (sag && !sag_guidance (sd, sched, &p, cfg, n, C, h, w, lat, op, ustep.sag_probs, ustep.sag_map_hw, dembeds2,
-                              t, eps, error)) {
+                              &ustep, t, eps, error)) {
       diffuse_tensor_unref (ho);
       ok = FALSE;
       break;

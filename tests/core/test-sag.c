@@ -70,6 +70,66 @@ test_errors (void)
   g_clear_error (&err);
 }
 
+/* the guide's from_pipe example: SAG on a pipeline with an IP-Adapter
+ * (make_sag_ip_fixtures.py): without CFG (the degraded pass gets the image
+ * tokens) and with (the unconditional ones).  The CFG reference is diffusers
+ * with its SAG pipeline's batching of the image embeddings corrected (it
+ * passes only the positive ones to the [uncond, cond] call; see the script):
+ * the uncorrected image is 255 levels away, ours is what every other
+ * diffusers pipeline computes. */
+static void
+test_ip_adapter (void)
+{
+  if (!tu_have_fixture ("sag/ip-adapter/cases.json"))
+    return;
+  GError *err = NULL;
+  char *path = tu_fixture ("sag/ip-adapter/cases.json");
+  JsonParser *parser = json_parser_new ();
+  g_assert_true (json_parser_load_from_file (parser, path, NULL));
+  g_free (path);
+  JsonObject *root = json_node_get_object (json_parser_get_root (parser));
+  JsonObject *gen = json_object_get_object_member (root, "generate");
+  DiffuseSafetensors *want = tu_open ("sag/ip-adapter/images.safetensors");
+  char *png = tu_fixture ("ip-adapter/input.png");
+  DiffuseImage *img = diffuse_image_load_png (png, &err);
+  g_assert_no_error (err);
+  char *dir = tu_fixture ("ip-adapter");
+  g_assert_true (diffuse_sd_load_ip_adapter (sd, dir, "models", json_object_get_string_member (root, "weight_name"),
+                                             &err));
+  g_assert_no_error (err);
+  JsonArray *cases = json_object_get_array_member (root, "cases");
+  for (guint i = 0; i < json_array_get_length (cases); i++) {
+    JsonObject *c = json_array_get_object_element (cases, i);
+    const char *id = json_object_get_string_member (c, "id");
+    diffuse_sd_set_ip_adapter_scale (sd, (float) json_object_get_double_member (c, "ip_scale"));
+    DiffuseSDParams p;
+    diffuse_sd_default_params (&p);
+    p.prompt = json_object_get_string_member (gen, "prompt");
+    p.negative_prompt = json_object_get_string_member (gen, "negative_prompt");
+    p.num_inference_steps = (int) json_object_get_int_member (gen, "num_inference_steps");
+    p.width = (int) json_object_get_int_member (gen, "width");
+    p.height = (int) json_object_get_int_member (gen, "height");
+    p.scheduler = json_object_get_string_member (root, "scheduler");
+    p.guidance_scale = (float) json_object_get_double_member (c, "guidance");
+    p.sag_scale = (float) json_object_get_double_member (c, "sag_scale");
+    p.seed = (guint64) json_object_get_int_member (c, "seed");
+    p.ip_adapter_image = img;
+    GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+    g_assert_no_error (err);
+    const int maxd = tu_max_level_diff (g_ptr_array_index (imgs, 0), diffuse_safetensors_find (want, id));
+    g_test_message ("%s: max difference %d levels (SAG moves diffusers' image %d)", id, maxd,
+                    (int) json_object_get_int_member (c, "max_diff_to_no_sag"));
+    g_assert_cmpint (maxd, <=, 1);
+    g_ptr_array_unref (imgs);
+  }
+  diffuse_sd_unload_ip_adapter (sd);
+  diffuse_image_free (img);
+  diffuse_safetensors_unref (want);
+  g_object_unref (parser);
+  g_free (dir);
+  g_free (png);
+}
+
 /* StableDiffusionSAGPipeline is a known class: loading the tiny checkpoint as
  * one (diffusers' from_pipe / from_pretrained with that class) works */
 static void
@@ -120,6 +180,7 @@ main (int argc, char **argv)
     g_free (name);
   }
   g_test_add_func ("/sag/errors", test_errors);
+  g_test_add_func ("/sag/ip-adapter", test_ip_adapter);
   g_test_add_func ("/sag/class", test_class);
   int r = g_test_run ();
   diffuse_sd_unref (sd);
