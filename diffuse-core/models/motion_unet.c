@@ -75,6 +75,10 @@ check_unet_config (DiffuseUNet *u, GError **error)
     return fail (error, DIFFUSE_ERROR_UNSUPPORTED,
                  "%s: resnet_time_scale_shift \"%s\" cannot be used by UNetMotionModel", u->label,
                  diffuse_config_get_string (c, "resnet_time_scale_shift", ""));
+  if (u->add_text_time)
+    return fail (error, DIFFUSE_ERROR_UNSUPPORTED,
+                 "%s: an SDXL UNet (addition_embed_type \"text_time\") with a motion adapter (AnimateDiff SDXL) is "
+                 "not supported yet", u->label);
   if (u->has_time_embed_act || u->time_embedding.post_act != DIFFUSE_ACT_NONE)
     return fail (error, DIFFUSE_ERROR_UNSUPPORTED,
                  "%s: time_embedding_act_fn / timestep_post_act cannot be used by UNetMotionModel", u->label);

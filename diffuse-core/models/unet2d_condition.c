@@ -156,6 +156,7 @@ unet_free (DiffuseUNet *u)
   diffuse_blk_conv2d_clear (&u->conv_out);
   diffuse_blk_group_norm_clear (&u->conv_norm_out);
   diffuse_blk_timestep_embedding_clear (&u->time_embedding);
+  diffuse_blk_timestep_embedding_clear (&u->add_embedding);
   for (int i = 0; u->down && i < u->n_blocks; i++)
     block_clear (&u->down[i], TRUE);
   for (int i = 0; u->up && i < u->n_blocks; i++)
@@ -231,7 +232,6 @@ parse_options (DiffuseUNet *u, DiffuseConfig *c, Opts *o, GError **error)
   /* options this implementation does not handle */
   if (!check_unsupported_null (c, "class_embed_type", error) ||
       !check_unsupported_null (c, "num_class_embeds", error) ||
-      !check_unsupported_null (c, "addition_embed_type", error) ||
       !check_unsupported_null (c, "encoder_hid_dim", error) ||
       !check_unsupported_null (c, "encoder_hid_dim_type", error))
     return FALSE;
@@ -240,6 +240,24 @@ parse_options (DiffuseUNet *u, DiffuseConfig *c, Opts *o, GError **error)
     return config_error (error, DIFFUSE_ERROR_CONFIG, label,
                          "\"num_attention_heads\" cannot be set for UNet2DConditionModel "
                          "(the head count is read from \"attention_head_dim\")");
+  if (!diffuse_config_get_string_checked (c, "addition_embed_type", NULL, &sv, error))
+    return FALSE;
+  if (sv && strcmp (sv, "text_time") != 0)
+    return config_error (error, DIFFUSE_ERROR_UNSUPPORTED, label,
+                         "addition_embed_type \"%s\" is not supported (only SDXL's \"text_time\")", sv);
+  if (sv) {
+    u->add_text_time = TRUE;
+    if (!diffuse_config_get_int_checked (c, "addition_time_embed_dim", 0, &iv, error))
+      return FALSE;
+    u->add_time_dim = (int) iv;
+    if (!diffuse_config_get_int_checked (c, "projection_class_embeddings_input_dim", 0, &iv, error))
+      return FALSE;
+    u->add_in_dim = (int) iv;
+    if (u->add_time_dim <= 0 || u->add_time_dim % 2 || u->add_in_dim <= u->add_time_dim)
+      return config_error (error, DIFFUSE_ERROR_CONFIG, label,
+                           "addition_embed_type \"text_time\" needs an even addition_time_embed_dim and a larger "
+                           "projection_class_embeddings_input_dim (got %d, %d)", u->add_time_dim, u->add_in_dim);
+  }
   if (!diffuse_config_get_string_checked (c, "time_embedding_type", "positional", &sv, error))
     return FALSE;
   if (strcmp (sv, "positional") != 0)
@@ -525,6 +543,11 @@ build (DiffuseUNet *u, const Opts *o, DiffuseBlkLoader *l)
   }
   diffuse_blk_timestep_embedding_load (&u->time_embedding, l, "time_embedding", u->block_out[0], u->time_embed_dim,
                                        u->act, post_act, u->time_cond_proj_dim);
+  /* add_embedding = TimestepEmbedding (projection_class_embeddings_input_dim,
+   * time_embed_dim): its own default act_fn "silu", whatever the UNet's */
+  if (u->add_text_time)
+    diffuse_blk_timestep_embedding_load (&u->add_embedding, l, "add_embedding", u->add_in_dim, u->time_embed_dim,
+                                         DIFFUSE_ACT_SILU, DIFFUSE_ACT_NONE, 0);
 
   /* down */
   u->down = g_new0 (UNetBlock, n);
@@ -798,6 +821,19 @@ check_inputs (DiffuseUNet *u, DiffuseTensor *sample, int n_timesteps, DiffuseTen
   if (u->mid.present && u->mid.has_attn && u->mid.cross_attention_dim != D)
     return arg_error (error, "%s: encoder_hidden_states have %" G_GINT64_FORMAT " features, the model expects %d",
                       u->label, D, u->mid.cross_attention_dim);
+  const gboolean have_add = args && (args->text_embeds || args->time_ids);
+  if (u->add_text_time) {
+    if (!args || !args->text_embeds || !args->time_ids)
+      return arg_error (error, "%s: this UNet (addition_embed_type \"text_time\", SDXL) needs text_embeds and "
+                        "time_ids", u->label);
+    const DiffuseTensor *te = args->text_embeds, *ti = args->time_ids;
+    if (te->ndim != 2 || te->shape[0] != B || ti->ndim != 2 || ti->shape[0] != B ||
+        te->shape[1] + ti->shape[1] * u->add_time_dim != u->add_in_dim)
+      return arg_error (error, "%s: text_embeds [B, P] and time_ids [B, n] with P + n * %d = %d expected (B = %"
+                        G_GINT64_FORMAT ")", u->label, u->add_time_dim, u->add_in_dim, B);
+  } else if (have_add) {
+    return arg_error (error, "%s: text_embeds / time_ids given but the model has no addition_embed_type", u->label);
+  }
   if (args && args->timestep_cond) {
     DiffuseTensor *tc = args->timestep_cond;
     if (u->time_cond_proj_dim <= 0)
@@ -991,6 +1027,34 @@ forward_impl (DiffuseUNet *u, DiffuseTensor *sample, DiffuseTensor *t, DiffuseTe
   emb = diffuse_blk_timestep_embedding_forward (&u->time_embedding, t_emb, cond);
   diffuse_tensor_unref (t_emb);
   diffuse_tensor_unref (cond);
+  if (emb && u->add_text_time) {
+    /* get_aug_embed: add_time_proj (time_ids.flatten ()) in f32, reshaped
+     * [B, n * dim], after text_embeds, in emb's dtype, add_embedding */
+    DiffuseTensor *ti = diffuse_to_device (args->time_ids, u->dev);
+    ti = swap (ti, diffuse_cast (ti, DIFFUSE_DTYPE_F32));
+    DiffuseTensor *tc = diffuse_contiguous (ti);
+    diffuse_tensor_unref (ti);
+    const int64_t B = args->time_ids->shape[0], nt = args->time_ids->shape[1];
+    DiffuseTensor *flat = tc ? diffuse_reshape (tc, 1, (const int64_t[]) { B * nt }) : NULL;
+    diffuse_tensor_unref (tc);
+    DiffuseTensor *tp = diffuse_timestep_embedding (flat, u->add_time_dim, u->flip_sin_to_cos, u->freq_shift, 1.0f,
+                                                    10000.0f);
+    diffuse_tensor_unref (flat);
+    DiffuseTensor *tr = tp ? diffuse_reshape (tp, 2, (const int64_t[]) { B, nt * u->add_time_dim }) : NULL;
+    diffuse_tensor_unref (tp);
+    DiffuseTensor *te = diffuse_to_device (args->text_embeds, u->dev);
+    te = swap (te, diffuse_cast (te, DIFFUSE_DTYPE_F32));
+    DiffuseTensor *pair[2] = { te, tr };
+    DiffuseTensor *add = te && tr ? diffuse_concat (pair, 2, 1) : NULL;
+    diffuse_tensor_unref (te);
+    diffuse_tensor_unref (tr);
+    add = swap (add, diffuse_cast (add, u->dtype));
+    DiffuseTensor *aug = add ? diffuse_blk_timestep_embedding_forward (&u->add_embedding, add, NULL) : NULL;
+    diffuse_tensor_unref (add);
+    DiffuseTensor *sum = aug ? diffuse_add (emb, aug) : NULL;
+    diffuse_tensor_unref (aug);
+    emb = swap (emb, sum);
+  }
   if (u->has_time_embed_act)
     emb = swap (emb, diffuse_activation (emb, u->time_embed_act));
   if (!emb)

@@ -57,6 +57,12 @@ struct _DiffuseUNet {
   DiffuseBlkConv2d conv_in, conv_out;
   DiffuseBlkGroupNorm conv_norm_out;
   DiffuseBlkTimestepEmbedding time_embedding;
+  /* addition_embed_type "text_time" (SDXL): add_time_proj (Timesteps of
+   * addition_time_embed_dim) of the 6 time ids, concatenated after the
+   * pooled text embeddings, through add_embedding into emb */
+  gboolean add_text_time;
+  int add_time_dim, add_in_dim;
+  DiffuseBlkTimestepEmbedding add_embedding;
   UNetBlock *down;
   UNetMid mid;
   UNetBlock *up;

@@ -92,6 +92,20 @@ _diffuse_pipeline_text_encoder (DiffusePipelineModel *pm, GError **error)
                                    (GDestroyNotify) diffuse_clip_text_unref, error);
 }
 
+DiffuseClipText *
+_diffuse_pipeline_text_encoder_2 (DiffusePipelineModel *pm, GError **error)
+{
+  return _diffuse_pipeline_object (pm, "text_encoder_2", "CLIPTextModel", build_text,
+                                   (GDestroyNotify) diffuse_clip_text_unref, error);
+}
+
+DiffuseClipTokenizer *
+_diffuse_pipeline_tokenizer_2 (DiffusePipelineModel *pm, GError **error)
+{
+  return _diffuse_pipeline_object (pm, "tokenizer_2", "CLIPTokenizer", build_tokenizer,
+                                   (GDestroyNotify) diffuse_clip_tokenizer_unref, error);
+}
+
 DiffuseClipTokenizer *
 _diffuse_pipeline_tokenizer (DiffusePipelineModel *pm, GError **error)
 {

@@ -84,12 +84,19 @@ static const char *const ad_components[] = { "vae", "text_encoder", "tokenizer",
                                              "scheduler", "feature_extractor", "image_encoder", NULL };
 static const char *const ad_optional[] = { "feature_extractor", "image_encoder", NULL };
 
+/* Stable Diffusion XL: two text encoders (the second with a projection) */
+static const char *const xl_components[] = { "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                                             "unet", "scheduler", "image_encoder", "feature_extractor", NULL };
+static const char *const xl_optional[] = { "image_encoder", "feature_extractor", NULL };
+
 static const PipelineClass pipeline_classes[] = {
   { "StableDiffusionPipeline", sd_components, sd_optional },
   { "StableDiffusionImg2ImgPipeline", sd_components, sd_optional },
   /* the same components; self-attention guidance is DiffuseSDParams.sag_scale */
   { "StableDiffusionSAGPipeline", sd_components, sd_optional },
   { "AnimateDiffPipeline", ad_components, ad_optional },
+  { "StableDiffusionXLPipeline", xl_components, xl_optional },
+  { "StableDiffusionXLImg2ImgPipeline", xl_components, xl_optional },
 };
 
 static const PipelineClass *
@@ -1127,7 +1134,8 @@ diffuse_pipeline_model_load (const char *ref, const DiffuseLoadParams *params_in
   if (!find_pipeline_class (class_name)) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
                  "%s is a %s; gst-diffuse runs StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, "
-                 "StableDiffusionSAGPipeline and AnimateDiffPipeline", root.label, class_name);
+                 "StableDiffusionSAGPipeline, StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline and "
+                 "AnimateDiffPipeline", root.label, class_name);
     goto out;
   }
 

@@ -24,6 +24,9 @@ DiffuseUNet *_diffuse_pipeline_unet (DiffusePipelineModel *pm, GError **error);
 DiffuseVae *_diffuse_pipeline_vae (DiffusePipelineModel *pm, GError **error);
 DiffuseClipText *_diffuse_pipeline_text_encoder (DiffusePipelineModel *pm, GError **error);
 DiffuseClipTokenizer *_diffuse_pipeline_tokenizer (DiffusePipelineModel *pm, GError **error);
+/* SDXL's second text encoder (CLIPTextModelWithProjection) and tokenizer */
+DiffuseClipText *_diffuse_pipeline_text_encoder_2 (DiffusePipelineModel *pm, GError **error);
+DiffuseClipTokenizer *_diffuse_pipeline_tokenizer_2 (DiffusePipelineModel *pm, GError **error);
 /* LoRA adapters (lora.c) */
 typedef struct _DiffuseLoraAdapter DiffuseLoraAdapter;
 typedef enum { DIFFUSE_LORA_UNET, DIFFUSE_LORA_TEXT_ENCODER } DiffuseLoraTarget;

@@ -41,6 +41,13 @@ struct _DiffuseSD {
   DiffuseClipImageProcessor *feature_extractor;  /* with the checker */
   DiffuseConfig *scheduler_config;
   char *scheduler_class;
+  /* Stable Diffusion XL: a second text encoder (with projection) and
+   * tokenizer, pooled text embeddings and time ids for the UNet */
+  gboolean xl;
+  DiffuseClipText *text_encoder_2;               /* borrowed */
+  DiffuseClipTokenizer *tokenizer_2;
+  gboolean force_zeros;                          /* force_zeros_for_empty_prompt */
+  DiffuseVae *vae_f32;                           /* force_upcast: the VAE in f32 for a 16-bit pipeline, or NULL */
   GMutex lock;                    /* one generate() at a time */
 };
 
@@ -99,6 +106,53 @@ diffuse_sd_default_params (DiffuseSDParams *p)
   p->lora_scale = 1.0f;
 }
 
+static gpointer
+build_vae_f32 (DiffuseComponent *c, gpointer user_data, GError **error)
+{
+  return diffuse_vae_new (diffuse_component_config (c), diffuse_component_weights (c), diffuse_component_device (c),
+                          DIFFUSE_DTYPE_F32, error);
+}
+
+/* A Stable Diffusion XL pipeline (text_encoder_2 in the model): its second
+ * encoder and tokenizer, force_zeros_for_empty_prompt, and, as diffusers'
+ * needs_upcasting, an f32 VAE when the VAE is 16-bit with force_upcast. */
+static gboolean
+sd_setup_xl (DiffuseSD *sd, GError **error)
+{
+  DiffuseConfig *index = diffuse_pipeline_model_index (sd->pm);
+  const char *cls = diffuse_pipeline_model_class (sd->pm);
+  sd->xl = diffuse_pipeline_model_get (sd->pm, "text_encoder_2") != NULL || g_str_has_prefix (cls, "StableDiffusionXL");
+  if (!sd->xl)
+    return TRUE;
+  if (diffuse_config_get_bool (index, "requires_aesthetics_score", FALSE)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                 "%s: requires_aesthetics_score (an SDXL refiner) is not supported yet",
+                 diffuse_pipeline_model_folder (sd->pm));
+    return FALSE;
+  }
+  sd->text_encoder_2 = _diffuse_pipeline_text_encoder_2 (sd->pm, error);
+  if (sd->text_encoder_2)
+    sd->tokenizer_2 = _diffuse_pipeline_tokenizer_2 (sd->pm, error);
+  if (!sd->tokenizer_2)
+    return FALSE;
+  if (diffuse_clip_text_projection_dim (sd->text_encoder_2) <= 0) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                 "%s: text_encoder_2 has no text projection (a CLIPTextModelWithProjection is needed for the pooled "
+                 "text embeddings)", diffuse_pipeline_model_folder (sd->pm));
+    return FALSE;
+  }
+  sd->force_zeros = diffuse_config_get_bool (index, "force_zeros_for_empty_prompt", TRUE);
+  DiffuseComponent *vc = diffuse_pipeline_model_get (sd->pm, "vae");
+  if (diffuse_vae_dtype (sd->vae) != DIFFUSE_DTYPE_F32 &&
+      diffuse_config_get_bool (diffuse_component_config (vc), "force_upcast", TRUE)) {
+    sd->vae_f32 = diffuse_component_get_object (vc, "model-f32", build_vae_f32, NULL,
+                                                (GDestroyNotify) diffuse_vae_unref, error);
+    if (!sd->vae_f32)
+      return FALSE;
+  }
+  return TRUE;
+}
+
 DiffuseSD *
 diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error)
 {
@@ -115,6 +169,10 @@ diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error)
   if (sd->text_encoder)
     sd->tokenizer = _diffuse_pipeline_tokenizer (pm, error);
   if (!sd->tokenizer) {
+    diffuse_sd_unref (sd);
+    return NULL;
+  }
+  if (!sd_setup_xl (sd, error)) {
     diffuse_sd_unref (sd);
     return NULL;
   }
@@ -391,6 +449,58 @@ diffuse_sd_default_size (DiffuseSD *sd, int *width, int *height)
 /* ---- prompt encoding ------------------------------------------------------ */
 
 
+static gboolean op_error (GError **error, const char *what);
+
+/* SDXL's encode_prompt for one text: each encoder's hidden_states[-(skip + 2)]
+ * (no final layer norm) over the 77 padded tokens (each tokenizer's own pad
+ * token), concatenated along features, in the second encoder's dtype; and
+ * the second encoder's projected pooled output [1, P]. */
+static gboolean
+encode_xl (DiffuseSD *sd, const char *text, int skip, DiffuseTensor **embeds, DiffuseTensor **pooled, GError **error)
+{
+  DiffuseTensor *h[2] = { NULL, NULL };
+  gboolean ok = TRUE;
+  for (int k = 0; ok && k < 2; k++) {
+    DiffuseClipTokenizer *tok = k ? sd->tokenizer_2 : sd->tokenizer;
+    DiffuseClipText *te = k ? sd->text_encoder_2 : sd->text_encoder;
+    const int max = diffuse_clip_tokenizer_model_max_length (tok);
+    int32_t *ids = g_new0 (int32_t, max);
+    const int n = diffuse_clip_tokenizer_encode (tok, text ? text : "", TRUE, ids, max, error);
+    DiffuseClipTextParams cp;
+    diffuse_clip_text_default_params (&cp);
+    cp.output_hidden_states = TRUE;
+    DiffuseClipTextOutput out = { 0 };
+    ok = n > 0 && diffuse_clip_text_forward (te, ids, 1, n, &cp, &out, error);
+    g_free (ids);
+    if (ok && out.n_hidden_states < skip + 2) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                   "clip_skip %d needs %d hidden states, text encoder %d has %d", skip, skip + 2, k + 1,
+                   out.n_hidden_states);
+      ok = FALSE;
+    }
+    if (ok) {
+      h[k] = diffuse_tensor_ref (out.hidden_states[out.n_hidden_states - (skip + 2)]);
+      if (k == 1)
+        *pooled = diffuse_tensor_ref (out.text_embeds);
+    }
+    diffuse_clip_text_output_clear (&out);
+  }
+  if (ok) {
+    const DiffuseDType dt = diffuse_clip_text_dtype (sd->text_encoder_2);
+    ok = _diffuse_pipeline_place (&h[0], diffuse_clip_text_device (sd->text_encoder_2), dt) &&
+         _diffuse_pipeline_place (&h[1], diffuse_clip_text_device (sd->text_encoder_2), dt);
+    *embeds = ok ? diffuse_concat (h, 2, 2) : NULL;
+    ok = *embeds != NULL;
+    if (!ok)
+      op_error (error, "SDXL prompt embedding");
+  }
+  diffuse_tensor_clear (&h[0]);
+  diffuse_tensor_clear (&h[1]);
+  if (!ok)
+    diffuse_tensor_clear (pooled);
+  return ok;
+}
+
 /* Repeats [1, L, D] (or [k, L, D] with k == n) to [n, L, D]. */
 static DiffuseTensor *
 repeat_batch (DiffuseTensor *e, int n)
@@ -495,6 +605,7 @@ typedef struct {
   int calls;
   DiffuseTensor *x_in, *t_in;   /* the fixed inputs */
   DiffuseTensor *out;           /* the captured forward's output */
+  DiffuseTensor *text_embeds, *time_ids;   /* SDXL's added conditions (borrowed), or NULL */
 #if DIFFUSE_HAVE_CUDA
   DiffuseCudaGraph *graph;
 #endif
@@ -540,6 +651,8 @@ unet_step_run (UNetStep *s, DiffuseTensor *x, double t, GError **error)
   }
   if (s->ip)
     _diffuse_ip_adapter_args (s->ip, s->ip_tokens, &args);
+  args.text_embeds = s->text_embeds;
+  args.time_ids = s->time_ids;
   float *tv = g_new (float, s->batch);
   for (int b = 0; b < s->batch; b++)
     tv[b] = (float) t;
@@ -781,6 +894,7 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   DiffuseScheduler *sched = NULL;
   DiffuseRng *rng = NULL;
   DiffuseTensor *embeds = NULL, *cond = NULL, *uncond = NULL, *latents = NULL, *tcond = NULL;
+  DiffuseTensor *pooled = NULL, *upooled = NULL, *text_embeds = NULL, *time_ids = NULL;
   float *noise_buf = NULL;
   DiffuseDevice *dev = diffuse_unet_device (sd->unet);
 
@@ -825,6 +939,17 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     return NULL;
   }
 
+  if (sd->xl && (p.prompt_embeds || p.negative_prompt_embeds)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                 "prompt_embeds with Stable Diffusion XL (which also needs pooled_prompt_embeds) are not supported yet");
+    return NULL;
+  }
+  if (sd->xl && p.sag_scale > 0.0f) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "self-attention guidance (StableDiffusionSAGPipeline) is for Stable Diffusion 1.x/2.x, not XL");
+    return NULL;
+  }
+
   g_mutex_lock (&sd->lock);
   if (sd->ip_adapter && !p.ip_adapter_image) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
@@ -846,7 +971,10 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   /* 1. prompt embeddings (cond) and, with CFG, the negative ones first */
   if (p.prompt_embeds)
     cond = diffuse_tensor_ref (p.prompt_embeds);
-  else
+  else if (sd->xl) {
+    if (!encode_xl (sd, p.prompt, p.clip_skip, &cond, &pooled, error))
+      goto out;
+  } else
     cond = _diffuse_pipeline_encode_prompt (sd->tokenizer, sd->text_encoder, p.prompt, p.clip_skip, error);
   if (!cond)
     goto out;
@@ -854,18 +982,38 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     DiffuseTensor *r = repeat_batch (cond, n);
     diffuse_tensor_unref (cond);
     cond = r;
+    if (pooled) {
+      r = repeat_batch (pooled, n);
+      diffuse_tensor_unref (pooled);
+      pooled = r;
+    }
   }
   if (cfg) {
     if (p.negative_prompt_embeds)
       uncond = diffuse_tensor_ref (p.negative_prompt_embeds);
-    else
+    else if (sd->xl && !p.negative_prompt && sd->force_zeros) {
+      /* force_zeros_for_empty_prompt: zeros, not the empty prompt's embedding */
+      uncond = cond ? diffuse_scale (cond, 0.0f, 0.0f) : NULL;
+      upooled = pooled ? diffuse_scale (pooled, 0.0f, 0.0f) : NULL;
+    } else if (sd->xl) {
+      /* (always hidden_states[-2]: diffusers applies clip_skip to the prompt only) */
+      if (!encode_xl (sd, p.negative_prompt ? p.negative_prompt : "", 0, &uncond, &upooled, error))
+        goto out;
+    } else
       uncond = _diffuse_pipeline_encode_prompt (sd->tokenizer, sd->text_encoder,
                                                 p.negative_prompt ? p.negative_prompt : "", 0, error);
-    if (!uncond)
+    if (!uncond || (sd->xl && !upooled)) {
+      op_error (error, "negative prompt embedding");
       goto out;
+    }
     DiffuseTensor *r = repeat_batch (uncond, n);
     diffuse_tensor_unref (uncond);
     uncond = r;
+    if (upooled) {
+      r = repeat_batch (upooled, n);
+      diffuse_tensor_unref (upooled);
+      upooled = r;
+    }
     /* both where the UNet runs (prompt_embeds given by the caller may be elsewhere) */
     if (!_diffuse_pipeline_place (&cond, dev, diffuse_unet_dtype (sd->unet)) ||
         !_diffuse_pipeline_place (&uncond, dev, diffuse_unet_dtype (sd->unet))) {
@@ -880,6 +1028,30 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   if (!embeds) {
     op_error (error, "prompt embedding");
     goto out;
+  }
+  if (sd->xl) {
+    /* added_cond_kwargs: text_embeds = the pooled embeddings ([negative;
+     * prompt] with CFG), time_ids = original size, crop top-left, target
+     * size: (h, w, 0, 0, h, w) per row, in the pipeline's dtype */
+    if (cfg) {
+      DiffuseTensor *pp[2] = { upooled, pooled };
+      text_embeds = diffuse_concat (pp, 2, 0);
+    } else {
+      text_embeds = diffuse_tensor_ref (pooled);
+    }
+    const int rows = cfg ? 2 * n : n;
+    float *ids = g_new (float, (size_t) rows * 6);
+    for (int r = 0; r < rows; r++) {
+      const float v[6] = { (float) p.height, (float) p.width, 0.0f, 0.0f, (float) p.height, (float) p.width };
+      memcpy (ids + (size_t) r * 6, v, sizeof v);
+    }
+    time_ids = diffuse_tensor_from_f32 (ids, 2, (const int64_t[]) { rows, 6 });
+    g_free (ids);
+    if (!text_embeds || !time_ids || !_diffuse_pipeline_place (&text_embeds, dev, diffuse_unet_dtype (sd->unet)) ||
+        !_diffuse_pipeline_place (&time_ids, dev, diffuse_unet_dtype (sd->unet))) {
+      op_error (error, "SDXL added conditions");
+      goto out;
+    }
   }
   tm->encode_us = g_get_monotonic_time () - t_mark;
   t_mark = g_get_monotonic_time ();
@@ -932,21 +1104,23 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     for (size_t i = 0; i < plane; i++)
       for (int c = 0; c < 3; c++)
         ip[c * plane + i] = 2.0f * p.image->pixels[i * 3 + c] - 1.0f;   /* VaeImageProcessor.normalize */
-    DiffuseTensor *dimg = diffuse_to_device (img, diffuse_vae_device (sd->vae));
-    DiffuseTensor *dimg2 = diffuse_cast (dimg, diffuse_vae_dtype (sd->vae));
+    /* SDXL with force_upcast encodes with the VAE in f32 */
+    DiffuseVae *evae = sd->vae_f32 ? sd->vae_f32 : sd->vae;
+    DiffuseTensor *dimg = diffuse_to_device (img, diffuse_vae_device (evae));
+    DiffuseTensor *dimg2 = diffuse_cast (dimg, diffuse_vae_dtype (evae));
     diffuse_tensor_unref (img);
     diffuse_tensor_clear (&dimg);
     DiffuseTensor *mean = NULL, *logvar = NULL;
     DiffuseVaeParams vp;
     diffuse_vae_default_params (&vp);
-    gboolean ok = dimg2 && diffuse_vae_encode (sd->vae, dimg2, &vp, &mean, &logvar, error);
+    gboolean ok = dimg2 && diffuse_vae_encode (evae, dimg2, &vp, &mean, &logvar, error);
     diffuse_tensor_clear (&dimg2);
     if (!ok)
       goto out;
     /* latent_dist.sample(generator): the generator's first draw */
     size_t nl = (size_t) diffuse_tensor_numel (mean);
     noise_buf = g_new (float, MAX (nl, total));
-    diffuse_rng_randn_as (rng, _diffuse_pipeline_rng_dtype (diffuse_vae_dtype (sd->vae)), noise_buf, nl);
+    diffuse_rng_randn_as (rng, _diffuse_pipeline_rng_dtype (diffuse_vae_dtype (evae)), noise_buf, nl);
     DiffuseTensor *z = diffuse_vae_posterior_sample (mean, logvar, noise_buf, error);
     diffuse_tensor_unref (mean);
     diffuse_tensor_unref (logvar);
@@ -999,6 +1173,8 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     ok = ip_tokens != NULL;
   }
   unet_step_init (&ustep, sd->unet, dembeds2, dtcond, batch, sag);
+  ustep.text_embeds = text_embeds;
+  ustep.time_ids = time_ids;
   if (ip_tokens) {
     ustep.ip = sd->ip_adapter;
     ustep.ip_tokens = ip_tokens;
@@ -1079,12 +1255,14 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     const float sf = (float) diffuse_vae_scaling_factor (sd->vae);
     for (size_t i = 0; i < total; i++)
       lat[i] = lat[i] / sf;
-    DiffuseTensor *dl = diffuse_to_device (latents, diffuse_vae_device (sd->vae));
-    DiffuseTensor *dl2 = diffuse_cast (dl, diffuse_vae_dtype (sd->vae));
+    /* SDXL's needs_upcasting: an f16 VAE with force_upcast decodes in f32 */
+    DiffuseVae *dvae = sd->vae_f32 && diffuse_vae_dtype (sd->vae) == DIFFUSE_DTYPE_F16 ? sd->vae_f32 : sd->vae;
+    DiffuseTensor *dl = diffuse_to_device (latents, diffuse_vae_device (dvae));
+    DiffuseTensor *dl2 = diffuse_cast (dl, diffuse_vae_dtype (dvae));
     diffuse_tensor_clear (&dl);
     DiffuseVaeParams vp;
     diffuse_vae_default_params (&vp);
-    DiffuseTensor *dec = dl2 ? diffuse_vae_decode (sd->vae, dl2, &vp, error) : NULL;
+    DiffuseTensor *dec = dl2 ? diffuse_vae_decode (dvae, dl2, &vp, error) : NULL;
     diffuse_tensor_clear (&dl2);
     DiffuseTensor *hd = dec ? diffuse_to_host_f32 (dec) : NULL;
     diffuse_tensor_clear (&dec);
@@ -1129,6 +1307,10 @@ out:
   diffuse_tensor_clear (&embeds);
   diffuse_tensor_clear (&latents);
   diffuse_tensor_clear (&tcond);
+  diffuse_tensor_clear (&pooled);
+  diffuse_tensor_clear (&upooled);
+  diffuse_tensor_clear (&text_embeds);
+  diffuse_tensor_clear (&time_ids);
   if (sched)
     diffuse_scheduler_free (sched);
   if (rng)

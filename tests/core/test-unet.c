@@ -240,7 +240,9 @@ test_config_errors (void)
   static const struct { const char *key, *value; int code; const char *needle; } cases[] = {
     { "class_embed_type", "\"timestep\"", DIFFUSE_ERROR_UNSUPPORTED, "class_embed_type" },
     { "num_class_embeds", "10", DIFFUSE_ERROR_UNSUPPORTED, "num_class_embeds" },
-    { "addition_embed_type", "\"text_time\"", DIFFUSE_ERROR_UNSUPPORTED, "addition_embed_type" },
+    { "addition_embed_type", "\"text_image\"", DIFFUSE_ERROR_UNSUPPORTED, "addition_embed_type" },
+    /* SDXL's, without its addition_time_embed_dim / projection_class_embeddings_input_dim */
+    { "addition_embed_type", "\"text_time\"", DIFFUSE_ERROR_CONFIG, "addition_time_embed_dim" },
     { "encoder_hid_dim", "64", DIFFUSE_ERROR_UNSUPPORTED, "encoder_hid_dim" },
     { "time_embedding_type", "\"fourier\"", DIFFUSE_ERROR_UNSUPPORTED, "fourier" },
     { "num_attention_heads", "4", DIFFUSE_ERROR_CONFIG, "num_attention_heads" },

@@ -694,6 +694,23 @@ GST_START_TEST (test_sag_scale)
 }
 GST_END_TEST;
 
+/* ---- Stable Diffusion XL: model=<an SDXL folder> gives diffusers' frame ---- */
+
+GST_START_TEST (test_sdxl)
+{
+  GstHarness *h = gst_harness_new ("diffusetext2img");
+  gchar *model = test_model_path ("tiny-sdxl");
+  /* make_sdxl_fixtures.py's "cfg-zero-neg": no negative prompt, so zeroed
+   * negative embeddings (force_zeros_for_empty_prompt); Euler, 4 steps */
+  g_object_set (h->element, "model", model, "prompt", "a red circle", "guidance-scale", 5.0, "num-inference-steps", 4,
+                "seed", (gint64) 3, "num-buffers", 1, NULL);
+  g_free (model);
+  gst_harness_set_sink_caps_str (h, "video/x-raw,format=RGB,width=32,height=32");
+  const int maxd = frame_level_diff (h, "sdxl/images.safetensors", "cfg-zero-neg");
+  fail_unless (maxd <= 1, "the frame is %d levels from diffusers' StableDiffusionXLPipeline image", maxd);
+}
+GST_END_TEST;
+
 /* ---- LoRA: the "lora" property gives diffusers' load_lora_weights frame ---- */
 
 GST_START_TEST (test_lora)
@@ -982,6 +999,7 @@ diffusetext2img_suite (void)
   tcase_add_test (tc, test_sag_scale);
   tcase_add_test (tc, test_lora);
   tcase_add_test (tc, test_ip_adapter);
+  tcase_add_test (tc, test_sdxl);
   return s;
 }
 

@@ -76,6 +76,12 @@ const char *const *diffuse_unet_unused_keys (DiffuseUNet *u);
 typedef struct {
   /* [B, time_cond_proj_dim] (LCM guidance embedding), or NULL */
   DiffuseTensor *timestep_cond;
+  /* addition_embed_type "text_time" (SDXL's added_cond_kwargs): the pooled,
+   * projected text embeddings [B, P] and the time ids [B, n] (original
+   * size, crop top-left, target size: n = 6), any dtype and device; both
+   * required by such a model, refused by others */
+  DiffuseTensor *text_embeds;
+  DiffuseTensor *time_ids;
   /* ControlNet residuals, both or neither: one tensor per down-block
    * residual (conv_in output, then every resnet/attention and downsampler
    * output, in order), each the shape of that residual; and one of the mid

@@ -1,0 +1,198 @@
+/* Stable Diffusion XL against diffusers (tests/reference/make_sdxl_fixtures.py,
+ * tests/fixtures/pipelines/tiny-sdxl, tests/fixtures/sdxl): a tiny
+ * StableDiffusionXLPipeline — two text encoders (the second's pad token "!"),
+ * pooled text embeddings and time ids through the UNet's "text_time"
+ * addition embedding, force_zeros_for_empty_prompt — with and without CFG,
+ * a negative prompt, clip_skip, a non-square size, the guide's
+ * HeunDiscreteScheduler swap, and StableDiffusionXLImg2ImgPipeline.from_pipe
+ * at two strengths: 8-bit images within one level of diffusers'; loaded in
+ * float16 within two levels of diffusers' float16 run.  Plus the errors
+ * (prompt_embeds, SAG, clip_skip) and the model's class. */
+#include <diffuse/diffuse.h>
+#include <json-glib/json-glib.h>
+#include <string.h>
+#include "testutil.h"
+
+static DiffuseSafetensors *images;
+static DiffusePipelineModel *pm;
+static DiffuseSD *t2i, *i2i;
+
+static void
+fill_params (DiffuseSDParams *p, JsonObject *c)
+{
+  diffuse_sd_default_params (p);
+  p->prompt = json_object_get_string_member (c, "prompt");
+  if (json_object_has_member (c, "negative_prompt"))
+    p->negative_prompt = json_object_get_string_member (c, "negative_prompt");
+  p->guidance_scale = (float) json_object_get_double_member (c, "guidance");
+  p->num_inference_steps = (int) json_object_get_int_member (c, "steps");
+  p->seed = (guint64) json_object_get_int_member (c, "seed");
+  if (json_object_has_member (c, "clip_skip"))
+    p->clip_skip = (int) json_object_get_int_member (c, "clip_skip");
+  if (json_object_has_member (c, "scheduler"))
+    p->scheduler = json_object_get_string_member (c, "scheduler");
+}
+
+static void
+check (const char *id, DiffuseSD *sd, const DiffuseSDParams *p)
+{
+  GError *err = NULL;
+  GPtrArray *imgs = diffuse_sd_generate (sd, p, &err);
+  g_assert_no_error (err);
+  const DiffuseStEntry *e = diffuse_safetensors_find (images, id);
+  g_assert_nonnull (e);
+  const int maxd = tu_max_level_diff (g_ptr_array_index (imgs, 0), e);
+  g_test_message ("%s: max difference %d levels", id, maxd);
+  g_assert_cmpint (maxd, <=, 1);
+  g_ptr_array_unref (imgs);
+}
+
+static void
+run_t2i (gconstpointer data)
+{
+  JsonObject *c = (JsonObject *) data;
+  DiffuseSDParams p;
+  fill_params (&p, c);
+  p.width = (int) json_object_get_int_member (c, "width");
+  p.height = (int) json_object_get_int_member (c, "height");
+  check (json_object_get_string_member (c, "id"), t2i, &p);
+}
+
+static void
+run_i2i (gconstpointer data)
+{
+  JsonObject *c = (JsonObject *) data;
+  DiffuseSDParams p;
+  fill_params (&p, c);
+  DiffuseImage *in = tu_st_image (images, "i2i-input");
+  p.image = in;
+  p.strength = (float) json_object_get_double_member (c, "strength");
+  check (json_object_get_string_member (c, "id"), i2i, &p);
+  diffuse_image_free (in);
+}
+
+static void
+test_model (void)
+{
+  g_assert_cmpstr (diffuse_pipeline_model_class (pm), ==, "StableDiffusionXLPipeline");
+  g_assert_nonnull (diffuse_pipeline_model_get (pm, "text_encoder_2"));
+  g_assert_nonnull (diffuse_pipeline_model_get (pm, "tokenizer_2"));
+  /* the default size: unet sample_size x the VAE's scale factor */
+  int w = 0, h = 0;
+  diffuse_sd_default_size (t2i, &w, &h);
+  g_assert_cmpint (w, ==, 32);
+  g_assert_cmpint (h, ==, 32);
+}
+
+/* loaded in float16, as torch_dtype=torch.float16: noise drawn in float16
+ * and, force_upcast, the VAE decoding in float32 (diffusers' needs_upcasting) */
+static void
+test_f16 (void)
+{
+  GError *err = NULL;
+  char *model = tu_fixture ("pipelines/tiny-sdxl");
+  DiffuseLoadParams lp = diffuse_load_default_params ();
+  lp.device = g_getenv ("DIFFUSE_TEST_DEVICE");
+  lp.have_dtype = TRUE;
+  lp.dtype = DIFFUSE_DTYPE_F16;
+  DiffusePipelineModel *m16 = diffuse_pipeline_model_load (model, &lp, NULL, &err);
+  g_assert_no_error (err);
+  g_free (model);
+  DiffuseSD *sd16 = diffuse_sd_new (m16, DIFFUSE_SD_TEXT2IMG, &err);
+  g_assert_no_error (err);
+  DiffuseSDParams p;
+  diffuse_sd_default_params (&p);
+  p.prompt = "a red circle";
+  p.negative_prompt = "blurry, dark";
+  p.guidance_scale = 6.0f;
+  p.num_inference_steps = 4;
+  p.width = p.height = 32;
+  p.seed = 5;
+  GPtrArray *imgs = diffuse_sd_generate (sd16, &p, &err);
+  g_assert_no_error (err);
+  const int maxd = tu_max_level_diff (g_ptr_array_index (imgs, 0), diffuse_safetensors_find (images, "f16-cfg-neg"));
+  const int max32 = tu_max_level_diff (g_ptr_array_index (imgs, 0), diffuse_safetensors_find (images, "cfg-neg"));
+  g_test_message ("f16: max difference %d levels from diffusers float16 (%d from its float32 image)", maxd, max32);
+  g_assert_cmpint (maxd, <=, 2);
+  g_ptr_array_unref (imgs);
+  diffuse_sd_unref (sd16);
+  diffuse_pipeline_model_unref (m16);
+}
+
+static void
+test_errors (void)
+{
+  GError *err = NULL;
+  DiffuseSDParams p;
+  diffuse_sd_default_params (&p);
+  p.prompt = "a red circle";
+  p.num_inference_steps = 2;
+  p.sag_scale = 0.75f;
+  g_assert_null (diffuse_sd_generate (t2i, &p, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_test_message ("%s", err->message);
+  g_clear_error (&err);
+  p.sag_scale = 0.0f;
+  DiffuseTensor *e = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 3, (int64_t[]) { 1, 77, 72 });
+  p.prompt_embeds = e;
+  g_assert_null (diffuse_sd_generate (t2i, &p, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED);
+  g_assert_nonnull (strstr (err->message, "pooled_prompt_embeds"));
+  g_clear_error (&err);
+  diffuse_tensor_unref (e);
+  /* clip_skip beyond the encoders' layers */
+  p.prompt_embeds = NULL;
+  p.clip_skip = 2;
+  g_assert_null (diffuse_sd_generate (t2i, &p, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_test_message ("%s", err->message);
+  g_clear_error (&err);
+}
+
+int
+main (int argc, char **argv)
+{
+  g_test_init (&argc, &argv, NULL);
+  if (!tu_have_fixture ("sdxl/cases.json")) {
+    g_printerr ("fixtures/sdxl missing (tests/reference/make_sdxl_fixtures.py)\n");
+    return 77;
+  }
+  GError *err = NULL;
+  char *path = tu_fixture ("sdxl/cases.json");
+  JsonParser *parser = json_parser_new ();
+  if (!json_parser_load_from_file (parser, path, &err))
+    g_error ("%s: %s", path, err->message);
+  g_free (path);
+  images = tu_open ("sdxl/images.safetensors");
+  char *model = tu_fixture ("pipelines/tiny-sdxl");
+  DiffuseLoadParams lp = diffuse_load_default_params ();
+  lp.device = g_getenv ("DIFFUSE_TEST_DEVICE");
+  pm = diffuse_pipeline_model_load (model, &lp, NULL, &err);
+  g_assert_no_error (err);
+  g_free (model);
+  t2i = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
+  g_assert_no_error (err);
+  i2i = diffuse_sd_new (pm, DIFFUSE_SD_IMG2IMG, &err);
+  g_assert_no_error (err);
+  JsonObject *root = json_node_get_object (json_parser_get_root (parser));
+  const char *groups[2] = { "cases", "img2img" };
+  for (int g = 0; g < 2; g++) {
+    JsonArray *cases = json_object_get_array_member (root, groups[g]);
+    for (guint i = 0; i < json_array_get_length (cases); i++) {
+      JsonObject *c = json_array_get_object_element (cases, i);
+      char *name = g_strdup_printf ("/sdxl/%s", json_object_get_string_member (c, "id"));
+      g_test_add_data_func (name, c, g ? run_i2i : run_t2i);
+      g_free (name);
+    }
+  }
+  g_test_add_func ("/sdxl/model", test_model);
+  g_test_add_func ("/sdxl/errors", test_errors);
+  g_test_add_func ("/sdxl/f16", test_f16);
+  int r = g_test_run ();
+  diffuse_sd_unref (i2i);
+  diffuse_sd_unref (t2i);
+  diffuse_pipeline_model_unref (pm);
+  diffuse_safetensors_unref (images);
+  g_object_unref (parser);
+  return r;
+}
