@@ -25,12 +25,12 @@ if [ ! -f "$B/build.ninja" ]; then
   meson setup "$B" "$ROOT" -Dcuda=enabled -Dgst=disabled -Dhub=disabled -Dexamples=false -Dgpu_targets=90
 fi
 ninja -C "$B" -j2 diffuse-core/libdiffuse-core.so.0.1.0 tests/bench/gpu-ops tests/bench/sd-bench-gpu \
-  tests/core/test-sd tests/core/test-sd-f16 tests/core/test-animate tests/core/test-cuda-fallback tests/core/test-safety tests/core/test-sag tests/core/test-lora tests/core/test-ip-adapter
+  tests/core/test-sd tests/core/test-sd-f16 tests/core/test-animate tests/core/test-cuda-fallback tests/core/test-safety tests/core/test-sag tests/core/test-lora tests/core/test-ip-adapter tests/core/test-sdxl
 
 rm -rf .gpu
 mkdir -p .gpu/bin .gpu/stage
 cp "$B/tests/bench/gpu-ops" "$B/tests/bench/sd-bench-gpu" "$B/tests/core/test-sd" "$B/tests/core/test-sd-f16" \
-   "$B/tests/core/test-animate" "$B/tests/core/test-cuda-fallback" "$B/tests/core/test-safety" "$B/tests/core/test-sag" "$B/tests/core/test-lora" "$B/tests/core/test-ip-adapter" .gpu/bin/
+   "$B/tests/core/test-animate" "$B/tests/core/test-cuda-fallback" "$B/tests/core/test-safety" "$B/tests/core/test-sag" "$B/tests/core/test-lora" "$B/tests/core/test-ip-adapter" "$B/tests/core/test-sdxl" .gpu/bin/
 cp -L "$B/diffuse-core/libdiffuse-core.so.0" .gpu/stage/
 for lib in $(ldd .gpu/bin/* .gpu/stage/libdiffuse-core.so.0 | awk '/=>/ && $3 ~ /^\// {print $3}' | sort -u); do
   case "$(basename "$lib")" in

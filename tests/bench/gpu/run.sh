@@ -255,6 +255,9 @@ step_sd () {
   stamp "sd: test-ip-adapter on cuda:0 (IP-Adapter vs diffusers' load_ip_adapter)"
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 60) $BIN/test-ip-adapter 2>&1 | grep -E "^ok|^not ok|levels|Bail" | tail -6
   RES[ip_adapter]=${PIPESTATUS[0]}
+  stamp "sd: test-sdxl on cuda:0 (the tiny Stable Diffusion XL pipeline vs diffusers, f32 and f16)"
+  DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 60) $BIN/test-sdxl 2>&1 | grep -E "^ok|^not ok|levels|Bail" | tail -14
+  RES[sdxl]=${PIPESTATUS[0]}
   stamp "sd: test-animate on cuda:0 (tiny AnimateDiff pipelines vs diffusers fixtures)"
   DIFFUSE_TEST_DEVICE=cuda:0 ours timeout $(tmo 90) $BIN/test-animate 2>&1 | grep -vE "^# (Start|End)" | tail -30; RES[animate]=${PIPESTATUS[0]}
 }
