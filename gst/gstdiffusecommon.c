@@ -76,6 +76,8 @@ gst_diffuse_settings_copy (GstDiffuseSettings *dst, const GstDiffuseSettings *sr
   dst->ip_adapter_subfolder = g_strdup (src->ip_adapter_subfolder);
   dst->ip_adapter_weight_name = g_strdup (src->ip_adapter_weight_name);
   dst->ip_adapter_image = g_strdup (src->ip_adapter_image);
+  dst->vae = g_strdup (src->vae);
+  dst->vae_subfolder = g_strdup (src->vae_subfolder);
   dst->prompt = g_strdup (src->prompt);
   dst->negative_prompt = g_strdup (src->negative_prompt);
 }
@@ -93,6 +95,8 @@ gst_diffuse_settings_clear (GstDiffuseSettings *s)
   g_clear_pointer (&s->ip_adapter_subfolder, g_free);
   g_clear_pointer (&s->ip_adapter_weight_name, g_free);
   g_clear_pointer (&s->ip_adapter_image, g_free);
+  g_clear_pointer (&s->vae, g_free);
+  g_clear_pointer (&s->vae_subfolder, g_free);
   g_clear_pointer (&s->prompt, g_free);
   g_clear_pointer (&s->negative_prompt, g_free);
 }
@@ -259,6 +263,16 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gbo
             "How much the image prompt counts, as set_ip_adapter_scale", -10.0, 10.0, 1.0,
             RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
   }
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_VAE,
+        g_param_spec_string ("vae", "VAE",
+            "Replace the model's VAE, as diffusers' from_pretrained (..., vae=AutoencoderKL.from_pretrained (vae)): "
+            "a folder or a Hub repo id (e.g. \"madebyollin/sdxl-vae-fp16-fix\"), with vae-subfolder; loaded in "
+            "the element's dtype, without its variant.  NULL = the model's own",
+            NULL, RW | GST_PARAM_MUTABLE_READY));
+  g_object_class_install_property (klass, GST_DIFFUSE_PROP_VAE_SUBFOLDER,
+        g_param_spec_string ("vae-subfolder", "VAE subfolder",
+            "Subfolder of the vae folder or repo that holds it (e.g. \"vae\"); NULL = its root",
+            NULL, RW | GST_PARAM_MUTABLE_READY));
   g_object_class_install_property (klass, GST_DIFFUSE_PROP_LORA_SCALE,
         g_param_spec_double ("lora-scale", "LoRA scale",
             "Multiplies every LoRA adapter's weight, as diffusers' cross_attention_kwargs={\"scale\": s}; a "
@@ -362,6 +376,8 @@ gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, const GValue
     case GST_DIFFUSE_PROP_IP_ADAPTER_WEIGHT_NAME: set_string (&s->ip_adapter_weight_name, value); break;
     case GST_DIFFUSE_PROP_IP_ADAPTER_IMAGE: set_string (&s->ip_adapter_image, value); break;
     case GST_DIFFUSE_PROP_IP_ADAPTER_SCALE: s->ip_adapter_scale = g_value_get_double (value); break;
+    case GST_DIFFUSE_PROP_VAE: set_string (&s->vae, value); break;
+    case GST_DIFFUSE_PROP_VAE_SUBFOLDER: set_string (&s->vae_subfolder, value); break;
     default:
       GST_OBJECT_UNLOCK (st->element);
       return FALSE;
@@ -473,6 +489,8 @@ gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *valu
     case GST_DIFFUSE_PROP_IP_ADAPTER_WEIGHT_NAME: g_value_set_string (value, s->ip_adapter_weight_name); break;
     case GST_DIFFUSE_PROP_IP_ADAPTER_IMAGE: g_value_set_string (value, s->ip_adapter_image); break;
     case GST_DIFFUSE_PROP_IP_ADAPTER_SCALE: g_value_set_double (value, s->ip_adapter_scale); break;
+    case GST_DIFFUSE_PROP_VAE: g_value_set_string (value, s->vae); break;
+    case GST_DIFFUSE_PROP_VAE_SUBFOLDER: g_value_set_string (value, s->vae_subfolder); break;
     default:
       GST_OBJECT_UNLOCK (st->element);
       return FALSE;
@@ -733,6 +751,30 @@ gst_diffuse_state_load (GstDiffuseState *st)
     g_hash_table_insert (no_checker, (gpointer) "safety_checker", NULL);
     lp.overrides = no_checker;
   }
+  /* vae=...: from_pretrained (..., vae=AutoencoderKL.from_pretrained (vae, subfolder=...)) */
+  DiffuseComponent *vae = NULL;
+  if (s.vae) {
+    DiffuseLoadParams vlp = lp;
+    vlp.variant = NULL;
+    vlp.overrides = NULL;
+    gst_diffuse_global_lock ();
+    vae = diffuse_component_load (cache, s.vae, s.vae_subfolder, "vae", &vlp, &err);
+    gst_diffuse_global_unlock ();
+    if (!vae) {
+      gchar *what = g_strdup_printf ("Could not load the VAE \"%s\"", s.vae);
+      gst_diffuse_post_error (st->element, err, what, dbg);
+      g_free (what);
+      g_object_unref (lp.cancellable);
+      g_clear_pointer (&no_checker, g_hash_table_unref);
+      if (cache)
+        diffuse_component_cache_unref (cache);
+      goto out;
+    }
+    if (!no_checker)
+      no_checker = g_hash_table_new (g_str_hash, g_str_equal);
+    g_hash_table_insert (no_checker, (gpointer) "vae", vae);
+    lp.overrides = no_checker;
+  }
 
   GstClockTime t0 = gst_util_get_timestamp ();
   /* one load at a time in the process: a second element asking for the
@@ -742,6 +784,8 @@ gst_diffuse_state_load (GstDiffuseState *st)
   gst_diffuse_global_unlock ();
   g_object_unref (lp.cancellable);
   g_clear_pointer (&no_checker, g_hash_table_unref);
+  if (vae)
+    diffuse_component_unref (vae);
   if (cache)
     diffuse_component_cache_unref (cache);
   if (pm && !s.safety_checker && model_lists_safety_checker (pm))

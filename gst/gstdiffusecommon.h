@@ -44,11 +44,13 @@ enum {
   GST_DIFFUSE_PROP_SAG_SCALE,       /* not installed by diffuseanimate */
   GST_DIFFUSE_PROP_LORA,            /* diffuseanimate applies it itself (a motion LoRA too) */
   GST_DIFFUSE_PROP_LORA_SCALE,
-  GST_DIFFUSE_PROP_IP_ADAPTER,      /* these five: not installed by diffuseanimate */
+  GST_DIFFUSE_PROP_IP_ADAPTER,
   GST_DIFFUSE_PROP_IP_ADAPTER_SUBFOLDER,
   GST_DIFFUSE_PROP_IP_ADAPTER_WEIGHT_NAME,
   GST_DIFFUSE_PROP_IP_ADAPTER_IMAGE,
   GST_DIFFUSE_PROP_IP_ADAPTER_SCALE,
+  GST_DIFFUSE_PROP_VAE,             /* a VAE from another folder / repo (component override) */
+  GST_DIFFUSE_PROP_VAE_SUBFOLDER,
   GST_DIFFUSE_PROP_LAST
 };
 
@@ -71,6 +73,7 @@ typedef struct {
   gchar *model, *revision, *variant, *device, *scheduler;
   gchar *lora;              /* "PATH[:WEIGHT],..." (diffuse_sd_load_lora_spec), NULL = none */
   gchar *ip_adapter, *ip_adapter_subfolder, *ip_adapter_weight_name, *ip_adapter_image;
+  gchar *vae, *vae_subfolder; /* vae=AutoencoderKL.from_pretrained (vae, subfolder=...), NULL = the model's */
   GstDiffuseDType dtype;
   gchar *prompt, *negative_prompt;
   gint num_inference_steps;

@@ -29,6 +29,7 @@
 static char *opt_variant, *opt_dtype, *opt_revision, *opt_device, *opt_class;
 static gboolean opt_offline;
 static gboolean opt_no_safety_checker;
+static char *opt_vae, *opt_vae_subfolder;
 static double opt_sag_scale;
 static char **opt_lora;
 static double opt_lora_scale = 1.0;
@@ -48,6 +49,10 @@ static GOptionEntry entries[] = {
   { "device", 0, 0, G_OPTION_ARG_STRING, &opt_device, "Device (cpu, auto, cuda:N)", "DEV" },
   { "pipeline-class", 0, 0, G_OPTION_ARG_STRING, &opt_class, "Load as this pipeline class", "CLASS" },
   { "offline", 0, 0, G_OPTION_ARG_NONE, &opt_offline, "Use the Hub cache only", NULL },
+  { "vae", 0, 0, G_OPTION_ARG_STRING, &opt_vae,
+    "Replace the model's VAE: a folder or Hub repo id (from_pretrained (..., vae=AutoencoderKL.from_pretrained (REF)))",
+    "REF" },
+  { "vae-subfolder", 0, 0, G_OPTION_ARG_STRING, &opt_vae_subfolder, "The subfolder of --vae that holds it", "DIR" },
   { "no-safety-checker", 0, 0, G_OPTION_ARG_NONE, &opt_no_safety_checker,
     "Load without the model's safety checker (safety_checker=None; warns)", NULL },
   { "max-shard-size", 0, 0, G_OPTION_ARG_INT64, &opt_shard, "Shard weights above this many bytes (save)", "BYTES" },
@@ -565,6 +570,26 @@ main (int argc, char **argv)
   }
   int rc = 0;
   DiffuseComponentCache *cache = diffuse_component_cache_new ();
+  DiffuseComponent *vae = NULL;
+  if (opt_vae) {
+    DiffuseLoadParams vlp = lp;
+    vlp.variant = NULL;
+    vlp.overrides = NULL;
+    vlp.pipeline_class = NULL;
+    vae = diffuse_component_load (cache, opt_vae, opt_vae_subfolder, "vae", &vlp, &err);
+    if (!vae) {
+      fprintf (stderr, "error: %s\n", err->message);
+      g_clear_error (&err);
+      g_clear_pointer (&no_checker, g_hash_table_unref);
+      diffuse_component_cache_unref (cache);
+      g_option_context_free (ctx);
+      return 1;
+    }
+    if (!no_checker)
+      no_checker = g_hash_table_new (g_str_hash, g_str_equal);
+    g_hash_table_insert (no_checker, (gpointer) "vae", vae);
+    lp.overrides = no_checker;
+  }
   if (strcmp (cmd, "inspect") == 0 || strcmp (cmd, "download") == 0 || strcmp (cmd, "save") == 0 ||
       strcmp (cmd, "generate") == 0 || strcmp (cmd, "animate") == 0) {
     DiffusePipelineModel *pm = diffuse_pipeline_model_load (model, &lp, cache, &err);
@@ -603,6 +628,8 @@ main (int argc, char **argv)
   }
   g_clear_error (&err);
   g_clear_pointer (&no_checker, g_hash_table_unref);
+  if (vae)
+    diffuse_component_unref (vae);
   diffuse_component_cache_unref (cache);
   g_option_context_free (ctx);
   return rc;

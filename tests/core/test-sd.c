@@ -174,6 +174,53 @@ test_shared_components (void)
 
 /* Precomputed prompt embeddings give the same image as the prompt: the
  * clip-skip case (diffusers made it from prompt_embeds) through both paths. */
+/* from_pretrained (tiny-sd, vae=AutoencoderKL.from_pretrained (other)): a VAE
+ * from a component folder (no model_index.json), as the guide's
+ * "madebyollin/sdxl-vae-fp16-fix" (make_vae_swap_fixtures.py) */
+static void
+test_vae_swap (void)
+{
+  if (!tu_have_fixture ("vae-swap/images.safetensors"))
+    return;
+  GError *err = NULL;
+  char *dir = tu_fixture ("vae-swap/vae");
+  DiffuseLoadParams lp = diffuse_load_default_params ();
+  lp.device = g_getenv ("DIFFUSE_TEST_DEVICE");
+  DiffuseComponent *vc = diffuse_component_load (cache, dir, NULL, "vae", &lp, &err);
+  g_assert_no_error (err);
+  g_free (dir);
+  GHashTable *ov = g_hash_table_new (g_str_hash, g_str_equal);
+  g_hash_table_insert (ov, (gpointer) "vae", vc);
+  lp.overrides = ov;
+  char *model = tu_fixture ("pipelines/tiny-sd");
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (model, &lp, cache, &err);
+  g_assert_no_error (err);
+  g_free (model);
+  g_hash_table_unref (ov);
+  g_assert_true (diffuse_pipeline_model_get (pm, "vae") == vc);
+  diffuse_component_unref (vc);
+  DiffuseSD *sd = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
+  g_assert_no_error (err);
+  DiffuseSDParams p;
+  diffuse_sd_default_params (&p);
+  p.prompt = "a red circle";
+  p.num_inference_steps = 3;
+  p.width = p.height = 32;
+  p.seed = 21;
+  GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+  g_assert_no_error (err);
+  DiffuseSafetensors *want = tu_open ("vae-swap/images.safetensors");
+  const int maxd = tu_max_level_diff (g_ptr_array_index (imgs, 0), diffuse_safetensors_find (want, "swapped"));
+  const int maxo = tu_max_level_diff (g_ptr_array_index (imgs, 0), diffuse_safetensors_find (want, "own"));
+  g_test_message ("vae swapped: max difference %d levels (%d from the image with the model's own VAE)", maxd, maxo);
+  g_assert_cmpint (maxd, <=, 1);
+  g_assert_cmpint (maxo, >, 5);
+  g_ptr_array_unref (imgs);
+  diffuse_safetensors_unref (want);
+  diffuse_sd_unref (sd);
+  diffuse_pipeline_model_unref (pm);
+}
+
 static void
 test_prompt_embeds (void)
 {
@@ -303,6 +350,7 @@ main (int argc, char **argv)
   }
   g_test_add_func ("/sd/shared-components", test_shared_components);
   g_test_add_func ("/sd/prompt-embeds", test_prompt_embeds);
+  g_test_add_func ("/sd/vae-swap", test_vae_swap);
   g_test_add_func ("/sd/cancel-and-errors", test_cancel_and_errors);
   int rc = g_test_run ();
   g_object_unref (parser);

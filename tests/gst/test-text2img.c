@@ -711,6 +711,34 @@ GST_START_TEST (test_sdxl)
 }
 GST_END_TEST;
 
+/* ---- vae=: a VAE from another folder, as from_pretrained (..., vae=...) ---- */
+
+GST_START_TEST (test_vae_property)
+{
+  gchar *vae = g_build_filename (fixtures_root (), "vae-swap", "vae", NULL);
+  GstHarness *h = new_src ("video/x-raw,format=RGB,width=32,height=32", 3, 21);
+  g_object_set (h->element, "prompt", "a red circle", "guidance-scale", 7.5, "vae", vae, "num-buffers", 1, NULL);
+  /* make_vae_swap_fixtures.py: diffusers' image with that VAE */
+  const int maxd = frame_level_diff (h, "vae-swap/images.safetensors", "swapped");
+  fail_unless (maxd <= 1, "the frame is %d levels from diffusers' image with the swapped VAE", maxd);
+
+  /* a VAE that is not there: an error at start naming it */
+  GstElement *el = gst_element_factory_make ("diffusetext2img", NULL);
+  gchar *model = test_model_path (NULL);
+  g_object_set (el, "model", model, "vae", "/nonexistent/vae-folder", NULL);
+  GstMessage *msg = start_and_get_error (el, GST_STATE_PAUSED);
+  fail_unless (msg != NULL);
+  GError *err = NULL;
+  gst_message_parse_error (msg, &err, NULL);
+  fail_unless (strstr (err->message, "/nonexistent/vae-folder") != NULL, "%s", err->message);
+  g_error_free (err);
+  gst_message_unref (msg);
+  gst_object_unref (el);
+  g_free (model);
+  g_free (vae);
+}
+GST_END_TEST;
+
 /* ---- LoRA: the "lora" property gives diffusers' load_lora_weights frame ---- */
 
 GST_START_TEST (test_lora)
@@ -1000,6 +1028,7 @@ diffusetext2img_suite (void)
   tcase_add_test (tc, test_lora);
   tcase_add_test (tc, test_ip_adapter);
   tcase_add_test (tc, test_sdxl);
+  tcase_add_test (tc, test_vae_property);
   return s;
 }
 
