@@ -677,6 +677,140 @@ load_merges (DiffuseClipTokenizer *tok, const char *path, GError **error)
   return ok;
 }
 
+/* transformers >= 5 saves a tokenizer as tokenizer.json alone (the
+ * `tokenizers` library's file): its BPE model holds the vocabulary and the
+ * merges ("a b" strings, or ["a", "b"] pairs since tokenizers 0.20), its
+ * added_tokens the special tokens' flags (returned in *added as an
+ * added_tokens_decoder-like object: id -> flags).  The normalizer,
+ * pre-tokenizer and post-processor are CLIP's (this tokenizer's fixed
+ * pipeline); a model of another type or another word suffix is refused. */
+static gboolean
+load_tokenizer_json (DiffuseClipTokenizer *tok, const char *path, JsonParser **parser_out, JsonObject **added,
+                     GError **error)
+{
+  JsonObject *root = NULL;
+  *added = NULL;
+  if (!load_json_object (path, TRUE, parser_out, &root, error))
+    return FALSE;
+  JsonNode *mn = json_object_get_member (root, "model");
+  JsonObject *m = mn && JSON_NODE_HOLDS_OBJECT (mn) ? json_node_get_object (mn) : NULL;
+  const char *type = m && json_object_has_member (m, "type") ? json_object_get_string_member_with_default (m, "type", "")
+                                                              : "";
+  if (!m || strcmp (type, "BPE") != 0) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED, "'%s': the tokenizer model is \"%s\", not CLIP's BPE",
+                 path, type);
+    return FALSE;
+  }
+  const char *suffix = json_object_get_string_member_with_default (m, "end_of_word_suffix", "");
+  const char *prefix = json_object_get_string_member_with_default (m, "continuing_subword_prefix", "");
+  if (g_strcmp0 (suffix, "</w>") != 0 || (prefix && *prefix) ||
+      json_object_get_boolean_member_with_default (m, "byte_fallback", FALSE)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                 "'%s': a BPE model other than CLIP's (end_of_word_suffix \"%s\", continuing_subword_prefix \"%s\")",
+                 path, suffix ? suffix : "", prefix ? prefix : "");
+    return FALSE;
+  }
+  JsonNode *vn = json_object_get_member (m, "vocab");
+  JsonNode *gn = json_object_get_member (m, "merges");
+  if (!vn || !JSON_NODE_HOLDS_OBJECT (vn) || !gn || !JSON_NODE_HOLDS_ARRAY (gn)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "'%s': model.vocab / model.merges missing", path);
+    return FALSE;
+  }
+  /* the vocabulary, as load_vocab */
+  tok->vocab = g_hash_table_new (g_str_hash, g_str_equal);
+  JsonObjectIter it;
+  const char *key;
+  JsonNode *v;
+  gint64 max_id = -1;
+  json_object_iter_init (&it, json_node_get_object (vn));
+  while (json_object_iter_next (&it, &key, &v)) {
+    gint64 id = JSON_NODE_HOLDS_VALUE (v) && json_node_get_value_type (v) == G_TYPE_INT64 ? json_node_get_int (v) : -1;
+    if (id < 0 || id >= G_MAXINT32 - 1) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT,
+                   "'%s': the entry for token '%s' is not a non-negative integer id", path, key);
+      return FALSE;
+    }
+    char *k = g_string_chunk_insert (tok->strings, key);
+    g_hash_table_insert (tok->vocab, k, GINT_TO_POINTER ((int) id + 1));
+    max_id = MAX (max_id, id);
+  }
+  if (g_hash_table_size (tok->vocab) == 0) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "'%s': the vocabulary is empty", path);
+    return FALSE;
+  }
+  tok->vocab_size = g_hash_table_size (tok->vocab);
+  tok->n_ids = (int) max_id + 1;
+  tok->id_to_token = g_new0 (const char *, tok->n_ids);
+  GHashTableIter hit;
+  gpointer hk, hv;
+  g_hash_table_iter_init (&hit, tok->vocab);
+  while (g_hash_table_iter_next (&hit, &hk, &hv))
+    tok->id_to_token[GPOINTER_TO_INT (hv) - 1] = hk;
+
+  /* the merges, in rank order */
+  JsonArray *ga = json_node_get_array (gn);
+  const guint n = json_array_get_length (ga);
+  merge_table_init (&tok->merges, n + 1);
+  for (guint i = 0; i < n; i++) {
+    JsonNode *e = json_array_get_element (ga, i);
+    char *left = NULL, *right = NULL;
+    if (JSON_NODE_HOLDS_VALUE (e) && json_node_get_value_type (e) == G_TYPE_STRING) {
+      const char *str = json_node_get_string (e), *sp = strchr (str, ' ');
+      if (sp && !strchr (sp + 1, ' ')) {
+        left = g_strndup (str, sp - str);
+        right = g_strdup (sp + 1);
+      }
+    } else if (JSON_NODE_HOLDS_ARRAY (e) && json_array_get_length (json_node_get_array (e)) == 2) {
+      JsonArray *pair = json_node_get_array (e);
+      JsonNode *a = json_array_get_element (pair, 0), *b = json_array_get_element (pair, 1);
+      if (JSON_NODE_HOLDS_VALUE (a) && json_node_get_value_type (a) == G_TYPE_STRING && JSON_NODE_HOLDS_VALUE (b) &&
+          json_node_get_value_type (b) == G_TYPE_STRING) {
+        left = g_strdup (json_node_get_string (a));
+        right = g_strdup (json_node_get_string (b));
+      }
+    }
+    int32_t ia = left ? vocab_lookup (tok, left) : -1, ib = right ? vocab_lookup (tok, right) : -1, iab = -1;
+    if (ia >= 0 && ib >= 0) {
+      char *cat = g_strconcat (left, right, NULL);
+      iab = vocab_lookup (tok, cat);
+      g_free (cat);
+    }
+    g_free (left);
+    g_free (right);
+    if (iab < 0) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT,
+                   "'%s': merge %u is not two tokens of the vocabulary whose concatenation is one too", path, i);
+      return FALSE;
+    }
+    merge_table_put (&tok->merges, ia, ib, (int32_t) i, iab);
+  }
+
+  /* added_tokens: [{id, content, flags...}] -> {"id": {content, flags...}} */
+  JsonNode *an = json_object_get_member (root, "added_tokens");
+  if (an && JSON_NODE_HOLDS_ARRAY (an)) {
+    JsonArray *aa = json_node_get_array (an);
+    *added = json_object_new ();
+    for (guint i = 0; i < json_array_get_length (aa); i++) {
+      JsonNode *e = json_array_get_element (aa, i);
+      if (!JSON_NODE_HOLDS_OBJECT (e) || !json_object_has_member (json_node_get_object (e), "id"))
+        continue;
+      JsonObject *src = json_node_get_object (e);
+      JsonObject *dst = json_object_new ();
+      JsonObjectIter ai;
+      const char *ak;
+      JsonNode *av;
+      json_object_iter_init (&ai, src);
+      while (json_object_iter_next (&ai, &ak, &av))
+        if (strcmp (ak, "id") != 0)
+          json_object_set_member (dst, ak, json_node_copy (av));
+      char *idk = g_strdup_printf ("%" G_GINT64_FORMAT, json_object_get_int_member (src, "id"));
+      json_object_set_object_member (*added, idk, dst);
+      g_free (idk);
+    }
+  }
+  return TRUE;
+}
+
 static char *normalize (const char *s, size_t n);
 
 /* One special/added token as transformers sees it while building its list. */
@@ -827,7 +961,7 @@ parse_side (JsonObject *cfg, const char *key, const char *origin, gboolean *left
  *    (a string never equals an AddedToken object); when a content appears
  *    several times, the last entry's flags win (the `tokenizers` add). */
 static gboolean
-load_special_tokens (DiffuseClipTokenizer *tok, const char *folder, GError **error)
+load_special_tokens (DiffuseClipTokenizer *tok, const char *folder, JsonObject *json_added, GError **error)
 {
   char *cfg_path = g_build_filename (folder, "tokenizer_config.json", NULL);
   char *stm_path = g_build_filename (folder, "special_tokens_map.json", NULL);
@@ -850,8 +984,11 @@ load_special_tokens (DiffuseClipTokenizer *tok, const char *folder, GError **err
     goto out;
   }
 
+  /* the added tokens' flags: tokenizer_config.json's added_tokens_decoder,
+   * else tokenizer.json's added_tokens (a tokenizer saved by transformers 5) */
   JsonNode *atd_node = cfg ? json_object_get_member (cfg, "added_tokens_decoder") : NULL;
-  gboolean has_atd = atd_node && JSON_NODE_HOLDS_OBJECT (atd_node);
+  JsonObject *atd_obj = atd_node && JSON_NODE_HOLDS_OBJECT (atd_node) ? json_node_get_object (atd_node) : json_added;
+  gboolean has_atd = atd_obj != NULL;
 
   tok->model_max_length = CLIP_DEFAULT_MAX_LENGTH;
   if (cfg) {
@@ -925,7 +1062,7 @@ load_special_tokens (DiffuseClipTokenizer *tok, const char *folder, GError **err
     }
 
   if (has_atd) {
-    JsonObject *atd = json_node_get_object (atd_node);
+    JsonObject *atd = atd_obj;
     JsonObjectIter it;
     const char *idstr;
     JsonNode *v;
@@ -1077,10 +1214,22 @@ diffuse_clip_tokenizer_load (const char *folder, GError **error)
 
   char *vocab_path = g_build_filename (folder, "vocab.json", NULL);
   char *merges_path = g_build_filename (folder, "merges.txt", NULL);
-  gboolean ok = load_vocab (tok, vocab_path, error) && load_merges (tok, merges_path, error) &&
-                load_special_tokens (tok, folder, error);
+  char *tj_path = g_build_filename (folder, "tokenizer.json", NULL);
+  gboolean ok;
+  if (!g_file_test (vocab_path, G_FILE_TEST_EXISTS) && g_file_test (tj_path, G_FILE_TEST_EXISTS)) {
+    JsonParser *tj = NULL;
+    JsonObject *added = NULL;
+    ok = load_tokenizer_json (tok, tj_path, &tj, &added, error) && load_special_tokens (tok, folder, added, error);
+    if (added)
+      json_object_unref (added);
+    g_clear_object (&tj);
+  } else {
+    ok = load_vocab (tok, vocab_path, error) && load_merges (tok, merges_path, error) &&
+         load_special_tokens (tok, folder, NULL, error);
+  }
   g_free (vocab_path);
   g_free (merges_path);
+  g_free (tj_path);
   if (!ok) {
     diffuse_clip_tokenizer_unref (tok);
     return NULL;

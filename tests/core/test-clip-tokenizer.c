@@ -757,6 +757,74 @@ test_timing (void)
   diffuse_clip_tokenizer_unref (tok);
 }
 
+/* tokenizer.json alone (transformers >= 5's save_pretrained; merges as
+ * pairs and as strings; SDXL's pad "!"): the ids transformers gives for
+ * each prompt, padded to 77 (make_tokenizer_json_fixtures.py); the same
+ * tokenizer as vocab.json + merges.txt gives the same ids.  A tokenizer.json
+ * of another model type is refused. */
+static void
+test_tokenizer_json (void)
+{
+  if (!tu_have_fixture ("clip-tokenizer-json/cases.json"))
+    return;
+  GError *err = NULL;
+  char *path = tu_fixture ("clip-tokenizer-json/cases.json");
+  JsonParser *parser = json_parser_new ();
+  g_assert_true (json_parser_load_from_file (parser, path, NULL));
+  g_free (path);
+  JsonObject *root = json_node_get_object (json_parser_get_root (parser));
+  JsonArray *prompts = json_object_get_array_member (root, "prompts");
+  char *classic = tu_fixture ("pipelines/tiny-sd/tokenizer");
+  DiffuseClipTokenizer *ref = diffuse_clip_tokenizer_load (classic, &err);
+  g_assert_no_error (err);
+  g_free (classic);
+  const char *variants[] = { "pairs", "strings", "pad" };
+  for (guint v = 0; v < G_N_ELEMENTS (variants); v++) {
+    char *rel = g_strdup_printf ("clip-tokenizer-json/%s", variants[v]);
+    char *dir = tu_fixture (rel);
+    DiffuseClipTokenizer *tok = diffuse_clip_tokenizer_load (dir, &err);
+    g_assert_no_error (err);
+    JsonArray *want = json_object_get_array_member (root, variants[v]);
+    for (guint i = 0; i < json_array_get_length (prompts); i++) {
+      const char *text = json_array_get_string_element (prompts, i);
+      JsonArray *w = json_array_get_array_element (want, i);
+      int32_t ids[77], rids[77];
+      g_assert_cmpint (diffuse_clip_tokenizer_encode (tok, text, TRUE, ids, 77, &err), ==, 77);
+      g_assert_no_error (err);
+      g_assert_cmpuint (json_array_get_length (w), ==, 77);
+      for (int k = 0; k < 77; k++)
+        g_assert_cmpint (ids[k], ==, (int) json_array_get_int_element (w, k));
+      if (v < 2) {   /* the vocab.json form of the same tokenizer */
+        g_assert_cmpint (diffuse_clip_tokenizer_encode (ref, text, TRUE, rids, 77, &err), ==, 77);
+        g_assert_cmpint (memcmp (ids, rids, sizeof ids), ==, 0);
+      }
+    }
+    diffuse_clip_tokenizer_unref (tok);
+    g_free (dir);
+    g_free (rel);
+  }
+  /* a tokenizer.json of another kind of model */
+  char *tmp = tu_mkdtemp ();
+  char *tj = g_build_filename (tmp, "tokenizer.json", NULL);
+  g_assert_true (g_file_set_contents (tj, "{\"model\": {\"type\": \"Unigram\", \"vocab\": []}}", -1, NULL));
+  g_assert_null (diffuse_clip_tokenizer_load (tmp, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED);
+  g_assert_nonnull (strstr (err->message, "Unigram"));
+  g_clear_error (&err);
+  /* truncated */
+  g_assert_true (g_file_set_contents (tj, "{\"model\": {\"type\": \"BPE\", \"vocab\": {\"a\": 0", -1, NULL));
+  g_assert_null (diffuse_clip_tokenizer_load (tmp, &err));
+  g_assert_nonnull (err);
+  g_assert_nonnull (strstr (err->message, "tokenizer.json"));
+  g_test_message ("%s", err->message);
+  g_clear_error (&err);
+  tu_rm_rf (tmp);
+  g_free (tj);
+  g_free (tmp);
+  diffuse_clip_tokenizer_unref (ref);
+  g_object_unref (parser);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -768,6 +836,7 @@ main (int argc, char **argv)
   g_test_add_func ("/clip-tokenizer/invalid-utf8", test_invalid_utf8);
   g_test_add_func ("/clip-tokenizer/unicode", test_unicode);
   g_test_add_func ("/clip-tokenizer/errors", test_errors);
+  g_test_add_func ("/clip-tokenizer/tokenizer-json", test_tokenizer_json);
   g_test_add_func ("/clip-tokenizer/threads", test_threads);
   g_test_add_func ("/clip-tokenizer/timing", test_timing);
   int r = g_test_run ();
