@@ -265,6 +265,17 @@ fail (GError **err)
   return 1;
 }
 
+/* --ip-adapter-image, which --ip-adapter needs (a PNG) */
+static DiffuseImage *
+ip_adapter_image (GError **error)
+{
+  if (!opt_ip_image) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "--ip-adapter needs --ip-adapter-image");
+    return NULL;
+  }
+  return diffuse_image_load_png (opt_ip_image, error);
+}
+
 static int
 generate (DiffusePipelineModel *pm)
 {
@@ -298,11 +309,7 @@ generate (DiffusePipelineModel *pm)
   }
   DiffuseImage *ip_image = NULL;
   if (opt_ip_adapter) {
-    gboolean ok = opt_ip_image != NULL;
-    if (!ok)
-      g_set_error (&err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "--ip-adapter needs --ip-adapter-image");
-    if (ok)
-      ok = (ip_image = diffuse_image_load_png (opt_ip_image, &err)) != NULL;
+    gboolean ok = (ip_image = ip_adapter_image (&err)) != NULL;
     if (ok)
       ok = diffuse_sd_load_ip_adapter (sd, opt_ip_adapter, opt_ip_subfolder ? opt_ip_subfolder : "models",
                                        opt_ip_weight ? opt_ip_weight : "ip-adapter_sd15.safetensors", &err);
@@ -415,11 +422,7 @@ animate (DiffusePipelineModel *pm)
   }
   DiffuseImage *ip_image = NULL;
   if (an && opt_ip_adapter) {
-    gboolean ok = opt_ip_image != NULL;
-    if (!ok)
-      g_set_error (&err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "--ip-adapter needs --ip-adapter-image");
-    if (ok)
-      ok = (ip_image = diffuse_image_load_png (opt_ip_image, &err)) != NULL;
+    gboolean ok = (ip_image = ip_adapter_image (&err)) != NULL;
     if (ok)
       ok = diffuse_animate_load_ip_adapter (an, opt_ip_adapter, opt_ip_subfolder ? opt_ip_subfolder : "models",
                                             opt_ip_weight ? opt_ip_weight : "ip-adapter_sd15.safetensors", &err);

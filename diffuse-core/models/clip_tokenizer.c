@@ -515,6 +515,21 @@ vp_string (VocabParser *vp, GString *buf)
   return TRUE;
 }
 
+/* vocab_size and id -> token (for a duplicated id, one of its tokens, as
+ * `tokenizers`' vocab_r), once tok->vocab is filled */
+static void
+index_vocab (DiffuseClipTokenizer *tok, int max_id)
+{
+  tok->vocab_size = g_hash_table_size (tok->vocab);
+  tok->n_ids = max_id + 1;
+  tok->id_to_token = g_new0 (const char *, tok->n_ids);
+  GHashTableIter hit;
+  gpointer hk, hv;
+  g_hash_table_iter_init (&hit, tok->vocab);
+  while (g_hash_table_iter_next (&hit, &hk, &hv))
+    tok->id_to_token[GPOINTER_TO_INT (hv) - 1] = hk;
+}
+
 static gboolean
 load_vocab (DiffuseClipTokenizer *tok, const char *path, GError **error)
 {
@@ -591,16 +606,7 @@ load_vocab (DiffuseClipTokenizer *tok, const char *path, GError **error)
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "'%s': the vocabulary is empty", path);
     goto out;
   }
-  tok->vocab_size = g_hash_table_size (tok->vocab);
-
-  /* id -> token (for a duplicated id, one of its tokens, as `tokenizers`' vocab_r) */
-  tok->n_ids = max_id + 1;
-  tok->id_to_token = g_new0 (const char *, tok->n_ids);
-  GHashTableIter hit;
-  gpointer hk, hv;
-  g_hash_table_iter_init (&hit, tok->vocab);
-  while (g_hash_table_iter_next (&hit, &hk, &hv))
-    tok->id_to_token[GPOINTER_TO_INT (hv) - 1] = hk;
+  index_vocab (tok, max_id);
   ok = TRUE;
 
 out:
@@ -738,14 +744,7 @@ load_tokenizer_json (DiffuseClipTokenizer *tok, const char *path, JsonParser **p
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "'%s': the vocabulary is empty", path);
     return FALSE;
   }
-  tok->vocab_size = g_hash_table_size (tok->vocab);
-  tok->n_ids = (int) max_id + 1;
-  tok->id_to_token = g_new0 (const char *, tok->n_ids);
-  GHashTableIter hit;
-  gpointer hk, hv;
-  g_hash_table_iter_init (&hit, tok->vocab);
-  while (g_hash_table_iter_next (&hit, &hk, &hv))
-    tok->id_to_token[GPOINTER_TO_INT (hv) - 1] = hk;
+  index_vocab (tok, (int) max_id);
 
   /* the merges, in rank order */
   JsonArray *ga = json_node_get_array (gn);
