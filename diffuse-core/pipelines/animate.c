@@ -90,7 +90,7 @@ animate_lora_apply (gpointer owner, DiffuseLoraAdapter *const *ads, const double
     ok = motion != NULL;
   }
   if (ok && want_te) {
-    te = _diffuse_pipeline_text_encoder_with_lora (a->pm, ads, ws, n, error);
+    te = _diffuse_pipeline_text_encoder_with_lora (a->pm, DIFFUSE_LORA_TEXT_ENCODER, ads, ws, n, error);
     ok = te != NULL;
   }
   /* the UNetMotionModel holds its own references to the 2-D UNet and the adapter */

@@ -206,12 +206,19 @@ _diffuse_pipeline_unet_with_lora (DiffusePipelineModel *pm, DiffuseLoraAdapter *
 }
 
 DiffuseClipText *
-_diffuse_pipeline_text_encoder_with_lora (DiffusePipelineModel *pm, DiffuseLoraAdapter *const *ads, const double *ws,
-                                          int n, GError **error)
+_diffuse_pipeline_text_encoder_with_lora (DiffusePipelineModel *pm, DiffuseLoraTarget target,
+                                          DiffuseLoraAdapter *const *ads, const double *ws, int n, GError **error)
 {
-  DiffuseComponent *c = diffuse_pipeline_model_get (pm, "text_encoder");
-  DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, DIFFUSE_LORA_TEXT_ENCODER,
-                                           DIFFUSE_LORA_ALL, error);
+  const char *name = target == DIFFUSE_LORA_TEXT_ENCODER_2 ? "text_encoder_2" : "text_encoder";
+  DiffuseComponent *c = diffuse_pipeline_model_get (pm, name);
+  if (!c) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "LoRA: the adapters have %s modules but %s has no %s", name, diffuse_pipeline_model_folder (pm),
+                 name);
+    return NULL;
+  }
+  DiffuseWeights *w = _diffuse_lora_merge (diffuse_component_weights (c), ads, ws, n, target, DIFFUSE_LORA_ALL,
+                                           error);
   if (!w)
     return NULL;
   DiffuseClipText *t = diffuse_clip_text_new (diffuse_component_config (c), w, diffuse_component_device (c),

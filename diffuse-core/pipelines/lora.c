@@ -34,7 +34,7 @@ typedef struct {
 
 struct _DiffuseLoraAdapter {
   char *name, *path;
-  GPtrArray *mods[2];    /* LORA_UNET, LORA_TEXT_ENCODER: LoraModule* */
+  GPtrArray *mods[DIFFUSE_LORA_N_TARGETS];   /* per DiffuseLoraTarget: LoraModule* */
 };
 
 static void
@@ -53,7 +53,7 @@ _diffuse_lora_adapter_free (DiffuseLoraAdapter *a)
     return;
   g_free (a->name);
   g_free (a->path);
-  for (int i = 0; i < 2; i++)
+  for (int i = 0; i < DIFFUSE_LORA_N_TARGETS; i++)
     if (a->mods[i])
       g_ptr_array_unref (a->mods[i]);
   g_free (a);
@@ -262,9 +262,12 @@ load_kohya (DiffuseLoraAdapter *a, DiffuseSafetensors *st, const char *down_key,
     g_clear_error (&e);
   }
   if (ok) {
-    const gboolean te = !g_str_has_prefix (name, "lora_unet_");
+    /* lora_unet_, lora_te_ / lora_te1_ (the first text encoder), lora_te2_ (SDXL's second) */
+    const DiffuseLoraTarget target = g_str_has_prefix (name, "lora_unet_") ? DIFFUSE_LORA_UNET
+                                     : g_str_has_prefix (name, "lora_te2_") ? DIFFUSE_LORA_TEXT_ENCODER_2
+                                     : DIFFUSE_LORA_TEXT_ENCODER;
     LoraModule *m = g_new0 (LoraModule, 1);
-    m->module = g_strdup (name + (te ? (g_str_has_prefix (name, "lora_te1_") ? 9 : 8) : 10));
+    m->module = g_strdup (name + (target == DIFFUSE_LORA_UNET ? 10 : g_str_has_prefix (name, "lora_te_") ? 8 : 9));
     m->kohya = TRUE;
     m->A = A;
     m->B = B;
@@ -272,7 +275,7 @@ load_kohya (DiffuseLoraAdapter *a, DiffuseSafetensors *st, const char *down_key,
     const double rank = (double) m->A->shape[0];
     const double alp = alpha && diffuse_tensor_numel (alpha) == 1 ? diffuse_tensor_f32 (alpha)[0] : rank;
     m->scale = alp / rank;
-    g_ptr_array_add (a->mods[te ? DIFFUSE_LORA_TEXT_ENCODER : DIFFUSE_LORA_UNET], m);
+    g_ptr_array_add (a->mods[target], m);
   }
   diffuse_tensor_clear (&A);
   diffuse_tensor_clear (&B);
@@ -297,7 +300,7 @@ _diffuse_lora_adapter_load (const char *path, const char *name, GError **error)
   DiffuseLoraAdapter *a = g_new0 (DiffuseLoraAdapter, 1);
   a->name = g_strdup (name);
   a->path = file;
-  for (int i = 0; i < 2; i++)
+  for (int i = 0; i < DIFFUSE_LORA_N_TARGETS; i++)
     a->mods[i] = g_ptr_array_new_with_free_func ((GDestroyNotify) lora_module_free);
   JsonParser *parser = NULL;
   JsonObject *meta = NULL;
@@ -308,20 +311,19 @@ _diffuse_lora_adapter_load (const char *path, const char *name, GError **error)
     if (json_parser_load_from_data (parser, mjs, -1, NULL) && JSON_NODE_HOLDS_OBJECT (json_parser_get_root (parser)))
       meta = json_node_get_object (json_parser_get_root (parser));
   }
-  static const char *const prefixes[2] = { "unet.", "text_encoder." };
+  static const char *const prefixes[DIFFUSE_LORA_N_TARGETS] = { "unet.", "text_encoder.", "text_encoder_2." };
   const guint n = diffuse_safetensors_n_tensors (st);
   gboolean ok = TRUE;
   for (guint i = 0; i < n && ok; i++) {
     const char *key = diffuse_safetensors_entry (st, i)->name;
     const gboolean kohya = g_str_has_prefix (key, "lora_unet_") || g_str_has_prefix (key, "lora_te_") ||
-                           g_str_has_prefix (key, "lora_te1_");
+                           g_str_has_prefix (key, "lora_te1_") || g_str_has_prefix (key, "lora_te2_");
     if (strstr (key, "lora_magnitude_vector") || strstr (key, "dora_scale") || strstr (key, "_lora.") ||
-        strstr (key, "hada_") || strstr (key, "lokr_") || g_str_has_prefix (key, "lora_te2_") ||
+        strstr (key, "hada_") || strstr (key, "lokr_") ||
         (!kohya && (strstr (key, "lora_down") || strstr (key, "lora_up")))) {
       g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                   "LoRA %s: tensor '%s' is in a format not read yet (DoRA, LyCORIS, SDXL's second text encoder or "
-                   "diffusers' older attention-processor names); diffusers' peft format and kohya-ss' are", file,
-                   key);
+                   "LoRA %s: tensor '%s' is in a format not read yet (DoRA, LyCORIS or diffusers' older "
+                   "attention-processor names); diffusers' peft format and kohya-ss' are", file, key);
       ok = FALSE;
       break;
     }
@@ -333,12 +335,12 @@ _diffuse_lora_adapter_load (const char *path, const char *name, GError **error)
     if (!g_str_has_suffix (key, ".lora_A.weight"))
       continue;
     int target = -1;
-    for (int t = 0; t < 2; t++)
+    for (int t = 0; t < DIFFUSE_LORA_N_TARGETS; t++)
       if (g_str_has_prefix (key, prefixes[t]))
         target = t;
     if (target < 0) {
       g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                   "LoRA %s: tensor '%s' adapts a component other than the UNet and the text encoder", file, key);
+                   "LoRA %s: tensor '%s' adapts a component other than the UNet and the text encoders", file, key);
       ok = FALSE;
       break;
     }
@@ -391,9 +393,9 @@ _diffuse_lora_adapter_load (const char *path, const char *name, GError **error)
     g_ptr_array_add (a->mods[target], m);
     g_free (bkey);
   }
-  if (ok && a->mods[0]->len == 0 && a->mods[1]->len == 0) {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "LoRA %s: no \"unet.*.lora_A.weight\" or "
-                 "\"text_encoder.*.lora_A.weight\" tensors", file);
+  if (ok && a->mods[0]->len == 0 && a->mods[1]->len == 0 && a->mods[2]->len == 0) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_CORRUPT, "LoRA %s: no \"unet.*.lora_A.weight\", "
+                 "\"text_encoder.*\" or \"text_encoder_2.*\" tensors", file);
     ok = FALSE;
   }
   if (parser)

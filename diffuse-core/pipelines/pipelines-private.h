@@ -29,7 +29,8 @@ DiffuseClipText *_diffuse_pipeline_text_encoder_2 (DiffusePipelineModel *pm, GEr
 DiffuseClipTokenizer *_diffuse_pipeline_tokenizer_2 (DiffusePipelineModel *pm, GError **error);
 /* LoRA adapters (lora.c) */
 typedef struct _DiffuseLoraAdapter DiffuseLoraAdapter;
-typedef enum { DIFFUSE_LORA_UNET, DIFFUSE_LORA_TEXT_ENCODER } DiffuseLoraTarget;
+typedef enum { DIFFUSE_LORA_UNET, DIFFUSE_LORA_TEXT_ENCODER, DIFFUSE_LORA_TEXT_ENCODER_2, DIFFUSE_LORA_N_TARGETS }
+  DiffuseLoraTarget;
 /* path: a .safetensors file, or a folder with pytorch_lora_weights.safetensors */
 DiffuseLoraAdapter *_diffuse_lora_adapter_load (const char *path, const char *name, GError **error);
 void _diffuse_lora_adapter_free (DiffuseLoraAdapter *a);
@@ -48,7 +49,9 @@ gboolean _diffuse_lora_adapter_has_filtered (DiffuseLoraAdapter *a, DiffuseLoraT
 /* The unet / text_encoder component's model with the adapters merged (components.c) */
 DiffuseUNet *_diffuse_pipeline_unet_with_lora (DiffusePipelineModel *pm, DiffuseLoraAdapter *const *ads,
                                                const double *ws, int n, DiffuseLoraFilter filter, GError **error);
-DiffuseClipText *_diffuse_pipeline_text_encoder_with_lora (DiffusePipelineModel *pm, DiffuseLoraAdapter *const *ads,
+/* target DIFFUSE_LORA_TEXT_ENCODER or _2: the text_encoder / text_encoder_2 component */
+DiffuseClipText *_diffuse_pipeline_text_encoder_with_lora (DiffusePipelineModel *pm, DiffuseLoraTarget target,
+                                                           DiffuseLoraAdapter *const *ads,
                                                            const double *ws, int n, GError **error);
 
 /* A pipeline's adapters, as diffusers' load_lora_weights / set_adapters /

@@ -35,6 +35,8 @@ struct _DiffuseSD {
   DiffuseClipText *base_text_encoder;
   DiffuseUNet *lora_unet;                        /* owned, or NULL */
   DiffuseClipText *lora_text_encoder;
+  DiffuseClipText *base_text_encoder_2;          /* SDXL: the component's (borrowed) */
+  DiffuseClipText *lora_text_encoder_2;          /* owned, or NULL */
   DiffuseLoraSet lora;
   DiffuseIpAdapter *ip_adapter;                  /* NULL: none */
   DiffuseClipImageProcessor *ip_processor;       /* the pipeline's feature_extractor (borrowed), or NULL */
@@ -141,6 +143,7 @@ sd_setup_xl (DiffuseSD *sd, GError **error)
                  "text embeddings)", diffuse_pipeline_model_folder (sd->pm));
     return FALSE;
   }
+  sd->base_text_encoder_2 = sd->text_encoder_2;
   sd->force_zeros = diffuse_config_get_bool (index, "force_zeros_for_empty_prompt", TRUE);
   DiffuseComponent *vc = diffuse_pipeline_model_get (sd->pm, "vae");
   if (diffuse_vae_dtype (sd->vae) != DIFFUSE_DTYPE_F32 &&
@@ -230,10 +233,10 @@ sd_lora_apply (gpointer owner, DiffuseLoraAdapter *const *ads, const double *ws,
 {
   DiffuseSD *sd = owner;
   DiffuseUNet *unet = NULL;
-  DiffuseClipText *te = NULL;
-  gboolean want[2] = { FALSE, FALSE };
+  DiffuseClipText *te = NULL, *te2 = NULL;
+  gboolean want[DIFFUSE_LORA_N_TARGETS] = { FALSE, FALSE, FALSE };
   for (int i = 0; i < n; i++)
-    for (int t = 0; t < 2; t++)
+    for (int t = 0; t < DIFFUSE_LORA_N_TARGETS; t++)
       want[t] = want[t] || _diffuse_lora_adapter_has (ads[i], (DiffuseLoraTarget) t);
   if (want[DIFFUSE_LORA_UNET]) {
     unet = _diffuse_pipeline_unet_with_lora (sd->pm, ads, ws, n, DIFFUSE_LORA_ALL, error);
@@ -241,18 +244,31 @@ sd_lora_apply (gpointer owner, DiffuseLoraAdapter *const *ads, const double *ws,
       return FALSE;
   }
   if (want[DIFFUSE_LORA_TEXT_ENCODER]) {
-    te = _diffuse_pipeline_text_encoder_with_lora (sd->pm, ads, ws, n, error);
+    te = _diffuse_pipeline_text_encoder_with_lora (sd->pm, DIFFUSE_LORA_TEXT_ENCODER, ads, ws, n, error);
     if (!te) {
       g_clear_pointer (&unet, diffuse_unet_unref);
       return FALSE;
     }
   }
+  /* SDXL's second text encoder (peft "text_encoder_2.", kohya "lora_te2_") */
+  if (want[DIFFUSE_LORA_TEXT_ENCODER_2]) {
+    te2 = _diffuse_pipeline_text_encoder_with_lora (sd->pm, DIFFUSE_LORA_TEXT_ENCODER_2, ads, ws, n, error);
+    if (!te2) {
+      g_clear_pointer (&unet, diffuse_unet_unref);
+      g_clear_pointer (&te, diffuse_clip_text_unref);
+      return FALSE;
+    }
+  }
   g_clear_pointer (&sd->lora_unet, diffuse_unet_unref);
   g_clear_pointer (&sd->lora_text_encoder, diffuse_clip_text_unref);
+  g_clear_pointer (&sd->lora_text_encoder_2, diffuse_clip_text_unref);
   sd->lora_unet = unet;
   sd->lora_text_encoder = te;
+  sd->lora_text_encoder_2 = te2;
   sd->unet = unet ? unet : sd->base_unet;
   sd->text_encoder = te ? te : sd->base_text_encoder;
+  if (sd->xl)
+    sd->text_encoder_2 = te2 ? te2 : sd->base_text_encoder_2;
   return TRUE;
 }
 
@@ -418,6 +434,7 @@ diffuse_sd_unref (DiffuseSD *sd)
   g_free (sd->scheduler_class);
   g_clear_pointer (&sd->lora_unet, diffuse_unet_unref);
   g_clear_pointer (&sd->lora_text_encoder, diffuse_clip_text_unref);
+  g_clear_pointer (&sd->lora_text_encoder_2, diffuse_clip_text_unref);
   if (sd->lora.adapters)
     _diffuse_lora_set_clear (&sd->lora);
   g_clear_pointer (&sd->ip_adapter, _diffuse_ip_adapter_free);

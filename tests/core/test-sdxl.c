@@ -119,6 +119,57 @@ test_f16 (void)
   diffuse_pipeline_model_unref (m16);
 }
 
+/* LoRA on SDXL (make_sdxl_lora_fixtures.py): a UNet adapter (peft) at
+ * weight 1 and 0.7, and adapters on both text encoders in diffusers' peft
+ * names and in kohya-ss' lora_te1_ / lora_te2_ names; unloading restores */
+static void
+test_lora (void)
+{
+  if (!tu_have_fixture ("sdxl/lora/images.safetensors"))
+    return;
+  GError *err = NULL;
+  DiffuseSafetensors *want = tu_open ("sdxl/lora/images.safetensors");
+  DiffuseSD *sd = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
+  g_assert_no_error (err);
+  DiffuseSDParams p;
+  diffuse_sd_default_params (&p);
+  p.prompt = "a red circle";
+  p.negative_prompt = "dark";
+  p.num_inference_steps = 3;
+  p.width = p.height = 32;
+  p.guidance_scale = 5.0f;
+  p.seed = 23;
+  char *u = tu_fixture ("sdxl/lora/u"), *t = tu_fixture ("sdxl/lora/t"),
+       *tk = tu_fixture ("sdxl/lora/t-kohya.safetensors");
+  struct { const char *id, *load, *name; double w; } steps[] = {
+    { "base", NULL, NULL, 1.0 }, { "u", u, "u", 1.0 }, { "u0.7", NULL, "u", 0.7 },
+    { "t", t, "t", 1.0 }, { "t", tk, "tk", 1.0 }, { "base", NULL, NULL, 0.0 },
+  };
+  for (guint i = 0; i < G_N_ELEMENTS (steps); i++) {
+    if (steps[i].load)
+      g_assert_true (diffuse_sd_load_lora_weights (sd, steps[i].load, steps[i].name, &err));
+    g_assert_no_error (err);
+    if (steps[i].name) {
+      const char *names[] = { steps[i].name };
+      g_assert_true (diffuse_sd_set_adapters (sd, names, &steps[i].w, 1, &err));
+      g_assert_no_error (err);
+    } else if (i > 0) {
+      diffuse_sd_unload_lora_weights (sd);
+    }
+    GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+    g_assert_no_error (err);
+    const int maxd = tu_max_level_diff (g_ptr_array_index (imgs, 0), diffuse_safetensors_find (want, steps[i].id));
+    g_test_message ("%s (%s): max difference %d levels", steps[i].id, steps[i].name ? steps[i].name : "none", maxd);
+    g_assert_cmpint (maxd, <=, 1);
+    g_ptr_array_unref (imgs);
+  }
+  g_free (u);
+  g_free (t);
+  g_free (tk);
+  diffuse_sd_unref (sd);
+  diffuse_safetensors_unref (want);
+}
+
 static void
 test_errors (void)
 {
@@ -188,6 +239,7 @@ main (int argc, char **argv)
   g_test_add_func ("/sdxl/model", test_model);
   g_test_add_func ("/sdxl/errors", test_errors);
   g_test_add_func ("/sdxl/f16", test_f16);
+  g_test_add_func ("/sdxl/lora", test_lora);
   int r = g_test_run ();
   diffuse_sd_unref (i2i);
   diffuse_sd_unref (t2i);
