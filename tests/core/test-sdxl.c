@@ -170,6 +170,49 @@ test_lora (void)
   diffuse_safetensors_unref (want);
 }
 
+/* an IP-Adapter on SDXL (make_sdxl_ip_fixtures.py: sdxl_models layout),
+ * with CFG at scale 0.6 and without CFG at 1 */
+static void
+test_ip_adapter (void)
+{
+  if (!tu_have_fixture ("sdxl/ip-adapter/cases.json"))
+    return;
+  GError *err = NULL;
+  DiffuseSafetensors *want = tu_open ("sdxl/ip-adapter/images.safetensors");
+  DiffuseSD *sd = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
+  g_assert_no_error (err);
+  char *dir = tu_fixture ("sdxl/ip-adapter"), *png = tu_fixture ("ip-adapter/input.png");
+  DiffuseImage *img = diffuse_image_load_png (png, &err);
+  g_assert_no_error (err);
+  g_assert_true (diffuse_sd_load_ip_adapter (sd, dir, "sdxl_models", "ip-adapter_tiny_sdxl.safetensors", &err));
+  g_assert_no_error (err);
+  const struct { const char *id; float scale, guidance; guint64 seed; } cases[] = {
+    { "cfg-s0.6", 0.6f, 5.0f, 33 }, { "nocfg-s1", 1.0f, 1.0f, 9 },
+  };
+  for (guint i = 0; i < G_N_ELEMENTS (cases); i++) {
+    diffuse_sd_set_ip_adapter_scale (sd, cases[i].scale);
+    DiffuseSDParams p;
+    diffuse_sd_default_params (&p);
+    p.prompt = "bear eats pizza";
+    p.num_inference_steps = 3;
+    p.width = p.height = 32;
+    p.guidance_scale = cases[i].guidance;
+    p.seed = cases[i].seed;
+    p.ip_adapter_image = img;
+    GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+    g_assert_no_error (err);
+    const int maxd = tu_max_level_diff (g_ptr_array_index (imgs, 0), diffuse_safetensors_find (want, cases[i].id));
+    g_test_message ("%s: max difference %d levels", cases[i].id, maxd);
+    g_assert_cmpint (maxd, <=, 1);
+    g_ptr_array_unref (imgs);
+  }
+  diffuse_image_free (img);
+  g_free (dir);
+  g_free (png);
+  diffuse_sd_unref (sd);
+  diffuse_safetensors_unref (want);
+}
+
 static void
 test_errors (void)
 {
@@ -240,6 +283,7 @@ main (int argc, char **argv)
   g_test_add_func ("/sdxl/errors", test_errors);
   g_test_add_func ("/sdxl/f16", test_f16);
   g_test_add_func ("/sdxl/lora", test_lora);
+  g_test_add_func ("/sdxl/ip-adapter", test_ip_adapter);
   int r = g_test_run ();
   diffuse_sd_unref (i2i);
   diffuse_sd_unref (t2i);
