@@ -956,9 +956,12 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     return NULL;
   }
 
-  if (sd->xl && (p.prompt_embeds || p.negative_prompt_embeds)) {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                 "prompt_embeds with Stable Diffusion XL (which also needs pooled_prompt_embeds) are not supported yet");
+  if (sd->xl && ((p.prompt_embeds && !p.pooled_prompt_embeds) ||
+                  (p.negative_prompt_embeds && !p.negative_pooled_prompt_embeds))) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "If `%sprompt_embeds` are provided, `%spooled_prompt_embeds` also have to be passed (Stable "
+                 "Diffusion XL)", p.prompt_embeds && !p.pooled_prompt_embeds ? "" : "negative_",
+                 p.prompt_embeds && !p.pooled_prompt_embeds ? "" : "negative_");
     return NULL;
   }
   if (sd->xl && p.sag_scale > 0.0f) {
@@ -986,9 +989,11 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   const gboolean cfg = p.guidance_scale > 1.0f && !lcm_cond;
 
   /* 1. prompt embeddings (cond) and, with CFG, the negative ones first */
-  if (p.prompt_embeds)
+  if (p.prompt_embeds) {
     cond = diffuse_tensor_ref (p.prompt_embeds);
-  else if (sd->xl) {
+    if (sd->xl)
+      pooled = diffuse_tensor_ref (p.pooled_prompt_embeds);
+  } else if (sd->xl) {
     if (!encode_xl (sd, p.prompt, p.clip_skip, &cond, &pooled, error))
       goto out;
   } else
@@ -1006,9 +1011,11 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     }
   }
   if (cfg) {
-    if (p.negative_prompt_embeds)
+    if (p.negative_prompt_embeds) {
       uncond = diffuse_tensor_ref (p.negative_prompt_embeds);
-    else if (sd->xl && !p.negative_prompt && sd->force_zeros) {
+      if (sd->xl)
+        upooled = diffuse_tensor_ref (p.negative_pooled_prompt_embeds);
+    } else if (sd->xl && !p.negative_prompt && sd->force_zeros) {
       /* force_zeros_for_empty_prompt: zeros, not the empty prompt's embedding */
       uncond = cond ? diffuse_scale (cond, 0.0f, 0.0f) : NULL;
       upooled = pooled ? diffuse_scale (pooled, 0.0f, 0.0f) : NULL;
@@ -1050,6 +1057,17 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     /* added_cond_kwargs: text_embeds = the pooled embeddings ([negative;
      * prompt] with CFG), time_ids = original size, crop top-left, target
      * size: (h, w, 0, 0, h, w) per row, in the pipeline's dtype */
+    /* (pooled embeddings given by the caller may be elsewhere) */
+    if (!_diffuse_pipeline_place (&pooled, dev, diffuse_unet_dtype (sd->unet)) ||
+        (cfg && !_diffuse_pipeline_place (&upooled, dev, diffuse_unet_dtype (sd->unet)))) {
+      op_error (error, "pooled prompt embedding");
+      goto out;
+    }
+    if (pooled->ndim != 2 || pooled->shape[0] != n || (cfg && !diffuse_tensor_same_shape (pooled, upooled))) {
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                   "pooled_prompt_embeds (and negative_pooled_prompt_embeds) should be [1 or %d, P], the same", n);
+      goto out;
+    }
     if (cfg) {
       DiffuseTensor *pp[2] = { upooled, pooled };
       text_embeds = diffuse_concat (pp, 2, 0);

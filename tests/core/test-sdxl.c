@@ -6,8 +6,9 @@
  * a negative prompt, clip_skip, a non-square size, the guide's
  * HeunDiscreteScheduler swap, and StableDiffusionXLImg2ImgPipeline.from_pipe
  * at two strengths: 8-bit images within one level of diffusers'; loaded in
- * float16 within two levels of diffusers' float16 run.  Plus the errors
- * (prompt_embeds, SAG, clip_skip) and the model's class. */
+ * float16 within two levels of diffusers' float16 run; LoRA, IP-Adapter and
+ * caller-given (pooled) prompt embeddings.  Plus the errors (SAG, clip_skip,
+ * prompt_embeds without the pooled ones) and the model's class. */
 #include <diffuse/diffuse.h>
 #include <json-glib/json-glib.h>
 #include <string.h>
@@ -213,6 +214,45 @@ test_ip_adapter (void)
   diffuse_safetensors_unref (want);
 }
 
+/* prompt_embeds + pooled_prompt_embeds (and the negatives) from the caller:
+ * diffusers' encode_prompt output, weighted (make_sdxl_embeds_fixtures.py) */
+static void
+test_prompt_embeds (void)
+{
+  if (!tu_have_fixture ("sdxl/embeds.safetensors"))
+    return;
+  GError *err = NULL;
+  DiffuseSafetensors *st = tu_open ("sdxl/embeds.safetensors");
+  DiffuseSDParams p;
+  diffuse_sd_default_params (&p);
+  p.prompt_embeds = tu_get (st, "prompt_embeds");
+  p.negative_prompt_embeds = tu_get (st, "negative_prompt_embeds");
+  p.pooled_prompt_embeds = tu_get (st, "pooled_prompt_embeds");
+  p.negative_pooled_prompt_embeds = tu_get (st, "negative_pooled_prompt_embeds");
+  p.guidance_scale = 6.0f;
+  p.num_inference_steps = 3;
+  p.width = p.height = 32;
+  p.seed = 4;
+  GPtrArray *imgs = diffuse_sd_generate (t2i, &p, &err);
+  g_assert_no_error (err);
+  const int maxd = tu_max_level_diff (g_ptr_array_index (imgs, 0), diffuse_safetensors_find (st, "image"));
+  g_test_message ("weighted embeddings: max difference %d levels", maxd);
+  g_assert_cmpint (maxd, <=, 1);
+  g_ptr_array_unref (imgs);
+  /* without the pooled ones: diffusers' error */
+  DiffuseTensor *pooled = p.pooled_prompt_embeds;
+  p.pooled_prompt_embeds = NULL;
+  g_assert_null (diffuse_sd_generate (t2i, &p, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+  g_assert_nonnull (strstr (err->message, "pooled_prompt_embeds"));
+  g_clear_error (&err);
+  diffuse_tensor_unref (pooled);
+  diffuse_tensor_unref (p.prompt_embeds);
+  diffuse_tensor_unref (p.negative_prompt_embeds);
+  diffuse_tensor_unref (p.negative_pooled_prompt_embeds);
+  diffuse_safetensors_unref (st);
+}
+
 static void
 test_errors (void)
 {
@@ -227,15 +267,7 @@ test_errors (void)
   g_test_message ("%s", err->message);
   g_clear_error (&err);
   p.sag_scale = 0.0f;
-  DiffuseTensor *e = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 3, (int64_t[]) { 1, 77, 72 });
-  p.prompt_embeds = e;
-  g_assert_null (diffuse_sd_generate (t2i, &p, &err));
-  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED);
-  g_assert_nonnull (strstr (err->message, "pooled_prompt_embeds"));
-  g_clear_error (&err);
-  diffuse_tensor_unref (e);
   /* clip_skip beyond the encoders' layers */
-  p.prompt_embeds = NULL;
   p.clip_skip = 2;
   g_assert_null (diffuse_sd_generate (t2i, &p, &err));
   g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
@@ -284,6 +316,7 @@ main (int argc, char **argv)
   g_test_add_func ("/sdxl/f16", test_f16);
   g_test_add_func ("/sdxl/lora", test_lora);
   g_test_add_func ("/sdxl/ip-adapter", test_ip_adapter);
+  g_test_add_func ("/sdxl/prompt-embeds", test_prompt_embeds);
   int r = g_test_run ();
   diffuse_sd_unref (i2i);
   diffuse_sd_unref (t2i);

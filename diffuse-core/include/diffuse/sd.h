@@ -67,6 +67,11 @@ typedef struct {
                                     * from_config(config, use_karras_sigmas=True, ...)), NULL = keep */
   DiffuseTensor *prompt_embeds;    /* optional, [n, 77, D]: replaces prompt */
   DiffuseTensor *negative_prompt_embeds;
+  /* Stable Diffusion XL, with prompt_embeds / negative_prompt_embeds: the
+   * pooled, projected embeddings [n, P] of text_encoder_2 (required with
+   * them, as diffusers; ignored by other pipelines) */
+  DiffuseTensor *pooled_prompt_embeds;
+  DiffuseTensor *negative_pooled_prompt_embeds;
   /* IP-Adapter (diffuse_sd_load_ip_adapter): the image prompt, any size */
   const DiffuseImage *ip_adapter_image;
   /* img2img */
