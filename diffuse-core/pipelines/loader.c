@@ -87,7 +87,9 @@ static const char *const ad_optional[] = { "feature_extractor", "image_encoder",
 /* Stable Diffusion XL: two text encoders (the second with a projection) */
 static const char *const xl_components[] = { "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
                                              "unet", "scheduler", "image_encoder", "feature_extractor", NULL };
-static const char *const xl_optional[] = { "image_encoder", "feature_extractor", NULL };
+/* (a refiner has text_encoder_2 / tokenizer_2 alone) */
+static const char *const xl_optional[] = { "tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2",
+                                           "image_encoder", "feature_extractor", NULL };
 
 static const PipelineClass pipeline_classes[] = {
   { "StableDiffusionPipeline", sd_components, sd_optional },

@@ -49,6 +49,7 @@ struct _DiffuseSD {
   DiffuseClipText *text_encoder_2;               /* borrowed */
   DiffuseClipTokenizer *tokenizer_2;
   gboolean force_zeros;                          /* force_zeros_for_empty_prompt */
+  gboolean aesthetics;                           /* requires_aesthetics_score (the refiner) */
   DiffuseVae *vae_f32;                           /* force_upcast: the VAE in f32 for a 16-bit pipeline, or NULL */
   GMutex lock;                    /* one generate() at a time */
 };
@@ -106,6 +107,8 @@ diffuse_sd_default_params (DiffuseSDParams *p)
   p->num_images = 1;
   p->strength = 0.8f;
   p->lora_scale = 1.0f;
+  p->aesthetic_score = 6.0f;
+  p->negative_aesthetic_score = 2.5f;
 }
 
 static gpointer
@@ -126,10 +129,13 @@ sd_setup_xl (DiffuseSD *sd, GError **error)
   sd->xl = diffuse_pipeline_model_get (sd->pm, "text_encoder_2") != NULL || g_str_has_prefix (cls, "StableDiffusionXL");
   if (!sd->xl)
     return TRUE;
-  if (diffuse_config_get_bool (index, "requires_aesthetics_score", FALSE)) {
+  /* the refiner's time ids end with an aesthetic score; diffusers runs it
+   * as StableDiffusionXLImg2ImgPipeline (its text2img class has no such ids) */
+  sd->aesthetics = diffuse_config_get_bool (index, "requires_aesthetics_score", FALSE);
+  if (sd->aesthetics && sd->task != DIFFUSE_SD_IMG2IMG) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                 "%s: requires_aesthetics_score (an SDXL refiner) is not supported yet",
-                 diffuse_pipeline_model_folder (sd->pm));
+                 "%s: an SDXL refiner (requires_aesthetics_score) runs as image-to-image "
+                 "(StableDiffusionXLImg2ImgPipeline), not text-to-image", diffuse_pipeline_model_folder (sd->pm));
     return FALSE;
   }
   sd->text_encoder_2 = _diffuse_pipeline_text_encoder_2 (sd->pm, error);
@@ -167,11 +173,14 @@ diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError **error)
   sd->unet = _diffuse_pipeline_unet (pm, error);
   if (sd->unet)
     sd->vae = _diffuse_pipeline_vae (pm, error);
-  if (sd->vae)
+  /* an SDXL refiner has text_encoder_2 alone */
+  const gboolean te2_only = diffuse_pipeline_model_get (pm, "text_encoder_2") &&
+                            !diffuse_pipeline_model_get (pm, "text_encoder");
+  if (sd->vae && !te2_only)
     sd->text_encoder = _diffuse_pipeline_text_encoder (pm, error);
   if (sd->text_encoder)
     sd->tokenizer = _diffuse_pipeline_tokenizer (pm, error);
-  if (!sd->tokenizer) {
+  if (!sd->vae || (!te2_only && !sd->tokenizer)) {
     diffuse_sd_unref (sd);
     return NULL;
   }
@@ -471,13 +480,14 @@ static gboolean op_error (GError **error, const char *what);
 /* SDXL's encode_prompt for one text: each encoder's hidden_states[-(skip + 2)]
  * (no final layer norm) over the 77 padded tokens (each tokenizer's own pad
  * token), concatenated along features, in the second encoder's dtype; and
- * the second encoder's projected pooled output [1, P]. */
+ * the second encoder's projected pooled output [1, P].  A refiner has the
+ * second encoder alone. */
 static gboolean
 encode_xl (DiffuseSD *sd, const char *text, int skip, DiffuseTensor **embeds, DiffuseTensor **pooled, GError **error)
 {
   DiffuseTensor *h[2] = { NULL, NULL };
   gboolean ok = TRUE;
-  for (int k = 0; ok && k < 2; k++) {
+  for (int k = sd->text_encoder ? 0 : 1; ok && k < 2; k++) {
     DiffuseClipTokenizer *tok = k ? sd->tokenizer_2 : sd->tokenizer;
     DiffuseClipText *te = k ? sd->text_encoder_2 : sd->text_encoder;
     const int max = diffuse_clip_tokenizer_model_max_length (tok);
@@ -504,9 +514,9 @@ encode_xl (DiffuseSD *sd, const char *text, int skip, DiffuseTensor **embeds, Di
   }
   if (ok) {
     const DiffuseDType dt = diffuse_clip_text_dtype (sd->text_encoder_2);
-    ok = _diffuse_pipeline_place (&h[0], diffuse_clip_text_device (sd->text_encoder_2), dt) &&
+    ok = (!h[0] || _diffuse_pipeline_place (&h[0], diffuse_clip_text_device (sd->text_encoder_2), dt)) &&
          _diffuse_pipeline_place (&h[1], diffuse_clip_text_device (sd->text_encoder_2), dt);
-    *embeds = ok ? diffuse_concat (h, 2, 2) : NULL;
+    *embeds = !ok ? NULL : h[0] ? diffuse_concat (h, 2, 2) : diffuse_tensor_ref (h[1]);
     ok = *embeds != NULL;
     if (!ok)
       op_error (error, "SDXL prompt embedding");
@@ -950,9 +960,10 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
       return NULL;
     }
   }
-  if (p.clip_skip < 0 || p.clip_skip >= diffuse_clip_text_num_layers (sd->text_encoder)) {
+  DiffuseClipText *te_first = sd->text_encoder ? sd->text_encoder : sd->text_encoder_2;
+  if (p.clip_skip < 0 || p.clip_skip >= diffuse_clip_text_num_layers (te_first)) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "clip_skip must be 0..%d (got %d)",
-                 diffuse_clip_text_num_layers (sd->text_encoder) - 1, p.clip_skip);
+                 diffuse_clip_text_num_layers (te_first) - 1, p.clip_skip);
     return NULL;
   }
 
@@ -1074,13 +1085,18 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     } else {
       text_embeds = diffuse_tensor_ref (pooled);
     }
-    const int rows = cfg ? 2 * n : n;
-    float *ids = g_new (float, (size_t) rows * 6);
+    /* the refiner: (h, w, 0, 0, aesthetic_score), the negative rows with
+     * negative_aesthetic_score */
+    const int rows = cfg ? 2 * n : n, nid = sd->aesthetics ? 5 : 6;
+    float *ids = g_new (float, (size_t) rows * nid);
     for (int r = 0; r < rows; r++) {
-      const float v[6] = { (float) p.height, (float) p.width, 0.0f, 0.0f, (float) p.height, (float) p.width };
-      memcpy (ids + (size_t) r * 6, v, sizeof v);
+      const gboolean neg = cfg && r < n;
+      const float v[6] = { (float) p.height, (float) p.width, 0.0f, 0.0f,
+                           sd->aesthetics ? (neg ? p.negative_aesthetic_score : p.aesthetic_score) : (float) p.height,
+                           (float) p.width };
+      memcpy (ids + (size_t) r * nid, v, sizeof (float) * nid);
     }
-    time_ids = diffuse_tensor_from_f32 (ids, 2, (const int64_t[]) { rows, 6 });
+    time_ids = diffuse_tensor_from_f32 (ids, 2, (const int64_t[]) { rows, nid });
     g_free (ids);
     if (!text_embeds || !time_ids || !_diffuse_pipeline_place (&text_embeds, dev, diffuse_unet_dtype (sd->unet)) ||
         !_diffuse_pipeline_place (&time_ids, dev, diffuse_unet_dtype (sd->unet))) {

@@ -253,6 +253,41 @@ test_prompt_embeds (void)
   diffuse_safetensors_unref (st);
 }
 
+/* the refiner (make_sdxl_refiner_fixtures.py): text_encoder_2 alone, time
+ * ids ending with an aesthetic score, img2img only */
+static void
+run_refiner (gconstpointer data)
+{
+  JsonObject *c = (JsonObject *) data;
+  GError *err = NULL;
+  char *model = tu_fixture ("pipelines/tiny-sdxl-refiner");
+  DiffuseLoadParams lp = diffuse_load_default_params ();
+  lp.device = g_getenv ("DIFFUSE_TEST_DEVICE");
+  DiffusePipelineModel *rm = diffuse_pipeline_model_load (model, &lp, NULL, &err);
+  g_assert_no_error (err);
+  g_free (model);
+  g_assert_null (diffuse_pipeline_model_get (rm, "text_encoder"));
+  /* text-to-image: not how diffusers runs a refiner */
+  g_assert_null (diffuse_sd_new (rm, DIFFUSE_SD_TEXT2IMG, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED);
+  g_clear_error (&err);
+  DiffuseSD *sd = diffuse_sd_new (rm, DIFFUSE_SD_IMG2IMG, &err);
+  g_assert_no_error (err);
+  DiffuseSDParams p;
+  fill_params (&p, c);
+  if (json_object_has_member (c, "aesthetic_score"))
+    p.aesthetic_score = (float) json_object_get_double_member (c, "aesthetic_score");
+  if (json_object_has_member (c, "negative_aesthetic_score"))
+    p.negative_aesthetic_score = (float) json_object_get_double_member (c, "negative_aesthetic_score");
+  DiffuseImage *in = tu_st_image (images, "i2i-input");
+  p.image = in;
+  p.strength = (float) json_object_get_double_member (c, "strength");
+  check (json_object_get_string_member (c, "id"), sd, &p);
+  diffuse_image_free (in);
+  diffuse_sd_unref (sd);
+  diffuse_pipeline_model_unref (rm);
+}
+
 static void
 test_errors (void)
 {
@@ -301,13 +336,16 @@ main (int argc, char **argv)
   i2i = diffuse_sd_new (pm, DIFFUSE_SD_IMG2IMG, &err);
   g_assert_no_error (err);
   JsonObject *root = json_node_get_object (json_parser_get_root (parser));
-  const char *groups[2] = { "cases", "img2img" };
-  for (int g = 0; g < 2; g++) {
+  const char *groups[3] = { "cases", "img2img", "refiner" };
+  const GTestDataFunc runs[3] = { run_t2i, run_i2i, run_refiner };
+  for (int g = 0; g < 3; g++) {
+    if (!json_object_has_member (root, groups[g]))
+      continue;
     JsonArray *cases = json_object_get_array_member (root, groups[g]);
     for (guint i = 0; i < json_array_get_length (cases); i++) {
       JsonObject *c = json_array_get_object_element (cases, i);
       char *name = g_strdup_printf ("/sdxl/%s", json_object_get_string_member (c, "id"));
-      g_test_add_data_func (name, c, g ? run_i2i : run_t2i);
+      g_test_add_data_func (name, c, runs[g]);
       g_free (name);
     }
   }

@@ -72,6 +72,9 @@ typedef struct {
    * them, as diffusers; ignored by other pipelines) */
   DiffuseTensor *pooled_prompt_embeds;
   DiffuseTensor *negative_pooled_prompt_embeds;
+  /* an SDXL refiner (requires_aesthetics_score): the last time id, 6 and
+   * 2.5 by default as diffusers' */
+  float aesthetic_score, negative_aesthetic_score;
   /* IP-Adapter (diffuse_sd_load_ip_adapter): the image prompt, any size */
   const DiffuseImage *ip_adapter_image;
   /* img2img */
