@@ -469,31 +469,41 @@ run_case (gconstpointer data)
  * adapter on the spatial and the motion-module attentions, as
  * pipe_animate.load_lora_weights; frames within one level of diffusers'; the
  * text2img pipeline on the same components stays as it was; unload goes back */
-static void
-test_lora (void)
+/* AnimateDiffPipeline.from_pipe (tiny-sd, adapter a) and the DDIM settings
+ * of the guide's example (the LoRA and IP-Adapter fixtures use them) */
+static DiffuseAnimate *
+from_pipe_ddim (DiffuseAnimateParams *p)
 {
-  if (!tu_have_fixture ("animatediff/lora/frames.safetensors"))
-    return;
   GError *err = NULL;
   DiffusePipelineModel *pm = get_sd ();
   DiffuseComponent *ad = load_adapter_component (pm, "a");
   DiffuseAnimate *anim = diffuse_animate_new_from_pipe (pm, ad, &err);
   g_assert_no_error (err);
   diffuse_component_unref (ad);
+  diffuse_animate_default_params (p);
+  p->scheduler = "DDIMScheduler";
+  p->scheduler_overrides = diffuse_config_from_string (
+      "{\"clip_sample\": false, \"timestep_spacing\": \"linspace\", \"beta_schedule\": \"linear\", "
+      "\"steps_offset\": 1}", "overrides", &err);
+  g_assert_no_error (err);
+  return anim;
+}
+
+static void
+test_lora (void)
+{
+  if (!tu_have_fixture ("animatediff/lora/frames.safetensors"))
+    return;
+  GError *err = NULL;
+  DiffuseAnimateParams p;
+  DiffuseAnimate *anim = from_pipe_ddim (&p);
   DiffuseSafetensors *st = tu_open ("animatediff/lora/frames.safetensors");
   char *lora = tu_fixture ("animatediff/lora");
-  DiffuseAnimateParams p;
-  diffuse_animate_default_params (&p);
   p.prompt = "a red ball bouncing";
   p.width = p.height = 32;
   p.num_frames = 8;
   p.num_inference_steps = 4;
   p.seed = 42;
-  p.scheduler = "DDIMScheduler";
-  p.scheduler_overrides = diffuse_config_from_string (
-      "{\"clip_sample\": false, \"timestep_spacing\": \"linspace\", \"beta_schedule\": \"linear\", "
-      "\"steps_offset\": 1}", "overrides", &err);
-  g_assert_no_error (err);
   const char *ids[] = { "base", "lora", "base" };
   for (int i = 0; i < 3; i++) {
     if (i == 1)
@@ -526,11 +536,8 @@ test_ip_adapter (void)
   if (!tu_have_fixture ("animatediff/ip-adapter/frames.safetensors"))
     return;
   GError *err = NULL;
-  DiffusePipelineModel *pm = get_sd ();
-  DiffuseComponent *ad = load_adapter_component (pm, "a");
-  DiffuseAnimate *anim = diffuse_animate_new_from_pipe (pm, ad, &err);
-  g_assert_no_error (err);
-  diffuse_component_unref (ad);
+  DiffuseAnimateParams p;
+  DiffuseAnimate *anim = from_pipe_ddim (&p);
   char *png = tu_fixture ("ip-adapter/input.png");
   DiffuseImage *img = diffuse_image_load_png (png, &err);
   g_assert_no_error (err);
@@ -543,18 +550,11 @@ test_ip_adapter (void)
   JsonObject *root = json_node_get_object (json_parser_get_root (parser));
   JsonObject *gen = json_object_get_object_member (root, "generate");
   DiffuseSafetensors *st = tu_open ("animatediff/ip-adapter/frames.safetensors");
-  DiffuseAnimateParams p;
-  diffuse_animate_default_params (&p);
   p.prompt = json_object_get_string_member (gen, "prompt");
   p.width = (int) json_object_get_int_member (gen, "width");
   p.height = (int) json_object_get_int_member (gen, "height");
   p.num_frames = (int) json_object_get_int_member (gen, "num_frames");
   p.num_inference_steps = (int) json_object_get_int_member (gen, "num_inference_steps");
-  p.scheduler = "DDIMScheduler";
-  p.scheduler_overrides = diffuse_config_from_string (
-      "{\"clip_sample\": false, \"timestep_spacing\": \"linspace\", \"beta_schedule\": \"linear\", "
-      "\"steps_offset\": 1}", "overrides", &err);
-  g_assert_no_error (err);
 
   /* an image without an adapter */
   p.ip_adapter_image = img;
