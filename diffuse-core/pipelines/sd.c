@@ -1028,8 +1028,8 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
         upooled = diffuse_tensor_ref (p.negative_pooled_prompt_embeds);
     } else if (sd->xl && !p.negative_prompt && sd->force_zeros) {
       /* force_zeros_for_empty_prompt: zeros, not the empty prompt's embedding */
-      uncond = cond ? diffuse_scale (cond, 0.0f, 0.0f) : NULL;
-      upooled = pooled ? diffuse_scale (pooled, 0.0f, 0.0f) : NULL;
+      uncond = diffuse_tensor_zeros (diffuse_tensor_device (cond), cond->dtype, cond->ndim, cond->shape);
+      upooled = diffuse_tensor_zeros (diffuse_tensor_device (pooled), pooled->dtype, pooled->ndim, pooled->shape);
     } else if (sd->xl) {
       /* (always hidden_states[-2]: diffusers applies clip_skip to the prompt only) */
       if (!encode_xl (sd, p.negative_prompt ? p.negative_prompt : "", 0, &uncond, &upooled, error))
