@@ -99,12 +99,6 @@ _diffuse_ip_adapter_load (const char *ref, const char *subfolder, const char *we
   GError *local = NULL;
   if (!error)
     error = &local;
-  if (g_str_has_suffix (weight_name, ".bin") || g_str_has_suffix (weight_name, ".pt")) {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                 "IP-Adapter %s: %s is a pickle, never executed here; use the .safetensors file (h94/IP-Adapter has "
-                 "models/ip-adapter_sd15.safetensors)", ref, weight_name);
-    return NULL;
-  }
   DiffuseHubClient *client = NULL;
   DiffuseIpAdapter *ip = g_new0 (DiffuseIpAdapter, 1);
   ip->dev = dev;

@@ -6,8 +6,13 @@
  * (truncated, cut pickle, short storage) are CORRUPT errors naming the file,
  * files we do not read (non-contiguous, legacy, compressed, big-endian) are
  * UNSUPPORTED; every truncation and a byte flip at every position of a real
- * file is an error or a load, never a crash. */
+ * file is an error or a load, never a crash; and the tiny SD pipeline saved
+ * as .bin (sharded unet) loads with use_safetensors=False into diffusers'
+ * image. */
 #include "testutil.h"
+#include <diffuse/pipeline.h>
+#include <diffuse/sd.h>
+#include <json-glib/json-glib.h>
 #include <string.h>
 
 static void
@@ -190,6 +195,73 @@ test_damage (void)
   }
 }
 
+/* The tiny SD pipeline saved as .bin: use_safetensors=False loads it (the
+ * unet from its .bin shards) and gives diffusers' image; AUTO falls back to
+ * the .bin files as diffusers does; REQUIRE refuses. */
+static void
+test_pipeline (void)
+{
+  if (!tu_have_fixture ("pickle/images.safetensors"))
+    return;
+  GError *err = NULL;
+  char *dir = tu_fixture ("pickle/tiny-sd-bin");
+  DiffuseComponentCache *cache = diffuse_component_cache_new ();
+  DiffuseLoadParams lp = diffuse_load_default_params ();
+  lp.device = g_getenv ("DIFFUSE_TEST_DEVICE");
+
+  lp.use_safetensors = DIFFUSE_SAFETENSORS_REQUIRE;
+  g_assert_null (diffuse_pipeline_model_load (dir, &lp, cache, &err));
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
+  g_test_message ("use_safetensors=True: %s", err->message);
+  g_clear_error (&err);
+
+  lp.use_safetensors = DIFFUSE_SAFETENSORS_AUTO;
+  DiffusePipelineModel *pm_auto = diffuse_pipeline_model_load (dir, &lp, cache, &err);
+  g_assert_no_error (err);
+
+  lp.use_safetensors = DIFFUSE_SAFETENSORS_ALLOW_BIN;
+  DiffusePipelineModel *pm = diffuse_pipeline_model_load (dir, &lp, cache, &err);
+  g_assert_no_error (err);
+  const char *const *files = diffuse_component_files (diffuse_pipeline_model_get (pm, "unet"));
+  g_assert_cmpuint (g_strv_length ((char **) files), ==, 3);
+  g_assert_true (g_str_has_suffix (files[0], ".bin"));
+  files = diffuse_component_files (diffuse_pipeline_model_get (pm, "text_encoder"));
+  g_assert_true (g_str_has_suffix (files[0], "pytorch_model.bin"));
+
+  JsonParser *parser = json_parser_new ();
+  char *jpath = tu_fixture ("pickle/refusals.json");
+  g_assert_true (json_parser_load_from_file (parser, jpath, NULL));
+  JsonObject *gen = json_object_get_object_member (json_node_get_object (json_parser_get_root (parser)), "generate");
+  DiffuseSafetensors *images = tu_open ("pickle/images.safetensors");
+  DiffusePipelineModel *models[2] = { pm, pm_auto };
+  for (int m = 0; m < 2; m++) {
+    DiffuseSD *sd = diffuse_sd_new (models[m], DIFFUSE_SD_TEXT2IMG, &err);
+    g_assert_no_error (err);
+    DiffuseSDParams p;
+    diffuse_sd_default_params (&p);
+    p.prompt = json_object_get_string_member (gen, "prompt");
+    p.num_inference_steps = (int) json_object_get_int_member (gen, "num_inference_steps");
+    p.width = (int) json_object_get_int_member (gen, "width");
+    p.height = (int) json_object_get_int_member (gen, "height");
+    p.guidance_scale = (float) json_object_get_double_member (gen, "guidance_scale");
+    p.seed = (guint64) json_object_get_int_member (gen, "seed");
+    GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+    g_assert_no_error (err);
+    int d = tu_max_level_diff (g_ptr_array_index (imgs, 0), diffuse_safetensors_find (images, "bin"));
+    g_test_message ("tiny-sd-bin (%s): %d levels from diffusers' image", m ? "auto" : "use_safetensors=False", d);
+    g_assert_cmpint (d, <=, 1);
+    g_ptr_array_unref (imgs);
+    diffuse_sd_unref (sd);
+  }
+  diffuse_safetensors_unref (images);
+  g_object_unref (parser);
+  g_free (jpath);
+  diffuse_pipeline_model_unref (pm);
+  diffuse_pipeline_model_unref (pm_auto);
+  diffuse_component_cache_unref (cache);
+  g_free (dir);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -202,5 +274,6 @@ main (int argc, char **argv)
   g_test_add_func ("/pickle/names-and-views", test_names_and_views);
   g_test_add_func ("/pickle/errors", test_errors);
   g_test_add_func ("/pickle/damage", test_damage);
+  g_test_add_func ("/pickle/pipeline", test_pipeline);
   return g_test_run ();
 }
