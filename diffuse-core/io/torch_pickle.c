@@ -752,14 +752,8 @@ vm_run (Vm *vm)
         return NULL;
       vm->pos += 8;
       break;
-    case '.': {  /* STOP */
-      PVal *v = pop (vm);
-      if (v && (vm->stack->len || vm->marks->len)) {
-        vm_fail (vm, DIFFUSE_ERROR_CORRUPT, "STOP with more on the stack");
-        return NULL;
-      }
-      return v;
-    }
+    case '.':    /* STOP: the top of the stack (anything below is ignored, as by Python) */
+      return pop (vm);
     case '(':    /* MARK */
       g_array_append_val (vm->marks, vm->stack->len);
       break;
@@ -1041,6 +1035,7 @@ typedef struct {
   const char *label;
   GArray *entries;        /* DiffuseStEntry */
   GHashTable *names;      /* owned by entries */
+  guint64 budget;         /* dict items left to visit */
   GError **error;
 } Flat;
 
@@ -1059,6 +1054,11 @@ add_tensor (Flat *fl, const char *name, PVal *t)
   }
   if (t->tensor.offset < 0)
     return tp_fail (fl->error, DIFFUSE_ERROR_CORRUPT, fl->label, "tensor \"%s\": negative storage offset", name);
+  guint64 last;
+  if (__builtin_add_overflow ((guint64) t->tensor.offset, numel, &last) || last > s->numel)
+    return tp_fail (fl->error, DIFFUSE_ERROR_CORRUPT, fl->label,
+                    "tensor \"%s\": elements [%" G_GINT64_FORMAT ", +%" G_GUINT64_FORMAT "] lie outside storage %s of "
+                    "%" G_GUINT64_FORMAT " elements", name, t->tensor.offset, numel, s->key, s->numel);
   if (numel > 0) {
     /* contiguous: each stride is the product of the later sizes (dims of
      * size 1 may have any stride, as torch's is_contiguous) */
@@ -1077,14 +1077,9 @@ add_tensor (Flat *fl, const char *name, PVal *t)
         g_string_free (st, TRUE);
         return FALSE;
       }
-      want *= t->tensor.shape[d];   /* <= numel: no overflow */
+      want *= t->tensor.shape[d];   /* <= numel, inside the storage: no overflow */
     }
   }
-  guint64 last;
-  if (__builtin_add_overflow ((guint64) t->tensor.offset, numel, &last) || last > s->numel)
-    return tp_fail (fl->error, DIFFUSE_ERROR_CORRUPT, fl->label,
-                    "tensor \"%s\": elements [%" G_GINT64_FORMAT ", +%" G_GUINT64_FORMAT "] lie outside storage %s of "
-                    "%" G_GUINT64_FORMAT " elements", name, t->tensor.offset, numel, s->key, s->numel);
   if (g_hash_table_contains (fl->names, name))
     return tp_fail (fl->error, DIFFUSE_ERROR_CORRUPT, fl->label, "two tensors are named \"%s\" once flattened",
                     name);
@@ -1111,6 +1106,11 @@ flatten (Flat *fl, PVal *d, const char *prefix, int depth)
                     TP_MAX_NEST, prefix);
   for (guint i = 0; i < d->dict.keys->len; i++) {
     PVal *k = g_ptr_array_index (d->dict.keys, i), *v = g_ptr_array_index (d->dict.vals, i);
+    /* the memo can make one dict the value of many keys at every level: a
+     * DAG whose paths grow exponentially; a real state dict is a tree */
+    if (fl->budget-- == 0)
+      return tp_fail (fl->error, DIFFUSE_ERROR_UNSUPPORTED, fl->label,
+                      "the same dicts are reused under too many names (at \"%s\")", *prefix ? prefix : "(top)");
     char *ks;
     if (k->kind == PV_STR) {
       if (strlen (k->str.s) != k->str.len)
@@ -1179,6 +1179,7 @@ _diffuse_torch_pickle_parse (const char *label, const guint8 *base, size_t len, 
   }
   fl.entries = g_array_new (FALSE, TRUE, sizeof (DiffuseStEntry));
   fl.names = g_hash_table_new (g_str_hash, g_str_equal);
+  fl.budget = 2 * (guint64) vm.arena->len + 16;
   if (!flatten (&fl, result, "", 0))
     goto out;
 

@@ -137,6 +137,8 @@ test_errors (void)
   assert_refused ("legacy.bin", DIFFUSE_ERROR_UNSUPPORTED, "legacy");
   assert_refused ("compressed.bin", DIFFUSE_ERROR_UNSUPPORTED, "compressed");
   assert_refused ("bigendian.bin", DIFFUSE_ERROR_UNSUPPORTED, "little-endian");
+  /* one dict reused at every level: refused quickly, not 2^40 names */
+  assert_refused ("dag.bin", DIFFUSE_ERROR_UNSUPPORTED, "reused");
 }
 
 /* Every prefix and a flipped byte at every position: an error (or, for a

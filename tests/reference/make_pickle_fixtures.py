@@ -18,6 +18,8 @@ Written under tests/fixtures/pickle/:
   refused:
     forbidden.bin    a data.pkl made BY HAND with pickle opcodes that names os.system
                      (never executed: torch.load(weights_only=True) refuses it too)
+    dag.bin          (by hand) 40 nested dicts, each holding the previous one twice:
+                     torch loads it, but flattened it names 2^40 paths
   valid for torch but not read by gst-diffuse (clear errors):
     noncontig.bin    a transposed tensor (stride (1, 3)): torch keeps the strides
     legacy.bin       the pre-1.6 format (_use_new_zipfile_serialization=False)
@@ -151,6 +153,19 @@ def main():
         z.writestr("forbidden/byteorder", "little")
         z.writestr("forbidden/version", "3\n")
     refusals["forbidden.bin"] = expect_refused("forbidden.bin")
+
+    # 40 dicts, each holding the previous one twice: 2^40 paths once flattened
+    pkl = b"\x80\x02}q\x00"
+    for i in range(1, 41):
+        pkl += b"}(X\x01\x00\x00\x00ah" + bytes([i - 1]) + b"X\x01\x00\x00\x00bh" + bytes([i - 1])
+        pkl += b"uq" + bytes([i])
+    pkl += b"."
+    with zipfile.ZipFile(os.path.join(OUT, "dag.bin"), "w") as z:
+        z.writestr("dag/data.pkl", pkl)
+        z.writestr("dag/byteorder", "little")
+        z.writestr("dag/version", "3\n")
+    dag = torch.load(os.path.join(OUT, "dag.bin"), weights_only=True)
+    assert dag["a"] is dag["b"]
 
     torch.save({"t": torch.arange(6.0).view(2, 3).t()}, os.path.join(OUT, "noncontig.bin"))
     assert torch.load(os.path.join(OUT, "noncontig.bin"), weights_only=True)["t"].stride() == (1, 3)
