@@ -41,7 +41,8 @@ Written under tests/fixtures/pickle/:
     images.safetensors  diffusers' image from tiny-sd-bin loaded with use_safetensors=False
                      ("bin") and from tiny-sd's safetensors ("safetensors"): identical
     ip-adapter/models/ip-adapter_tiny.bin  ip-adapter/models/ip-adapter_tiny.safetensors
-                     as h94's .bin layout, image_encoder -> ip-adapter/models/image_encoder
+                     as h94's .bin layout; image_encoder/ with ip-adapter's config.json and
+                     its weights only as pytorch_model.bin
     lora/pytorch_lora_weights.bin  lora/a's adapter as diffusers' save_lora_weights
                      (safe_serialization=False) writes it (torch.save of the state dict,
                      no LoraConfig metadata); images.safetensors "lora-bin": diffusers'
@@ -216,7 +217,12 @@ def main():
 
     os.makedirs(os.path.join(OUT, "ip-adapter", "models"))
     torch.save(nested, os.path.join(OUT, "ip-adapter", "models", "ip-adapter_tiny.bin"))
-    os.symlink("../../../ip-adapter/models/image_encoder", os.path.join(OUT, "ip-adapter", "models", "image_encoder"))
+    # the image encoder only as pytorch_model.bin (transformers' fallback)
+    enc_dir = os.path.join(OUT, "ip-adapter", "models", "image_encoder")
+    os.makedirs(enc_dir)
+    shutil.copy(os.path.join(FIX, "ip-adapter", "models", "image_encoder", "config.json"), enc_dir)
+    torch.save(load_file(os.path.join(FIX, "ip-adapter", "models", "image_encoder", "model.safetensors")),
+               os.path.join(enc_dir, "pytorch_model.bin"))
     back = torch.load(os.path.join(OUT, "ip-adapter", "models", "ip-adapter_tiny.bin"), weights_only=True)
     assert all(torch.equal(v, ip[k]) for k, v in flatten(back).items()) and len(flatten(back)) == len(ip)
 

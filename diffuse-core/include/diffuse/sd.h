@@ -132,7 +132,8 @@ void diffuse_sd_unload_lora_weights (DiffuseSD *sd);
  * "ip-adapter_sd15.safetensors", or the torch.save file "ip-adapter_sd15.bin",
  * read without executing it as torch.load(weights_only=True), its nested
  * {"image_proj": ..., "ip_adapter": ...} named as in the safetensors file);
- * the image encoder from <subfolder>/image_encoder.  The original
+ * the image encoder from <subfolder>/image_encoder (model.safetensors, else
+ * pytorch_model.bin, as transformers).  The original
  * IP-Adapter's image projection (Plus / Face variants:
  * DIFFUSE_ERROR_UNSUPPORTED).
  * While one is loaded, generate() needs params->ip_adapter_image.  One at a
