@@ -1,4 +1,6 @@
 /* gst-diffuse — safetensors reader: mmap + a strict header parser.
+ * PyTorch checkpoints (torch.save zip archives, see torch_pickle.c) open
+ * through the same handle: their entries point into the mapping as well.
  *
  * The header is parsed by a small dedicated JSON reader (not json-glib) so
  * that every rule of the format can be enforced exactly: duplicate keys,
@@ -471,6 +473,12 @@ p_entry (Parser *p, RawEntry *re)
 }
 
 static int
+cmp_entry_names (gconstpointer a, gconstpointer b)
+{
+  return strcmp (((const DiffuseStEntry *) a)->name, ((const DiffuseStEntry *) b)->name);
+}
+
+static int
 cmp_by_name (gconstpointer a, gconstpointer b)
 {
   return strcmp (((const RawEntry *) a)->e.name, ((const RawEntry *) b)->e.name);
@@ -509,11 +517,37 @@ corrupt (GError **error, const char *label, const char *fmt, ...)
   return FALSE;
 }
 
+/* A torch.save checkpoint: the entries come from its pickle (torch_pickle.c)
+ * and point into the same mapping; names must be unique once sorted. */
+static gboolean
+st_parse_torch (DiffuseSafetensors *st, GError **error)
+{
+  DiffuseStEntry *entries = NULL;
+  guint n = 0;
+  guint64 bytes = 0;
+  if (!_diffuse_torch_pickle_parse (st->path, st->base, st->len, &entries, &n, &bytes, error))
+    return FALSE;
+  qsort (entries, n, sizeof (DiffuseStEntry), cmp_entry_names);
+  st->entries = entries ? entries : g_new0 (DiffuseStEntry, 1);
+  st->n_entries = n;
+  st->data = NULL;
+  st->data_len = (size_t) bytes;
+  return TRUE;
+}
+
 /* Parses and validates; on success fills st's entries/metadata. */
 static gboolean
 st_parse (DiffuseSafetensors *st, GError **error)
 {
   const char *label = st->path;
+  if (_diffuse_torch_zip_magic (st->base, st->len))
+    return st_parse_torch (st, error);
+  if (_diffuse_torch_legacy_magic (st->base, st->len)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
+                 "%s: a PyTorch checkpoint in the legacy format of torch < 1.6, which is not read: re-save it with "
+                 "torch.save from a current torch, or convert it to safetensors", label);
+    return FALSE;
+  }
   if (st->len < 8)
     return corrupt (error, label, "file is %zu bytes, shorter than the 8-byte header length", st->len);
   guint64 n = 0;

@@ -99,12 +99,6 @@ _diffuse_ip_adapter_load (const char *ref, const char *subfolder, const char *we
   GError *local = NULL;
   if (!error)
     error = &local;
-  if (g_str_has_suffix (weight_name, ".bin") || g_str_has_suffix (weight_name, ".pt")) {
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                 "IP-Adapter %s: %s is a pickle, never executed here; use the .safetensors file (h94/IP-Adapter has "
-                 "models/ip-adapter_sd15.safetensors)", ref, weight_name);
-    return NULL;
-  }
   DiffuseHubClient *client = NULL;
   DiffuseIpAdapter *ip = g_new0 (DiffuseIpAdapter, 1);
   ip->dev = dev;
@@ -112,7 +106,19 @@ _diffuse_ip_adapter_load (const char *ref, const char *subfolder, const char *we
   ip->scale = 1.0f;
   char *wfile = ip_file (ref, subfolder, weight_name, &client, error);
   char *ecfg = wfile ? ip_file (ref, subfolder, "image_encoder/config.json", &client, error) : NULL;
-  char *ewts = ecfg ? ip_file (ref, subfolder, "image_encoder/model.safetensors", &client, error) : NULL;
+  char *ewts = NULL;
+  if (ecfg) {
+    /* transformers' from_pretrained: model.safetensors, else pytorch_model.bin
+     * (read without executing it, as torch.load(weights_only=True)) */
+    GError *e1 = NULL;
+    ewts = ip_file (ref, subfolder, "image_encoder/model.safetensors", &client, &e1);
+    if (!ewts && e1 && (e1->code == DIFFUSE_ERROR_NOT_FOUND || e1->code == DIFFUSE_ERROR_ENTRY_NOT_FOUND))
+      ewts = ip_file (ref, subfolder, "image_encoder/pytorch_model.bin", &client, NULL);
+    if (ewts)
+      g_clear_error (&e1);
+    else
+      g_propagate_error (error, e1);
+  }
   DiffuseSafetensors *st = ewts ? diffuse_safetensors_open (wfile, error) : NULL;
   DiffuseConfig *cfg = NULL;
   DiffuseWeights *w = NULL;

@@ -208,7 +208,13 @@ any_variant_label (GPtrArray *files, const char *dir, const char *prefix)
 typedef enum { SEL_OK, SEL_NO_VARIANT, SEL_FAIL } SelResult;
 
 /* Picks the weight files of one model component folder `dir` (relative) from
- * `files`.  *used_variant tells whether the variant files were taken. */
+ * `files`.  *used_variant tells whether the variant files were taken.
+ *
+ * PyTorch pickle weights (diffusion_pytorch_model.bin for diffusers models,
+ * pytorch_model.bin for transformers ones, or their shard indexes) are read
+ * without executing them (io/torch_pickle.c, as torch.load(weights_only=True)),
+ * following diffusers' use_safetensors rules: None prefers safetensors and
+ * falls back to .bin, True requires safetensors, False reads only .bin. */
 static SelResult
 select_weights (GPtrArray *files, const char *root_label, const char *name, const char *dir, const char *library,
                 const char *variant, DiffuseSafetensorsMode mode, WeightChoice *out, gboolean *used_variant,
@@ -217,58 +223,53 @@ select_weights (GPtrArray *files, const char *root_label, const char *name, cons
   const gboolean diffusers_lib = g_strcmp0 (library, "diffusers") == 0;
   const char *prefix = diffusers_lib ? "diffusion_pytorch_model" : "model";
   const char *prefixes[2] = { prefix, diffusers_lib ? "model" : "diffusion_pytorch_model" };
+  const char *bin_prefix = diffusers_lib ? "diffusion_pytorch_model" : "pytorch_model";
+  const gboolean want_st = mode != DIFFUSE_SAFETENSORS_ALLOW_BIN, want_bin = mode != DIFFUSE_SAFETENSORS_REQUIRE;
   *used_variant = FALSE;
   memset (out, 0, sizeof *out);
-  if (mode == DIFFUSE_SAFETENSORS_ALLOW_BIN) {
-    /* use_safetensors=False: diffusers reads only the pickle files then */
-    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                 "use_safetensors=False asks for the PyTorch pickle (.bin) weights of component '%s' of %s; "
-                 "gst-diffuse never executes pickle files: load the safetensors weights instead",
-                 name, root_label);
-    return SEL_FAIL;
-  }
 
-  for (int pi = 0; pi < 2; pi++) {
-    const char *pfx = prefixes[pi];
-    if (variant && find_weights (files, dir, pfx, "safetensors", variant, diffusers_lib, out)) {
+  for (int pi = 0; want_st && variant && pi < 2; pi++)
+    if (find_weights (files, dir, prefixes[pi], "safetensors", variant, diffusers_lib, out)) {
       *used_variant = TRUE;
       return SEL_OK;
     }
+  if (want_bin && variant && find_weights (files, dir, bin_prefix, "bin", variant, diffusers_lib, out)) {
+    *used_variant = TRUE;
+    return SEL_OK;
   }
-  for (int pi = 0; pi < 2; pi++) {
-    const char *pfx = prefixes[pi];
-    WeightChoice bin = { 0 };
-    if (variant && find_weights (files, dir, pfx, "bin", variant, diffusers_lib, &bin)) {
-      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                   "Component '%s' of %s has variant '%s' only as PyTorch pickle weights (%s); gst-diffuse never "
-                   "executes pickle files: convert them to safetensors",
-                   name, root_label, variant, bin.single ? bin.single : bin.index);
-      choice_clear (&bin);
-      return SEL_FAIL;
-    }
-  }
-  for (int pi = 0; pi < 2; pi++)
+  for (int pi = 0; want_st && pi < 2; pi++)
     if (find_weights (files, dir, prefixes[pi], "safetensors", NULL, diffusers_lib, out))
       return variant ? SEL_NO_VARIANT : SEL_OK;
+  if (want_bin && find_weights (files, dir, bin_prefix, "bin", NULL, diffusers_lib, out))
+    return variant ? SEL_NO_VARIANT : SEL_OK;
 
-  WeightChoice bin = { 0 };
-  gboolean have_bin = find_weights (files, dir, prefix, "bin", NULL, diffusers_lib, &bin) ||
-                      find_weights (files, dir, prefixes[1], "bin", NULL, diffusers_lib, &bin);
-  if (have_bin) {
-    if (mode == DIFFUSE_SAFETENSORS_REQUIRE)
+  const char *sep = *dir ? "/" : "";
+  if (mode == DIFFUSE_SAFETENSORS_ALLOW_BIN) {
+    if (variant)
       g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
-                   "Could not find the safetensors weights of component '%s' in %s (only %s, a PyTorch pickle, "
-                   "is there; use_safetensors is required)",
-                   name, root_label, bin.single ? bin.single : bin.index);
+                   "No PyTorch weights for component '%s' in %s: neither %s.%s.bin nor %s.bin (nor a shard index); "
+                   "use_safetensors=False reads only .bin weights, as diffusers does", name, root_label, bin_prefix,
+                   variant, bin_prefix);
     else
-      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                   "Component '%s' of %s has only PyTorch pickle weights (%s); gst-diffuse never executes pickle "
-                   "files: convert them to safetensors",
-                   name, root_label, bin.single ? bin.single : bin.index);
+      g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
+                   "No PyTorch weights for component '%s' in %s: no %s.bin (nor a shard index); "
+                   "use_safetensors=False reads only .bin weights, as diffusers does", name, root_label, bin_prefix);
+    return SEL_FAIL;
+  }
+  WeightChoice bin = { 0 };
+  if (find_weights (files, dir, bin_prefix, "bin", NULL, diffusers_lib, &bin) ||
+      (variant && find_weights (files, dir, bin_prefix, "bin", variant, diffusers_lib, &bin))) {
+    /* only REQUIRE gets here with .bin files present */
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
+                 "Could not find the safetensors weights of component '%s' in %s (only %s, PyTorch .bin weights, "
+                 "are there; use_safetensors is required)",
+                 name, root_label, bin.single ? bin.single : bin.index);
     choice_clear (&bin);
     return SEL_FAIL;
   }
   char *label = any_variant_label (files, dir, prefix);
+  if (!label)
+    label = any_variant_label (files, dir, bin_prefix);
   if (label && !variant)
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_VARIANT,
                  "Component '%s' of %s has no default weights, only variant '%s' files: load it with variant=%s",
@@ -279,8 +280,8 @@ select_weights (GPtrArray *files, const char *root_label, const char *name, cons
                  root_label, variant, label);
   else
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
-                 "No weights for component '%s' in %s/%s (expected %s.safetensors or a sharded index)", name,
-                 root_label, dir, prefix);
+                 "No weights for component '%s' in %s%s%s (expected %s.safetensors, %s.bin or a sharded index)", name,
+                 root_label, sep, dir, prefix, bin_prefix);
   g_free (label);
   return SEL_FAIL;
 }

@@ -148,7 +148,8 @@ split_repo (const char *ref, char **repo, char **file)
 /* pipe.load_lora_weights ("org/name"[, weight_name=...]): the file from the
  * Hub cache (fetched unless there; HF_ENDPOINT, HF_HUB_CACHE, HF_TOKEN,
  * HF_HUB_OFFLINE as for models): weight_name, else
- * pytorch_lora_weights.safetensors, else the repo's one .safetensors file */
+ * pytorch_lora_weights.safetensors, else the repo's one .safetensors file,
+ * else pytorch_lora_weights.bin */
 static char *
 lora_from_hub (const char *repo, const char *file, GError **error)
 {
@@ -158,6 +159,7 @@ lora_from_hub (const char *repo, const char *file, GError **error)
   char *path = NULL, *pick = file ? g_strdup (file) : NULL;
   if (!pick) {
     GPtrArray *files = diffuse_hub_list_files (client, repo, NULL, NULL, error);
+    gboolean bin = FALSE;
     if (files) {
       GPtrArray *st = g_ptr_array_new ();
       for (guint i = 0; i < files->len; i++) {
@@ -168,9 +170,13 @@ lora_from_hub (const char *repo, const char *file, GError **error)
         }
         if (g_str_has_suffix (f, ".safetensors") && !strchr (f, '/'))
           g_ptr_array_add (st, (gpointer) f);
+        if (g_str_equal (f, "pytorch_lora_weights.bin"))
+          bin = TRUE;
       }
       if (!pick && st->len == 1)
         pick = g_strdup (g_ptr_array_index (st, 0));
+      else if (!pick && st->len == 0 && bin)
+        pick = g_strdup ("pytorch_lora_weights.bin");   /* diffusers' pickle fallback */
       else if (!pick) {
         GString *l = g_string_new (NULL);
         for (guint i = 0; i < st->len; i++)
@@ -198,12 +204,18 @@ static char *
 lora_file (const char *path, GError **error)
 {
   if (g_file_test (path, G_FILE_TEST_IS_DIR)) {
-    char *f = g_build_filename (path, "pytorch_lora_weights.safetensors", NULL);
-    if (g_file_test (f, G_FILE_TEST_IS_REGULAR))
-      return f;
+    /* diffusers' lora_state_dict: the safetensors file, else the .bin one
+     * (read without executing it, as torch.load(weights_only=True)) */
+    static const char *const names[] = { "pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin" };
+    for (guint i = 0; i < G_N_ELEMENTS (names); i++) {
+      char *f = g_build_filename (path, names[i], NULL);
+      if (g_file_test (f, G_FILE_TEST_IS_REGULAR))
+        return f;
+      g_free (f);
+    }
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND,
-                 "%s has no pytorch_lora_weights.safetensors (name the .safetensors file instead)", path);
-    g_free (f);
+                 "%s has no pytorch_lora_weights.safetensors nor pytorch_lora_weights.bin (name the file instead)",
+                 path);
     return NULL;
   }
   if (!g_file_test (path, G_FILE_TEST_EXISTS)) {
@@ -221,9 +233,11 @@ lora_file (const char *path, GError **error)
                  "pytorch_lora_weights.safetensors, or a Hub repo id \"org/name[/file.safetensors]\")", path);
     return NULL;
   }
-  if (g_str_has_suffix (path, ".bin") || g_str_has_suffix (path, ".pt") || g_str_has_suffix (path, ".ckpt")) {
+  if (g_str_has_suffix (path, ".ckpt")) {
+    /* single-file checkpoints (a whole model in a "state_dict") are not LoRA files we read */
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED,
-                 "LoRA %s: pickle files are never executed here; use a .safetensors file", path);
+                 "LoRA %s: .ckpt checkpoints are not read; use a .safetensors or a torch.save .bin/.pt LoRA file",
+                 path);
     return NULL;
   }
   return g_strdup (path);

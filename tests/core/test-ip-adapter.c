@@ -2,8 +2,9 @@
  * tests/fixtures/ip-adapter): the tiny SD pipeline after pipe.load_ip_adapter
  * (dir, subfolder="models", weight_name=...) with an image prompt, two
  * set_ip_adapter_scale values, with and without CFG: 8-bit images within one
- * level of diffusers'.  Errors: no image, an image without an adapter,
- * pickles, a missing folder. */
+ * level of diffusers', from the .safetensors file and from the same adapter
+ * as a torch.save .bin (tests/fixtures/pickle/ip-adapter).  Errors: no image,
+ * an image without an adapter, a missing file or folder. */
 #include <json-glib/json-glib.h>
 #include <string.h>
 #include "testutil.h"
@@ -58,47 +59,58 @@ test_cases (void)
   DiffuseSD *sd = diffuse_sd_new (pm, DIFFUSE_SD_TEXT2IMG, &err);
   g_assert_no_error (err);
   char *dir = tu_fixture ("ip-adapter");
-  g_assert_true (diffuse_sd_load_ip_adapter (sd, dir, "models", json_object_get_string_member (root, "weight_name"),
-                                             &err));
-  g_assert_no_error (err);
-  g_assert_true (diffuse_sd_has_ip_adapter (sd));
-
-  JsonArray *cases = json_object_get_array_member (root, "cases");
-  for (guint i = 0; i < json_array_get_length (cases); i++) {
-    JsonObject *c = json_array_get_object_element (cases, i);
-    const char *id = json_object_get_string_member (c, "id");
-    diffuse_sd_set_ip_adapter_scale (sd, (float) json_object_get_double_member (c, "scale"));
-    DiffuseSDParams p;
-    diffuse_sd_default_params (&p);
-    p.prompt = json_object_get_string_member (gen, "prompt");
-    p.num_inference_steps = (int) json_object_get_int_member (gen, "num_inference_steps");
-    p.width = (int) json_object_get_int_member (gen, "width");
-    p.height = (int) json_object_get_int_member (gen, "height");
-    p.guidance_scale = (float) json_object_get_double_member (c, "guidance");
-    p.seed = (guint64) json_object_get_int_member (c, "seed");
-    p.ip_adapter_image = ipimg;
-    GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+  /* the same adapter as torch.save wrote it in h94's .bin layout
+   * ({"image_proj": ..., "ip_adapter": ...}; make_pickle_fixtures.py) must give the same images */
+  char *bindir = tu_fixture ("pickle/ip-adapter");
+  const gboolean have_bin = g_file_test (bindir, G_FILE_TEST_IS_DIR);
+  for (int pass = 0; pass < (have_bin ? 2 : 1); pass++) {
+    if (pass == 0)
+      g_assert_true (diffuse_sd_load_ip_adapter (sd, dir, "models",
+                                                 json_object_get_string_member (root, "weight_name"), &err));
+    else
+      g_assert_true (diffuse_sd_load_ip_adapter (sd, bindir, "models", "ip-adapter_tiny.bin", &err));
     g_assert_no_error (err);
-    DiffuseImage *img = g_ptr_array_index (imgs, 0);
-    const int maxd = tu_max_level_diff (img, diffuse_safetensors_find (images, id));
-    g_test_message ("%s: max difference %d levels (the adapter moves diffusers' image %" G_GINT64_FORMAT ")", id,
-                    maxd, json_object_get_int_member (c, "max_diff_to_plain"));
-    g_assert_cmpint (maxd, <=, 1);
-    g_ptr_array_unref (imgs);
+    g_assert_true (diffuse_sd_has_ip_adapter (sd));
 
-    if (i == 0) {
-      /* no image while an adapter is loaded: a clear error */
-      p.ip_adapter_image = NULL;
-      g_assert_null (diffuse_sd_generate (sd, &p, &err));
-      g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
-      g_test_message ("%s", err->message);
-      g_clear_error (&err);
+    JsonArray *cases = json_object_get_array_member (root, "cases");
+    for (guint i = 0; i < json_array_get_length (cases); i++) {
+      JsonObject *c = json_array_get_object_element (cases, i);
+      const char *id = json_object_get_string_member (c, "id");
+      diffuse_sd_set_ip_adapter_scale (sd, (float) json_object_get_double_member (c, "scale"));
+      DiffuseSDParams p;
+      diffuse_sd_default_params (&p);
+      p.prompt = json_object_get_string_member (gen, "prompt");
+      p.num_inference_steps = (int) json_object_get_int_member (gen, "num_inference_steps");
+      p.width = (int) json_object_get_int_member (gen, "width");
+      p.height = (int) json_object_get_int_member (gen, "height");
+      p.guidance_scale = (float) json_object_get_double_member (c, "guidance");
+      p.seed = (guint64) json_object_get_int_member (c, "seed");
+      p.ip_adapter_image = ipimg;
+      GPtrArray *imgs = diffuse_sd_generate (sd, &p, &err);
+      g_assert_no_error (err);
+      DiffuseImage *img = g_ptr_array_index (imgs, 0);
+      const int maxd = tu_max_level_diff (img, diffuse_safetensors_find (images, id));
+      g_test_message ("%s%s: max difference %d levels (the adapter moves diffusers' image %" G_GINT64_FORMAT ")", id,
+                      pass ? " (.bin)" : "", maxd, json_object_get_int_member (c, "max_diff_to_plain"));
+      g_assert_cmpint (maxd, <=, 1);
+      g_ptr_array_unref (imgs);
+
+      if (i == 0) {
+        /* no image while an adapter is loaded: a clear error */
+        p.ip_adapter_image = NULL;
+        g_assert_null (diffuse_sd_generate (sd, &p, &err));
+        g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT);
+        g_test_message ("%s", err->message);
+        g_clear_error (&err);
+      }
     }
   }
+  g_free (bindir);
 
-  /* pickles are refused, a missing folder is named */
+  /* a missing file or folder is named */
   g_assert_false (diffuse_sd_load_ip_adapter (sd, dir, "models", "ip-adapter_sd15.bin", &err));
-  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_UNSUPPORTED);
+  g_assert_error (err, DIFFUSE_ERROR, DIFFUSE_ERROR_NOT_FOUND);
+  g_assert_nonnull (strstr (err->message, "ip-adapter_sd15.bin"));
   g_test_message ("%s", err->message);
   g_clear_error (&err);
   g_assert_false (diffuse_sd_load_ip_adapter (sd, "/no/such/folder", "models", "x.safetensors", &err));

@@ -147,6 +147,27 @@ test_adapters (void)
   g_assert_true (diffuse_sd_load_lora_weights (sd, a, NULL, &err));
   assert_active (sd, "default_0");
 
+  /* a folder holding only pytorch_lora_weights.bin (torch.save, no LoraConfig
+   * metadata: alpha = r as diffusers takes it): diffusers' image of that
+   * folder (make_pickle_fixtures.py) */
+  char *bimg = tu_fixture ("pickle/images.safetensors");
+  const gboolean have_bin = g_file_test (bimg, G_FILE_TEST_EXISTS);
+  g_free (bimg);
+  if (have_bin) {
+    char *bdir = tu_fixture ("pickle/lora");
+    diffuse_sd_unload_lora_weights (sd);
+    g_assert_true (diffuse_sd_load_lora_weights (sd, bdir, "bin", &err));
+    g_assert_no_error (err);
+    DiffuseSafetensors *saved = images;
+    images = tu_open ("pickle/images.safetensors");
+    d = diff_to (sd, "lora-bin");
+    g_test_message ("pytorch_lora_weights.bin: %d levels", d);
+    g_assert_cmpint (d, <=, 1);
+    diffuse_safetensors_unref (images);
+    images = saved;
+    g_free (bdir);
+  }
+
   g_free (a);
   g_free (b);
   diffuse_sd_unref (sd);

@@ -30,9 +30,11 @@ typedef enum {
 } DiffuseComponentKind;
 
 typedef enum {
-  DIFFUSE_SAFETENSORS_AUTO = 0, /* prefer safetensors; a pickle-only component is an error naming it */
-  DIFFUSE_SAFETENSORS_REQUIRE,  /* use_safetensors=True */
-  DIFFUSE_SAFETENSORS_ALLOW_BIN,/* use_safetensors=False: diffusers would read .bin; we still need safetensors */
+  /* PyTorch .bin weights are read without executing them, as
+   * torch.load(weights_only=True) (diffuse_safetensors_open) */
+  DIFFUSE_SAFETENSORS_AUTO = 0, /* use_safetensors=None: safetensors, else the .bin weights */
+  DIFFUSE_SAFETENSORS_REQUIRE,  /* use_safetensors=True: safetensors only */
+  DIFFUSE_SAFETENSORS_ALLOW_BIN,/* use_safetensors=False: the .bin weights only, as diffusers */
 } DiffuseSafetensorsMode;
 
 /* Progress of a load: downloads (bytes) and component loads (index/count). */

@@ -32,7 +32,18 @@ typedef struct {
 } DiffuseStEntry;
 
 /* Opens and fully validates a file.  The mapping lives as long as the
- * handle or any tensor made from it. */
+ * handle or any tensor made from it.
+ *
+ * A PyTorch checkpoint written by torch.save (torch >= 1.6: a ZIP archive,
+ * "pytorch_model.bin", "diffusion_pytorch_model.bin", "*.pt") opens the same
+ * way: its state dict is read without executing anything, as
+ * torch.load(weights_only=True) reads it (only the globals a state dict of
+ * tensors needs are accepted; any other is an error naming it), nested dicts
+ * are flattened with "." ({"image_proj": {"proj.weight": t}} gives
+ * "image_proj.proj.weight"), entries point into the mapping (no copy) and
+ * there is no metadata.  Compressed entries, big-endian files, the pre-1.6
+ * format and non-contiguous tensors are DIFFUSE_ERROR_UNSUPPORTED; malformed
+ * archives or pickles DIFFUSE_ERROR_CORRUPT. */
 DiffuseSafetensors *diffuse_safetensors_open (const char *path, GError **error);
 /* Same validation on a memory buffer (copied); used by the fuzz target. */
 DiffuseSafetensors *diffuse_safetensors_open_bytes (const void *data, size_t len, const char *label, GError **error);

@@ -112,9 +112,11 @@ DiffuseSD *diffuse_sd_new (DiffusePipelineModel *pm, DiffuseSDTask task, GError 
 gboolean diffuse_sd_has_safety_checker (DiffuseSD *sd);
 
 /* LoRA adapters, as diffusers' pipe.load_lora_weights / set_adapters /
- * unload_lora_weights.  path: a .safetensors file, a folder holding
- * pytorch_lora_weights.safetensors, or a Hub repo id "org/name" (that file,
- * else the repo's one top-level .safetensors) or "org/name/file.safetensors"
+ * unload_lora_weights.  path: a .safetensors file or a torch.save .bin/.pt
+ * one (read without executing it, as torch.load(weights_only=True)), a folder
+ * holding pytorch_lora_weights.safetensors (else pytorch_lora_weights.bin),
+ * or a Hub repo id "org/name" (that file, else the repo's one top-level
+ * .safetensors, else pytorch_lora_weights.bin) or "org/name/file.safetensors"
  * (weight_name), fetched into the Hub cache under the same environment as
  * models (HF_ENDPOINT, HF_HUB_CACHE, HF_TOKEN, HF_HUB_OFFLINE); diffusers'
  * (peft) format or kohya-ss' ("lora_unet_..."/"lora_te_..." with
@@ -124,7 +126,7 @@ gboolean diffuse_sd_has_safety_checker (DiffuseSD *sd);
  * diffusers.  The active adapters are merged into this pipeline's own copy
  * of the adapted modules (fused; the components shared with other pipelines
  * are not modified).  Errors: DIFFUSE_ERROR_NOT_FOUND (no file),
- * DIFFUSE_ERROR_UNSUPPORTED (DoRA, LyCORIS, pickles), DIFFUSE_ERROR_CONFIG
+ * DIFFUSE_ERROR_UNSUPPORTED (DoRA, LyCORIS, .ckpt files), DIFFUSE_ERROR_CONFIG
  * (a module the model does not have or of another shape),
  * DIFFUSE_ERROR_INVALID_ARGUMENT (a name in use / unknown). */
 gboolean diffuse_sd_load_lora_weights (DiffuseSD *sd, const char *path, const char *adapter_name, GError **error);
@@ -135,9 +137,13 @@ void diffuse_sd_unload_lora_weights (DiffuseSD *sd);
 /* IP-Adapter, as diffusers' pipe.load_ip_adapter (ref, subfolder,
  * weight_name) / set_ip_adapter_scale / unload_ip_adapter: ref a local
  * folder or a Hub repo id ("h94/IP-Adapter", "models",
- * "ip-adapter_sd15.safetensors"); the image encoder from
- * <subfolder>/image_encoder.  The original IP-Adapter's image projection
- * (Plus / Face variants: DIFFUSE_ERROR_UNSUPPORTED); pickles are refused.
+ * "ip-adapter_sd15.safetensors", or the torch.save file "ip-adapter_sd15.bin",
+ * read without executing it as torch.load(weights_only=True), its nested
+ * {"image_proj": ..., "ip_adapter": ...} named as in the safetensors file);
+ * the image encoder from <subfolder>/image_encoder (model.safetensors, else
+ * pytorch_model.bin, as transformers).  The original
+ * IP-Adapter's image projection (Plus / Face variants:
+ * DIFFUSE_ERROR_UNSUPPORTED).
  * While one is loaded, generate() needs params->ip_adapter_image.  One at a
  * time (loading another replaces it). */
 gboolean diffuse_sd_load_ip_adapter (DiffuseSD *sd, const char *ref, const char *subfolder, const char *weight_name,
