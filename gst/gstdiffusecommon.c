@@ -254,7 +254,7 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gbo
             "models", RW | GST_PARAM_MUTABLE_READY));
     g_object_class_install_property (klass, GST_DIFFUSE_PROP_IP_ADAPTER_WEIGHT_NAME,
         g_param_spec_string ("ip-adapter-weight-name", "IP-Adapter weight file",
-            "The IP-Adapter's .safetensors file", "ip-adapter_sd15.safetensors", RW | GST_PARAM_MUTABLE_READY));
+            "The IP-Adapter's weight file (.safetensors, or .bin read without executing it)", "ip-adapter_sd15.safetensors", RW | GST_PARAM_MUTABLE_READY));
     g_object_class_install_property (klass, GST_DIFFUSE_PROP_IP_ADAPTER_IMAGE,
         g_param_spec_string ("ip-adapter-image", "IP-Adapter image",
             "The image prompt: a file GStreamer can decode (PNG, JPEG, ...)", NULL, RW | GST_PARAM_MUTABLE_READY));
