@@ -135,6 +135,8 @@ gst_diffuse_state_init (GstDiffuseState *st, GstElement *element, DiffuseSDTask 
   st->settings.seed_increment = default_seed_increment;
   st->settings.clip_skip = 0;
   st->settings.strength = GST_DIFFUSE_DEFAULT_STRENGTH;
+  st->settings.aesthetic_score = 6.0;
+  st->settings.negative_aesthetic_score = 2.5;
   st->settings.safety_checker = TRUE;
   st->settings.lora_scale = 1.0;
   st->settings.ip_adapter_scale = 1.0;
@@ -229,6 +231,18 @@ gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gbo
             "How much the input frame is transformed: 0 passes it through untouched, 1 ignores it "
             "(denoising runs int(num-inference-steps * strength) steps)",
             0.0, 1.0, GST_DIFFUSE_DEFAULT_STRENGTH, RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
+  if (with_strength) {
+    g_object_class_install_property (klass, GST_DIFFUSE_PROP_AESTHETIC_SCORE,
+        g_param_spec_double ("aesthetic-score", "Aesthetic score",
+            "An SDXL refiner's (requires_aesthetics_score) conditioning on image quality, as diffusers' "
+            "aesthetic_score; no effect on other models", -100.0, 100.0, 6.0,
+            RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
+    g_object_class_install_property (klass, GST_DIFFUSE_PROP_NEGATIVE_AESTHETIC_SCORE,
+        g_param_spec_double ("negative-aesthetic-score", "Negative aesthetic score",
+            "The refiner's score for the unconditional half of classifier-free guidance (diffusers' "
+            "negative_aesthetic_score)", -100.0, 100.0, 2.5,
+            RW | GST_PARAM_MUTABLE_PLAYING | GST_PARAM_CONTROLLABLE));
+  }
   if (with_safety_checker)
     g_object_class_install_property (klass, GST_DIFFUSE_PROP_SAFETY_CHECKER,
         g_param_spec_boolean ("safety-checker", "Safety checker",
@@ -367,6 +381,8 @@ gst_diffuse_state_set_property (GstDiffuseState *st, guint prop_id, const GValue
     case GST_DIFFUSE_PROP_SEED_INCREMENT: s->seed_increment = g_value_get_int64 (value); break;
     case GST_DIFFUSE_PROP_CLIP_SKIP: s->clip_skip = g_value_get_int (value); break;
     case GST_DIFFUSE_PROP_STRENGTH: s->strength = g_value_get_double (value); break;
+    case GST_DIFFUSE_PROP_AESTHETIC_SCORE: s->aesthetic_score = g_value_get_double (value); break;
+    case GST_DIFFUSE_PROP_NEGATIVE_AESTHETIC_SCORE: s->negative_aesthetic_score = g_value_get_double (value); break;
     case GST_DIFFUSE_PROP_SAFETY_CHECKER: s->safety_checker = g_value_get_boolean (value); break;
     case GST_DIFFUSE_PROP_SAG_SCALE: s->sag_scale = g_value_get_double (value); break;
     case GST_DIFFUSE_PROP_LORA: set_string (&s->lora, value); break;
@@ -480,6 +496,8 @@ gst_diffuse_state_get_property (GstDiffuseState *st, guint prop_id, GValue *valu
     case GST_DIFFUSE_PROP_SEED_INCREMENT: g_value_set_int64 (value, s->seed_increment); break;
     case GST_DIFFUSE_PROP_CLIP_SKIP: g_value_set_int (value, s->clip_skip); break;
     case GST_DIFFUSE_PROP_STRENGTH: g_value_set_double (value, s->strength); break;
+    case GST_DIFFUSE_PROP_AESTHETIC_SCORE: g_value_set_double (value, s->aesthetic_score); break;
+    case GST_DIFFUSE_PROP_NEGATIVE_AESTHETIC_SCORE: g_value_set_double (value, s->negative_aesthetic_score); break;
     case GST_DIFFUSE_PROP_SAFETY_CHECKER: g_value_set_boolean (value, s->safety_checker); break;
     case GST_DIFFUSE_PROP_SAG_SCALE: g_value_set_double (value, s->sag_scale); break;
     case GST_DIFFUSE_PROP_LORA: g_value_set_string (value, s->lora); break;
@@ -984,6 +1002,8 @@ gst_diffuse_state_generate (GstDiffuseState *st, const GstDiffuseSettings *s, in
   p.scheduler = s->scheduler;
   p.image = input;
   p.strength = (float) s->strength;
+  p.aesthetic_score = (float) s->aesthetic_score;
+  p.negative_aesthetic_score = (float) s->negative_aesthetic_score;
   p.sag_scale = (float) s->sag_scale;
   p.lora_scale = (float) s->lora_scale;
   if (diffuse_sd_has_ip_adapter (st->sd)) {

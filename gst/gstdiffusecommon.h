@@ -51,6 +51,8 @@ enum {
   GST_DIFFUSE_PROP_IP_ADAPTER_SCALE,
   GST_DIFFUSE_PROP_VAE,             /* a VAE from another folder / repo (component override) */
   GST_DIFFUSE_PROP_VAE_SUBFOLDER,
+  GST_DIFFUSE_PROP_AESTHETIC_SCORE,           /* these two: diffuseimg2img only (an SDXL refiner) */
+  GST_DIFFUSE_PROP_NEGATIVE_AESTHETIC_SCORE,
   GST_DIFFUSE_PROP_LAST
 };
 
@@ -82,6 +84,7 @@ typedef struct {
   gint64 seed_increment;
   gint clip_skip;
   gdouble strength;
+  gdouble aesthetic_score, negative_aesthetic_score;   /* an SDXL refiner's time ids (6, 2.5) */
   gboolean safety_checker;  /* run the model's safety checker (loaded without it when FALSE) */
   gdouble sag_scale;        /* self-attention guidance, 0 = off */
   gdouble lora_scale;       /* multiplies every LoRA adapter's weight (1) */

@@ -81,6 +81,51 @@ new_filter (const char *format, int w, int h, int steps, double strength)
 
 static const char *formats[] = { "RGB", "RGBA", "BGRx", "BGRA", "I420", "NV12" };
 
+/* An SDXL refiner (make_sdxl_refiner_fixtures.py "refiner-0.6": negative
+ * prompt, aesthetic scores 7.5 / 1.5, strength 0.6): the frame equals
+ * diffusers' StableDiffusionXLImg2ImgPipeline image within one level */
+GST_START_TEST (test_sdxl_refiner)
+{
+  const char *fx = g_getenv ("DIFFUSE_FIXTURES");
+  gchar *path = g_build_filename (fx ? fx : TEST_FIXTURES_DIR, "sdxl", "images.safetensors", NULL);
+  DiffuseSafetensors *st = diffuse_safetensors_open (path, NULL);
+  fail_unless (st != NULL, "%s", path);
+  const DiffuseStEntry *in = diffuse_safetensors_find (st, "i2i-input");
+  const DiffuseStEntry *want = diffuse_safetensors_find (st, "refiner-0.6");
+  fail_unless (in && want && in->dtype == DIFFUSE_ST_U8 && want->dtype == DIFFUSE_ST_U8);
+  const int w = (int) in->shape[1], h = (int) in->shape[0];
+  GstElement *el = gst_element_factory_make ("diffuseimg2img", NULL);
+  gchar *model = test_model_path ("tiny-sdxl-refiner");
+  g_object_set (el, "model", model, "num-inference-steps", 5, "strength", 0.6, "seed", (gint64) 4, "prompt",
+                "a red circle", "negative-prompt", "dark", "guidance-scale", 6.0, "aesthetic-score", 7.5,
+                "negative-aesthetic-score", 1.5, NULL);
+  g_free (model);
+  GstHarness *hr = gst_harness_new_with_element (el, "sink", "src");
+  gst_object_unref (el);
+  gchar *caps = g_strdup_printf ("video/x-raw,format=RGB,width=%d,height=%d,framerate=1/1", w, h);
+  gst_harness_set_src_caps_str (hr, caps);
+  g_free (caps);
+  GstVideoInfo info;
+  gst_video_info_set_format (&info, GST_VIDEO_FORMAT_RGB, w, h);
+  GstBuffer *out = gst_harness_push_and_pull (hr, picture_buffer (in->data, &info));
+  fail_unless (out != NULL);
+  GstVideoFrame f;
+  fail_unless (gst_video_frame_map (&f, &info, out, GST_MAP_READ));
+  const guint8 *got = GST_VIDEO_FRAME_PLANE_DATA (&f, 0);
+  const int stride = GST_VIDEO_FRAME_PLANE_STRIDE (&f, 0);
+  int maxd = 0;
+  for (int y = 0; y < h; y++)
+    for (int x = 0; x < w * 3; x++)
+      maxd = MAX (maxd, abs ((int) got[y * stride + x] - (int) ((const guint8 *) want->data)[y * w * 3 + x]));
+  gst_video_frame_unmap (&f);
+  gst_buffer_unref (out);
+  fail_unless (maxd <= 1, "the frame is %d levels from diffusers' refiner image", maxd);
+  gst_harness_teardown (hr);
+  diffuse_safetensors_unref (st);
+  g_free (path);
+}
+GST_END_TEST;
+
 GST_START_TEST (test_formats_and_frames)
 {
   guint8 *pic = test_picture (16, 16);
@@ -343,6 +388,7 @@ diffuseimg2img_suite (void)
   tcase_add_test (tc, test_qos_drops_late_frames);
   tcase_add_test (tc, test_latency_adds_generation_time);
   tcase_add_test (tc, test_flush_interrupts);
+  tcase_add_test (tc, test_sdxl_refiner);
   return s;
 }
 
