@@ -904,15 +904,46 @@ sag_guidance (DiffuseSD *sd, DiffuseScheduler *sched, const DiffuseSDParams *p, 
   return ok;
 }
 
+static GPtrArray *generate (DiffuseSD *sd, const DiffuseSDParams *params, DiffuseSDTimings *tm,
+                             DiffuseTensor **latents_out, GError **error);
+
 GPtrArray *
 diffuse_sd_generate (DiffuseSD *sd, const DiffuseSDParams *params, GError **error)
 {
   DiffuseSDTimings t;
-  return diffuse_sd_generate_timed (sd, params, &t, error);
+  return generate (sd, params, &t, NULL, error);
 }
 
 GPtrArray *
 diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, DiffuseSDTimings *tm, GError **error)
+{
+  return generate (sd, params, tm, NULL, error);
+}
+
+DiffuseTensor *
+diffuse_sd_generate_latents (DiffuseSD *sd, const DiffuseSDParams *params, GError **error)
+{
+  DiffuseSDTimings t;
+  DiffuseTensor *latents = NULL;
+  GPtrArray *none = generate (sd, params, &t, &latents, error);
+  if (none)
+    g_ptr_array_unref (none);
+  return latents;
+}
+
+/* denoising_start / denoising_end: round (T - x * T) as diffusers' int (round ()) */
+static double
+timestep_cutoff (DiffuseScheduler *sched, float x)
+{
+  const double T = diffuse_scheduler_num_train_timesteps (sched);
+  return nearbyint (T - (double) x * T);
+}
+
+/* The steps of a generate(): params as given (latents_out NULL: decoded
+ * images) or the final latents in *latents_out (and an empty array). */
+static GPtrArray *
+generate (DiffuseSD *sd, const DiffuseSDParams *params, DiffuseSDTimings *tm, DiffuseTensor **latents_out,
+          GError **error)
 {
   DiffuseSDParams p = *params;
   memset (tm, 0, sizeof *tm);
@@ -927,11 +958,39 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
 
   int def_w, def_h;
   diffuse_sd_default_size (sd, &def_w, &def_h);
+  const int vsf = diffuse_vae_scale_factor (sd->vae);
+  DiffuseTensor *il = sd->task == DIFFUSE_SD_IMG2IMG ? p.image_latents : NULL;
+  if (il && (il->ndim != 4 || il->shape[1] != diffuse_unet_in_channels (sd->unet) ||
+             (il->shape[0] != 1 && il->shape[0] != MAX (p.num_images, 1)))) {
+    char *d = diffuse_tensor_describe (il);
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "image_latents %s should be [1 or %d, %d, h, w]",
+                 d, MAX (p.num_images, 1), diffuse_unet_in_channels (sd->unet));
+    g_free (d);
+    return NULL;
+  }
+  if (il) {   /* the size the latents decode to (diffusers: latents.shape[-2:] * vae_scale_factor) */
+    p.width = (int) il->shape[3] * vsf;
+    p.height = (int) il->shape[2] * vsf;
+  }
   if (p.width <= 0)
     p.width = sd->task == DIFFUSE_SD_IMG2IMG && p.image ? p.image->width : def_w;
   if (p.height <= 0)
     p.height = sd->task == DIFFUSE_SD_IMG2IMG && p.image ? p.image->height : def_h;
-  const int vsf = diffuse_vae_scale_factor (sd->vae);
+  if (!(p.denoising_end >= 0.0f && p.denoising_end <= 1.0f) ||
+      !(p.denoising_start >= 0.0f && p.denoising_start <= 1.0f)) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "denoising_start / denoising_end must be in [0, 1] (got %g, %g)", p.denoising_start,
+                 p.denoising_end);
+    return NULL;
+  }
+  const gboolean use_start = sd->task == DIFFUSE_SD_IMG2IMG && p.denoising_start > 0.0f && p.denoising_start < 1.0f;
+  const gboolean use_end = p.denoising_end > 0.0f && p.denoising_end < 1.0f;
+  if (use_start && use_end && p.denoising_start >= p.denoising_end) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "`denoising_start`: %g cannot be larger than or equal to `denoising_end`: %g", p.denoising_start,
+                 p.denoising_end);
+    return NULL;
+  }
   if (p.width % 8 || p.height % 8 || p.width % vsf || p.height % vsf) {
     g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
                  "width and height must be multiples of 8 (got %dx%d)", p.width, p.height);
@@ -944,11 +1003,11 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
     return NULL;
   }
   if (sd->task == DIFFUSE_SD_IMG2IMG) {
-    if (!p.image) {
+    if (!p.image && !il) {
       g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT, "img2img needs an input image");
       return NULL;
     }
-    if (p.image->width != p.width || p.image->height != p.height) {
+    if (!il && (p.image->width != p.width || p.image->height != p.height)) {
       g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
                    "the input image is %dx%d, the output %dx%d: resize it first", p.image->width, p.image->height,
                    p.width, p.height);
@@ -1140,7 +1199,23 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   } else {
     /* 3'. get_timesteps + prepare_latents of the img2img pipeline */
     guint steps_left = 0;
-    begin = diffuse_scheduler_apply_strength (sched, p.strength, &steps_left);
+    if (use_start) {
+      /* the timesteps below the cutoff; strength does not count */
+      guint nt = 0;
+      const double *all = diffuse_scheduler_timesteps (sched, &nt);
+      const double cutoff = timestep_cutoff (sched, p.denoising_start);
+      guint k = 0;
+      for (guint i = 0; i < nt; i++)
+        k += all[i] < cutoff;
+      if (diffuse_scheduler_order (sched) == 2 && k % 2 == 0)
+        k++;
+      k = MIN (k, nt);
+      begin = nt - k;
+      diffuse_scheduler_set_begin_index (sched, begin);
+      steps_left = k;
+    } else {
+      begin = diffuse_scheduler_apply_strength (sched, p.strength, &steps_left);
+    }
     if (steps_left < 1) {
       g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
                    "After adjusting num_inference_steps by strength (%g), %d steps become 0: raise strength or "
@@ -1148,59 +1223,85 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
       goto out;
     }
     const double *ts = diffuse_scheduler_timesteps (sched, NULL);
-    int64_t ishape[4] = { 1, 3, p.height, p.width };
-    DiffuseTensor *img = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 4, ishape);
-    float *ip = diffuse_tensor_f32 (img);
-    const size_t plane = (size_t) p.width * p.height;
-    for (size_t i = 0; i < plane; i++)
-      for (int c = 0; c < 3; c++)
-        ip[c * plane + i] = 2.0f * p.image->pixels[i * 3 + c] - 1.0f;   /* VaeImageProcessor.normalize */
-    /* SDXL with force_upcast encodes with the VAE in f32 */
-    DiffuseVae *evae = sd->vae_f32 ? sd->vae_f32 : sd->vae;
-    DiffuseTensor *dimg = diffuse_to_device (img, diffuse_vae_device (evae));
-    DiffuseTensor *dimg2 = diffuse_cast (dimg, diffuse_vae_dtype (evae));
-    diffuse_tensor_unref (img);
-    diffuse_tensor_clear (&dimg);
-    DiffuseTensor *mean = NULL, *logvar = NULL;
-    DiffuseVaeParams vp;
-    diffuse_vae_default_params (&vp);
-    gboolean ok = dimg2 && diffuse_vae_encode (evae, dimg2, &vp, &mean, &logvar, error);
-    diffuse_tensor_clear (&dimg2);
-    if (!ok)
-      goto out;
-    /* latent_dist.sample(generator): the generator's first draw */
-    size_t nl = (size_t) diffuse_tensor_numel (mean);
-    noise_buf = g_new (float, MAX (nl, total));
-    diffuse_rng_randn_as (rng, _diffuse_pipeline_rng_dtype (diffuse_vae_dtype (evae)), noise_buf, nl);
-    DiffuseTensor *z = diffuse_vae_posterior_sample (mean, logvar, noise_buf, error);
-    diffuse_tensor_unref (mean);
-    diffuse_tensor_unref (logvar);
-    DiffuseTensor *zh = z ? diffuse_to_host_f32 (z) : NULL;
-    diffuse_tensor_clear (&z);
-    if (!zh) {
-      if (error && !*error)
-        op_error (error, "VAE encode");
-      goto out;
+    if (il) {
+      /* latents given: init_latents = image (no VAE), in the pipeline's dtype */
+      DiffuseTensor *hl = diffuse_to_host_f32 (il);
+      if (!hl) {
+        op_error (error, "image_latents");
+        goto out;
+      }
+      const float *src = diffuse_tensor_f32 (hl);
+      for (int b = 0; b < n; b++)
+        memcpy (lat + (size_t) b * per, src + (il->shape[0] == 1 ? 0 : (size_t) b * per), per * sizeof (float));
+      diffuse_tensor_unref (hl);
+      diffuse_rng_round (rdt, lat, total);
+      noise_buf = g_new (float, total);
+    } else {
+      int64_t ishape[4] = { 1, 3, p.height, p.width };
+      DiffuseTensor *img = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 4, ishape);
+      float *ip = diffuse_tensor_f32 (img);
+      const size_t plane = (size_t) p.width * p.height;
+      for (size_t i = 0; i < plane; i++)
+        for (int c = 0; c < 3; c++)
+          ip[c * plane + i] = 2.0f * p.image->pixels[i * 3 + c] - 1.0f;   /* VaeImageProcessor.normalize */
+      /* SDXL with force_upcast encodes with the VAE in f32 */
+      DiffuseVae *evae = sd->vae_f32 ? sd->vae_f32 : sd->vae;
+      DiffuseTensor *dimg = diffuse_to_device (img, diffuse_vae_device (evae));
+      DiffuseTensor *dimg2 = diffuse_cast (dimg, diffuse_vae_dtype (evae));
+      diffuse_tensor_unref (img);
+      diffuse_tensor_clear (&dimg);
+      DiffuseTensor *mean = NULL, *logvar = NULL;
+      DiffuseVaeParams vp;
+      diffuse_vae_default_params (&vp);
+      gboolean ok = dimg2 && diffuse_vae_encode (evae, dimg2, &vp, &mean, &logvar, error);
+      diffuse_tensor_clear (&dimg2);
+      if (!ok)
+        goto out;
+      /* latent_dist.sample(generator): the generator's first draw */
+      size_t nl = (size_t) diffuse_tensor_numel (mean);
+      noise_buf = g_new (float, MAX (nl, total));
+      diffuse_rng_randn_as (rng, _diffuse_pipeline_rng_dtype (diffuse_vae_dtype (evae)), noise_buf, nl);
+      DiffuseTensor *z = diffuse_vae_posterior_sample (mean, logvar, noise_buf, error);
+      diffuse_tensor_unref (mean);
+      diffuse_tensor_unref (logvar);
+      DiffuseTensor *zh = z ? diffuse_to_host_f32 (z) : NULL;
+      diffuse_tensor_clear (&z);
+      if (!zh) {
+        if (error && !*error)
+          op_error (error, "VAE encode");
+        goto out;
+      }
+      const float sf = (float) diffuse_vae_scaling_factor (sd->vae);
+      const float *zp = diffuse_tensor_f32 (zh);
+      for (int b = 0; b < n; b++)
+        for (size_t i = 0; i < per; i++)
+          lat[b * per + i] = sf * zp[i];
+      diffuse_tensor_unref (zh);
+      diffuse_rng_round (rdt, lat, total);
     }
-    const float sf = (float) diffuse_vae_scaling_factor (sd->vae);
-    const float *zp = diffuse_tensor_f32 (zh);
-    for (int b = 0; b < n; b++)
-      for (size_t i = 0; i < per; i++)
-        lat[b * per + i] = sf * zp[i];
-    diffuse_tensor_unref (zh);
-    diffuse_rng_round (rdt, lat, total);
-    /* noise = randn(shape, generator); add_noise at the first timestep */
-    diffuse_rng_randn_as (rng, rdt, noise_buf, total);
-    if (!diffuse_scheduler_add_noise (sched, lat, noise_buf, lat, total, ts[begin], error))
-      goto out;
-    diffuse_rng_round (rdt, lat, total);
+    /* noise = randn(shape, generator); add_noise at the first timestep
+     * (not with denoising_start: the latents are already that far) */
+    if (!use_start) {
+      diffuse_rng_randn_as (rng, rdt, noise_buf, total);
+      if (!diffuse_scheduler_add_noise (sched, lat, noise_buf, lat, total, ts[begin], error))
+        goto out;
+      diffuse_rng_round (rdt, lat, total);
+    }
   }
 
   /* 4. denoising loop */
   tm->prepare_us = g_get_monotonic_time () - t_mark;
   gint64 loop_start = g_get_monotonic_time ();
   guint n_ts = 0;
-  diffuse_scheduler_timesteps (sched, &n_ts);
+  const double *all_ts = diffuse_scheduler_timesteps (sched, &n_ts);
+  if (use_end) {
+    /* denoising_end: only the timesteps >= the cutoff (from where this run begins) */
+    const double cutoff = timestep_cutoff (sched, p.denoising_end);
+    guint k = 0;
+    for (guint i = begin; i < n_ts; i++)
+      k += all_ts[i] >= cutoff;
+    n_ts = begin + k;
+  }
   const int batch = cfg ? 2 * n : n;
   int64_t mshape[4] = { batch, C, h, w };
   DiffuseTensor *model_in = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 4, mshape);
@@ -1300,6 +1401,13 @@ diffuse_sd_generate_timed (DiffuseSD *sd, const DiffuseSDParams *params, Diffuse
   diffuse_tensor_clear (&dtcond);
   if (!ok)
     goto out;
+
+  /* output_type="latent": the latents as they are */
+  if (latents_out) {
+    *latents_out = diffuse_tensor_ref (latents);
+    images = g_ptr_array_new ();
+    goto out;
+  }
 
   /* 5. decode: vae.decode(latents / scaling_factor), then (x / 2 + 0.5).clamp(0, 1) */
   {

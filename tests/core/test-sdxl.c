@@ -288,6 +288,70 @@ run_refiner (gconstpointer data)
   diffuse_pipeline_model_unref (rm);
 }
 
+/* the ensemble of experts (make_sdxl_ensemble_fixtures.py): the base with
+ * denoising_end 0.8 -> latents (diffuse_sd_generate_latents), the refiner
+ * img2img on them with denoising_start 0.8; Euler and Heun (2nd order) */
+static void
+test_ensemble (void)
+{
+  if (!tu_have_fixture ("sdxl/ensemble.safetensors"))
+    return;
+  GError *err = NULL;
+  DiffuseSafetensors *st = tu_open ("sdxl/ensemble.safetensors");
+  char *model = tu_fixture ("pipelines/tiny-sdxl-refiner");
+  DiffuseLoadParams lp = diffuse_load_default_params ();
+  lp.device = g_getenv ("DIFFUSE_TEST_DEVICE");
+  DiffusePipelineModel *rm = diffuse_pipeline_model_load (model, &lp, NULL, &err);
+  g_assert_no_error (err);
+  g_free (model);
+  DiffuseSD *ref = diffuse_sd_new (rm, DIFFUSE_SD_IMG2IMG, &err);
+  g_assert_no_error (err);
+  const struct { const char *id, *scheduler; int steps; guint64 seed; } cases[] = {
+    { "euler", NULL, 10, 8 }, { "heun", "HeunDiscreteScheduler", 6, 9 },
+  };
+  for (guint i = 0; i < G_N_ELEMENTS (cases); i++) {
+    DiffuseSDParams p;
+    diffuse_sd_default_params (&p);
+    p.prompt = "a red circle";
+    p.negative_prompt = "dark";
+    p.guidance_scale = 5.0f;
+    p.width = p.height = 32;
+    p.num_inference_steps = cases[i].steps;
+    p.scheduler = cases[i].scheduler;
+    p.seed = cases[i].seed;
+    p.denoising_end = 0.8f;
+    DiffuseTensor *lat = diffuse_sd_generate_latents (t2i, &p, &err);
+    g_assert_no_error (err);
+    char *key = g_strdup_printf ("%s.latents", cases[i].id);
+    DiffuseTensor *want = tu_get (st, key);
+    g_free (key);
+    const double d = diffuse_tensor_max_abs_diff (lat, want);
+    g_test_message ("%s: base latents after denoising_end 0.8: max abs diff %.3g", cases[i].id, d);
+    g_assert_cmpfloat (d, <, 1e-3);
+    /* the refiner from those latents, and from diffusers' */
+    p.denoising_end = 0.0f;
+    p.denoising_start = 0.8f;
+    p.seed = cases[i].seed + 100;
+    char *ikey = g_strdup_printf ("%s.image", cases[i].id);
+    for (int k = 0; k < 2; k++) {
+      p.image_latents = k ? want : lat;
+      GPtrArray *imgs = diffuse_sd_generate (ref, &p, &err);
+      g_assert_no_error (err);
+      const int maxd = tu_max_level_diff (g_ptr_array_index (imgs, 0), diffuse_safetensors_find (st, ikey));
+      g_test_message ("%s: refiner from %s latents: max difference %d levels", cases[i].id, k ? "diffusers'" : "our",
+                      maxd);
+      g_assert_cmpint (maxd, <=, 1);
+      g_ptr_array_unref (imgs);
+    }
+    g_free (ikey);
+    diffuse_tensor_unref (lat);
+    diffuse_tensor_unref (want);
+  }
+  diffuse_sd_unref (ref);
+  diffuse_pipeline_model_unref (rm);
+  diffuse_safetensors_unref (st);
+}
+
 static void
 test_errors (void)
 {
@@ -355,6 +419,7 @@ main (int argc, char **argv)
   g_test_add_func ("/sdxl/lora", test_lora);
   g_test_add_func ("/sdxl/ip-adapter", test_ip_adapter);
   g_test_add_func ("/sdxl/prompt-embeds", test_prompt_embeds);
+  g_test_add_func ("/sdxl/ensemble", test_ensemble);
   int r = g_test_run ();
   diffuse_sd_unref (i2i);
   diffuse_sd_unref (t2i);

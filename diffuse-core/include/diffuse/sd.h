@@ -80,6 +80,16 @@ typedef struct {
   /* img2img */
   const DiffuseImage *image;       /* the input, already at width x height */
   float strength;                  /* 0.8 */
+  /* img2img from latents instead of an image ([1 or n, C, h, w], e.g. another
+   * pipeline's diffuse_sd_generate_latents, already scaled): no VAE encode;
+   * width x height follow from them */
+  DiffuseTensor *image_latents;
+  /* SDXL's ensemble of experts (any pipeline, as diffusers' SDXL ones):
+   * denoising_end in (0, 1) stops after the timesteps >= round (T - end * T)
+   * (T = num_train_timesteps); denoising_start in (0, 1), img2img, starts at
+   * the timesteps < round (T - start * T) (one more for a 2nd-order
+   * scheduler when even), ignoring strength and adding no noise.  0 = off. */
+  float denoising_end, denoising_start;
   DiffuseStepFunc on_step;
   gpointer user_data;
   GCancellable *cancellable;
@@ -175,5 +185,11 @@ const char *const *diffuse_sd_compatible_schedulers (DiffuseSD *sd);
 /* Generates params->num_images images into a new array of DiffuseImage*
  * (free with g_ptr_array_unref). */
 GPtrArray *diffuse_sd_generate (DiffuseSD *sd, const DiffuseSDParams *params, GError **error);
+
+/* The same run without the VAE decode (diffusers' output_type="latent"):
+ * the final latents [n, C, h, w], f32 on the CPU, not divided by the VAE's
+ * scaling factor — the input of another pipeline's image_latents (the
+ * SDXL base with denoising_end, then the refiner with denoising_start). */
+DiffuseTensor *diffuse_sd_generate_latents (DiffuseSD *sd, const DiffuseSDParams *params, GError **error);
 
 G_END_DECLS
