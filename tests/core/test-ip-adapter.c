@@ -142,10 +142,8 @@ int
 main (int argc, char **argv)
 {
   g_test_init (&argc, &argv, NULL);
-  if (!tu_have_fixture ("ip-adapter/cases.json")) {
-    g_printerr ("fixtures/ip-adapter missing (tests/reference/make_ip_adapter_fixtures.py)\n");
+  if (!tu_require_fixture ("ip-adapter/cases.json", "make_ip_adapter_fixtures.py"))
     return 77;
-  }
   g_test_add_func ("/ip-adapter/cases", test_cases);
   return g_test_run ();
 }

@@ -264,10 +264,8 @@ int
 main (int argc, char **argv)
 {
   g_test_init (&argc, &argv, NULL);
-  if (!tu_have_fixture ("lora/images.safetensors")) {
-    g_printerr ("fixtures/lora missing (tests/reference/make_lora_fixtures.py)\n");
+  if (!tu_require_fixture ("lora/images.safetensors", "make_lora_fixtures.py"))
     return 77;
-  }
   images = tu_open ("lora/images.safetensors");
   g_test_add_func ("/lora/adapters", test_adapters);
   g_test_add_func ("/lora/errors", test_errors);

@@ -268,10 +268,8 @@ int
 main (int argc, char **argv)
 {
   g_test_init (&argc, &argv, NULL);
-  if (!tu_have_fixture ("pickle/tensors.bin")) {
-    g_printerr ("fixtures/pickle missing (tests/reference/make_pickle_fixtures.py)\n");
+  if (!tu_require_fixture ("pickle/tensors.bin", "make_pickle_fixtures.py"))
     return 77;
-  }
   g_test_add_func ("/pickle/tensors", test_tensors);
   g_test_add_func ("/pickle/names-and-views", test_names_and_views);
   g_test_add_func ("/pickle/errors", test_errors);

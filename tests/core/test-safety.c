@@ -330,10 +330,8 @@ int
 main (int argc, char **argv)
 {
   g_test_init (&argc, &argv, NULL);
-  if (!tu_have_fixture ("safety/expected.safetensors")) {
-    g_printerr ("fixtures/safety missing (tests/reference/make_safety_fixtures.py)\n");
+  if (!tu_require_fixture ("safety/expected.safetensors", "make_safety_fixtures.py"))
     return 77;
-  }
   expect = tu_open ("safety/expected.safetensors");
   g_test_add_func ("/safety/processor", test_processor);
   g_test_add_func ("/safety/checker", test_checker);

@@ -153,10 +153,8 @@ int
 main (int argc, char **argv)
 {
   g_test_init (&argc, &argv, NULL);
-  if (!tu_have_fixture ("sag/cases.json")) {
-    g_printerr ("fixtures/sag missing (tests/reference/make_sag_fixtures.py)\n");
+  if (!tu_require_fixture ("sag/cases.json", "make_sag_fixtures.py"))
     return 77;
-  }
   GError *err = NULL;
   char *path = tu_fixture ("sag/cases.json");
   JsonParser *parser = json_parser_new ();

@@ -362,10 +362,8 @@ int
 main (int argc, char **argv)
 {
   g_test_init (&argc, &argv, NULL);
-  if (!tu_have_fixture ("sdxl/cases.json")) {
-    g_printerr ("fixtures/sdxl missing (tests/reference/make_sdxl_fixtures.py)\n");
+  if (!tu_require_fixture ("sdxl/cases.json", "make_sdxl_fixtures.py"))
     return 77;
-  }
   GError *err = NULL;
   char *path = tu_fixture ("sdxl/cases.json");
   JsonParser *parser = json_parser_new ();

@@ -122,3 +122,14 @@ tu_max_level_diff (const DiffuseImage *img, const DiffuseStEntry *want)
   g_free (got);
   return maxd;
 }
+
+gboolean
+tu_require_fixture (const char *rel, const char *script)
+{
+  char *p = tu_fixture (rel);
+  gboolean ok = g_file_test (p, G_FILE_TEST_EXISTS);
+  if (!ok)
+    g_printerr ("%s missing (tests/reference/%s)\n", p, script);
+  g_free (p);
+  return ok;
+}

@@ -6,6 +6,9 @@
 char *tu_fixture (const char *rel);
 /* Skips the current GTest (g_test_skip) and returns FALSE when the fixture is absent. */
 gboolean tu_have_fixture (const char *rel);
+/* For main (): FALSE, after saying which script makes it, when fixture rel
+ * is missing (the program then exits 77: skipped). */
+gboolean tu_require_fixture (const char *rel, const char *script);
 /* Opens a safetensors fixture (aborts the test on failure). */
 DiffuseSafetensors *tu_open (const char *rel);
 /* An f32 CPU copy of a named tensor of the file (aborts when missing). */
