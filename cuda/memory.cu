@@ -137,7 +137,7 @@ struct CudaPool {
   DiffuseRangePool *ranges;
   gboolean classes_only;  /* DIFFUSE_CUDA_POOL=classes: a segment per block, no merging */
   cudaError_t seg_err;    /* the last segment cudaMalloc's error */
-  guint64 reserved, peak_reserved, n_mallocs, n_hits;
+  guint64 peak_reserved, n_mallocs, n_hits;   /* (reserved: _diffuse_range_pool_reserved) */
 };
 
 #define SEGMENT_BYTES ((size_t) 64 << 20)
@@ -248,7 +248,6 @@ release_table (CudaPool *p, GHashTable *table)
 {
   flush_table (p, table);
   _diffuse_range_pool_trim (p->ranges);
-  p->reserved = _diffuse_range_pool_reserved (p->ranges);
 }
 
 void
@@ -318,21 +317,20 @@ dcu_pool_alloc (CudaCtx *c, size_t nbytes, GError **error)
       size_t fr = 0, total = 0;
       cudaMemGetInfo (&fr, &total);
       cudaGetLastError ();
+      const guint64 held = _diffuse_range_pool_reserved (p->ranges);
       g_mutex_unlock (&p->lock);
       g_set_error (error, DIFFUSE_ERROR,
                    e == cudaErrorMemoryAllocation ? DIFFUSE_ERROR_OUT_OF_MEMORY : DIFFUSE_ERROR_DEVICE,
                    "%s: cannot allocate %" G_GSIZE_FORMAT " bytes of device memory (%s; %" G_GSIZE_FORMAT
                    " MiB free of %" G_GSIZE_FORMAT " MiB, %" G_GUINT64_FORMAT " MiB held by the pool)",
                    diffuse_device_name (c->dev), nbytes, cudaGetErrorString (e), fr >> 20, total >> 20,
-                   p->reserved >> 20);
+                   held >> 20);
       return NULL;
     }
     b = g_new0 (Block, 1);
     b->ptr = ptr;
     b->size = size;
-    p->reserved = _diffuse_range_pool_reserved (p->ranges);
-    if (p->reserved > p->peak_reserved)
-      p->peak_reserved = p->reserved;
+    p->peak_reserved = MAX (p->peak_reserved, (guint64) _diffuse_range_pool_reserved (p->ranges));
   }
   if (pp)
     b->owner = pp->id;   /* taken while capturing: the graph's from now on */
@@ -371,7 +369,7 @@ diffuse_cuda_get_pool_stats (DiffuseDevice *dev, DiffuseCudaPoolStats *out)
     return;
   CudaPool *p = dcu_ctx (dev)->pool;
   g_mutex_lock (&p->lock);
-  out->reserved_bytes = p->reserved;
+  out->reserved_bytes = _diffuse_range_pool_reserved (p->ranges);
   out->peak_reserved_bytes = p->peak_reserved;
   out->n_cuda_mallocs = p->n_mallocs;
   out->n_pool_hits = p->n_hits;
