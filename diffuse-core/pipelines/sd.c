@@ -939,6 +939,76 @@ timestep_cutoff (DiffuseScheduler *sched, float x)
   return nearbyint (T - (double) x * T);
 }
 
+/* img2img with denoising_start (diffusers' SDXL get_timesteps): the
+ * timesteps below the cutoff, one more for a 2nd-order scheduler when their
+ * count is even; strength does not count.  Returns the begin index. */
+static guint
+begin_at_denoising_start (DiffuseScheduler *sched, float start, guint *n_steps)
+{
+  guint nt = 0;
+  const double *all = diffuse_scheduler_timesteps (sched, &nt);
+  const double cutoff = timestep_cutoff (sched, start);
+  guint k = 0;
+  for (guint i = 0; i < nt; i++)
+    k += all[i] < cutoff;
+  if (diffuse_scheduler_order (sched) == 2 && k % 2 == 0)
+    k++;
+  k = MIN (k, nt);
+  diffuse_scheduler_set_begin_index (sched, nt - k);
+  *n_steps = k;
+  return nt - k;
+}
+
+/* img2img's init latents from an image: VaeImageProcessor.normalize, the
+ * VAE's encode (in f32 for SDXL's force_upcast), latent_dist.sample
+ * (generator) — the generator's first draw — times the scaling factor, for
+ * each of the n images, rounded to the pipeline's dtype. */
+static gboolean
+encode_image_latents (DiffuseSD *sd, const DiffuseImage *image, DiffuseRng *rng, DiffuseRngDType rdt, float *lat,
+                      int n, size_t per, GError **error)
+{
+  const int W = image->width, H = image->height;
+  DiffuseTensor *img = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 4, (int64_t[]) { 1, 3, H, W });
+  if (!img)
+    return op_error (error, "VAE encode");
+  float *ip = diffuse_tensor_f32 (img);
+  const size_t plane = (size_t) W * H;
+  for (size_t i = 0; i < plane; i++)
+    for (int c = 0; c < 3; c++)
+      ip[c * plane + i] = 2.0f * image->pixels[i * 3 + c] - 1.0f;
+  DiffuseVae *evae = sd->vae_f32 ? sd->vae_f32 : sd->vae;
+  DiffuseTensor *dimg = diffuse_to_device (img, diffuse_vae_device (evae));
+  DiffuseTensor *dimg2 = dimg ? diffuse_cast (dimg, diffuse_vae_dtype (evae)) : NULL;
+  diffuse_tensor_unref (img);
+  diffuse_tensor_clear (&dimg);
+  DiffuseTensor *mean = NULL, *logvar = NULL;
+  DiffuseVaeParams vp;
+  diffuse_vae_default_params (&vp);
+  gboolean ok = dimg2 && diffuse_vae_encode (evae, dimg2, &vp, &mean, &logvar, error);
+  diffuse_tensor_clear (&dimg2);
+  if (!ok)
+    return error && *error ? FALSE : op_error (error, "VAE encode");
+  const size_t nl = (size_t) diffuse_tensor_numel (mean);
+  float *noise = g_new (float, nl);
+  diffuse_rng_randn_as (rng, _diffuse_pipeline_rng_dtype (diffuse_vae_dtype (evae)), noise, nl);
+  DiffuseTensor *z = diffuse_vae_posterior_sample (mean, logvar, noise, error);
+  g_free (noise);
+  diffuse_tensor_unref (mean);
+  diffuse_tensor_unref (logvar);
+  DiffuseTensor *zh = z ? diffuse_to_host_f32 (z) : NULL;
+  diffuse_tensor_clear (&z);
+  if (!zh)
+    return error && *error ? FALSE : op_error (error, "VAE encode");
+  const float sf = (float) diffuse_vae_scaling_factor (sd->vae);
+  const float *zp = diffuse_tensor_f32 (zh);
+  for (int b = 0; b < n; b++)
+    for (size_t i = 0; i < per; i++)
+      lat[b * per + i] = sf * zp[i];
+  diffuse_tensor_unref (zh);
+  diffuse_rng_round (rdt, lat, (size_t) n * per);
+  return TRUE;
+}
+
 /* The steps of a generate(): params as given (latents_out NULL: decoded
  * images) or the final latents in *latents_out (and an empty array). */
 static GPtrArray *
@@ -1199,23 +1269,8 @@ generate (DiffuseSD *sd, const DiffuseSDParams *params, DiffuseSDTimings *tm, Di
   } else {
     /* 3'. get_timesteps + prepare_latents of the img2img pipeline */
     guint steps_left = 0;
-    if (use_start) {
-      /* the timesteps below the cutoff; strength does not count */
-      guint nt = 0;
-      const double *all = diffuse_scheduler_timesteps (sched, &nt);
-      const double cutoff = timestep_cutoff (sched, p.denoising_start);
-      guint k = 0;
-      for (guint i = 0; i < nt; i++)
-        k += all[i] < cutoff;
-      if (diffuse_scheduler_order (sched) == 2 && k % 2 == 0)
-        k++;
-      k = MIN (k, nt);
-      begin = nt - k;
-      diffuse_scheduler_set_begin_index (sched, begin);
-      steps_left = k;
-    } else {
-      begin = diffuse_scheduler_apply_strength (sched, p.strength, &steps_left);
-    }
+    begin = use_start ? begin_at_denoising_start (sched, p.denoising_start, &steps_left)
+                      : diffuse_scheduler_apply_strength (sched, p.strength, &steps_left);
     if (steps_left < 1) {
       g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
                    "After adjusting num_inference_steps by strength (%g), %d steps become 0: raise strength or "
@@ -1235,53 +1290,13 @@ generate (DiffuseSD *sd, const DiffuseSDParams *params, DiffuseSDTimings *tm, Di
         memcpy (lat + (size_t) b * per, src + (il->shape[0] == 1 ? 0 : (size_t) b * per), per * sizeof (float));
       diffuse_tensor_unref (hl);
       diffuse_rng_round (rdt, lat, total);
-      noise_buf = g_new (float, total);
-    } else {
-      int64_t ishape[4] = { 1, 3, p.height, p.width };
-      DiffuseTensor *img = diffuse_tensor_new (diffuse_device_cpu (), DIFFUSE_DTYPE_F32, 4, ishape);
-      float *ip = diffuse_tensor_f32 (img);
-      const size_t plane = (size_t) p.width * p.height;
-      for (size_t i = 0; i < plane; i++)
-        for (int c = 0; c < 3; c++)
-          ip[c * plane + i] = 2.0f * p.image->pixels[i * 3 + c] - 1.0f;   /* VaeImageProcessor.normalize */
-      /* SDXL with force_upcast encodes with the VAE in f32 */
-      DiffuseVae *evae = sd->vae_f32 ? sd->vae_f32 : sd->vae;
-      DiffuseTensor *dimg = diffuse_to_device (img, diffuse_vae_device (evae));
-      DiffuseTensor *dimg2 = diffuse_cast (dimg, diffuse_vae_dtype (evae));
-      diffuse_tensor_unref (img);
-      diffuse_tensor_clear (&dimg);
-      DiffuseTensor *mean = NULL, *logvar = NULL;
-      DiffuseVaeParams vp;
-      diffuse_vae_default_params (&vp);
-      gboolean ok = dimg2 && diffuse_vae_encode (evae, dimg2, &vp, &mean, &logvar, error);
-      diffuse_tensor_clear (&dimg2);
-      if (!ok)
-        goto out;
-      /* latent_dist.sample(generator): the generator's first draw */
-      size_t nl = (size_t) diffuse_tensor_numel (mean);
-      noise_buf = g_new (float, MAX (nl, total));
-      diffuse_rng_randn_as (rng, _diffuse_pipeline_rng_dtype (diffuse_vae_dtype (evae)), noise_buf, nl);
-      DiffuseTensor *z = diffuse_vae_posterior_sample (mean, logvar, noise_buf, error);
-      diffuse_tensor_unref (mean);
-      diffuse_tensor_unref (logvar);
-      DiffuseTensor *zh = z ? diffuse_to_host_f32 (z) : NULL;
-      diffuse_tensor_clear (&z);
-      if (!zh) {
-        if (error && !*error)
-          op_error (error, "VAE encode");
-        goto out;
-      }
-      const float sf = (float) diffuse_vae_scaling_factor (sd->vae);
-      const float *zp = diffuse_tensor_f32 (zh);
-      for (int b = 0; b < n; b++)
-        for (size_t i = 0; i < per; i++)
-          lat[b * per + i] = sf * zp[i];
-      diffuse_tensor_unref (zh);
-      diffuse_rng_round (rdt, lat, total);
+    } else if (!encode_image_latents (sd, p.image, rng, rdt, lat, n, per, error)) {
+      goto out;
     }
     /* noise = randn(shape, generator); add_noise at the first timestep
      * (not with denoising_start: the latents are already that far) */
     if (!use_start) {
+      noise_buf = g_new (float, total);
       diffuse_rng_randn_as (rng, rdt, noise_buf, total);
       if (!diffuse_scheduler_add_noise (sched, lat, noise_buf, lat, total, ts[begin], error))
         goto out;
