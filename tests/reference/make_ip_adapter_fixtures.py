@@ -37,39 +37,51 @@ CASES = [
 GEN = dict(prompt="a red circle", num_inference_steps=3, height=32, width=32)
 
 
-def main():
-    if os.path.exists(OUT):
-        shutil.rmtree(OUT)
-    os.makedirs(os.path.join(OUT, "models"))
-    torch.manual_seed(11)
+def save_image_encoder(path, projection_dim, hidden_act):
+    """A tiny CLIPVisionModelWithProjection with visible random weights (the
+    global torch generator; seed it first)."""
     enc = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-        patch_size=8, projection_dim=24, hidden_act="quick_gelu")).eval()
+        patch_size=8, projection_dim=projection_dim, hidden_act=hidden_act)).eval()
     with torch.no_grad():
         for name, p in enc.named_parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, 0.3)
             elif "bias" in name or "embedding" in name:
                 p.normal_(0.0, 0.02)
-    enc.save_pretrained(os.path.join(OUT, "models", "image_encoder"))
+    enc.save_pretrained(path)
 
-    pipe = StableDiffusionPipeline.from_pretrained(MODEL)
-    pipe.set_progress_bar_config(disable=True)
-    cross = pipe.unet.config.cross_attention_dim
-    sd = {"image_proj.proj.weight": torch.randn(4 * cross, 24) * 0.3,
+
+def save_ip_weights(path, unet, projection_dim):
+    """The original IP-Adapter's tensors for unet: image_proj (proj + norm into
+    4 tokens) and one to_k_ip / to_v_ip pair per cross-attention layer, keyed
+    1, 3, 5, ... in attn_processors order (the global torch generator)."""
+    cross = unet.config.cross_attention_dim
+    sd = {"image_proj.proj.weight": torch.randn(4 * cross, projection_dim) * 0.3,
           "image_proj.proj.bias": torch.randn(4 * cross) * 0.1,
           "image_proj.norm.weight": 1.0 + 0.1 * torch.randn(cross),
           "image_proj.norm.bias": 0.1 * torch.randn(cross)}
     key_id = 1
-    for name, proc in pipe.unet.attn_processors.items():
+    for name in unet.attn_processors:
         if not name.endswith("attn2.processor"):
             continue
-        module = pipe.unet.get_submodule(name[:-len(".processor")])
-        inner = module.to_k.out_features
+        inner = unet.get_submodule(name[:-len(".processor")]).to_k.out_features
         sd[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(inner, cross) * 0.5
         sd[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(inner, cross) * 0.5
         key_id += 2
-    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(OUT, "models", WEIGHT))
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+
+
+def main():
+    if os.path.exists(OUT):
+        shutil.rmtree(OUT)
+    os.makedirs(os.path.join(OUT, "models"))
+    torch.manual_seed(11)
+    save_image_encoder(os.path.join(OUT, "models", "image_encoder"), 24, "quick_gelu")
+
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    save_ip_weights(os.path.join(OUT, "models", WEIGHT), pipe.unet, 24)
 
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[0:40, 0:48]

@@ -13,15 +13,17 @@ make_ip_adapter_fixtures.py:  python3 tests/reference/make_sdxl_ip_fixtures.py
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.numpy import save_file as save_np
-from safetensors.torch import save_file
+from safetensors.numpy import save_file
 
 from diffusers import StableDiffusionXLPipeline
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_ip_adapter_fixtures import save_image_encoder, save_ip_weights  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "fixtures")
@@ -37,32 +39,10 @@ def main():
         shutil.rmtree(OUT)
     os.makedirs(os.path.join(OUT, "sdxl_models"))
     torch.manual_seed(12)
-    enc = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-        patch_size=8, projection_dim=20, hidden_act="gelu")).eval()
-    with torch.no_grad():
-        for name, p in enc.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.3)
-            elif "bias" in name or "embedding" in name:
-                p.normal_(0.0, 0.02)
-    enc.save_pretrained(os.path.join(OUT, "sdxl_models", "image_encoder"))
+    save_image_encoder(os.path.join(OUT, "sdxl_models", "image_encoder"), 20, "gelu")
     pipe = StableDiffusionXLPipeline.from_pretrained(MODEL)
     pipe.set_progress_bar_config(disable=True)
-    cross = pipe.unet.config.cross_attention_dim
-    sd = {"image_proj.proj.weight": torch.randn(4 * cross, 20) * 0.3,
-          "image_proj.proj.bias": torch.randn(4 * cross) * 0.1,
-          "image_proj.norm.weight": 1.0 + 0.1 * torch.randn(cross),
-          "image_proj.norm.bias": 0.1 * torch.randn(cross)}
-    key_id = 1
-    for name in pipe.unet.attn_processors:
-        if not name.endswith("attn2.processor"):
-            continue
-        inner = pipe.unet.get_submodule(name[:-len(".processor")]).to_k.out_features
-        sd[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn(inner, cross) * 0.5
-        sd[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn(inner, cross) * 0.5
-        key_id += 2
-    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(OUT, "sdxl_models", WEIGHT))
+    save_ip_weights(os.path.join(OUT, "sdxl_models", WEIGHT), pipe.unet, 20)
     img = Image.open(os.path.join(FIX, "ip-adapter", "input.png")).convert("RGB")
     base = {c["id"]: pipe(**GEN, guidance_scale=c["guidance"], generator=torch.Generator("cpu").manual_seed(c["seed"]),
                           output_type="np").images[0] for c in CASES}
@@ -75,7 +55,7 @@ def main():
         out[c["id"]] = np.ascontiguousarray(np.round(a * 255).astype(np.uint8))
         c["max_diff_to_plain"] = int(np.abs(np.round(a * 255) - np.round(base[c["id"]] * 255)).max())
         assert c["max_diff_to_plain"] > 3, c
-    save_np(out, os.path.join(OUT, "images.safetensors"))
+    save_file(out, os.path.join(OUT, "images.safetensors"))
     json.dump({"generator": "tests/reference/make_sdxl_ip_fixtures.py", "torch": torch.__version__,
                "model": "pipelines/tiny-sdxl", "weight_name": WEIGHT, "generate": GEN, "cases": CASES},
               open(os.path.join(OUT, "cases.json"), "w"), indent=1)
