@@ -84,6 +84,12 @@ static GstStaticPadTemplate src_template =
 G_DEFINE_TYPE (GstDiffuseAnimate, gst_diffuse_animate, GST_TYPE_PUSH_SRC);
 GST_ELEMENT_REGISTER_DEFINE (diffuseanimate, "diffuseanimate", GST_RANK_NONE, GST_TYPE_DIFFUSE_ANIMATE);
 
+static gboolean
+animate_load_ip (gpointer anim, const char *ref, const char *subfolder, const char *weight_name, GError **error)
+{
+  return diffuse_animate_load_ip_adapter (anim, ref, subfolder, weight_name, error);
+}
+
 /* The bundled adapter folder (installed, else the source tree's), or NULL
  * when neither exists. */
 static gchar *
@@ -502,43 +508,22 @@ gst_diffuse_animate_start (GstBaseSrc *bsrc)
   g_free (lora);
 
   /* IP-Adapter (the guide's pipe_animate.load_ip_adapter + ip_adapter_image) */
+  GstDiffuseSettings s;
   GST_OBJECT_LOCK (self);
-  gchar *ip = g_strdup (self->st.settings.ip_adapter);
-  gchar *ip_sub = g_strdup (self->st.settings.ip_adapter_subfolder);
-  gchar *ip_name = g_strdup (self->st.settings.ip_adapter_weight_name);
-  gchar *ip_file = g_strdup (self->st.settings.ip_adapter_image);
+  gst_diffuse_settings_copy (&s, &self->st.settings);
   GST_OBJECT_UNLOCK (self);
-  if (ip) {
-    DiffuseImage *ipimg = NULL;
-    gboolean ok_ip = FALSE;
-    if (!ip_file)
-      g_set_error (&err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
-                   "ip-adapter is set but ip-adapter-image is not: the image prompt is needed");
-    else if ((ipimg = gst_diffuse_load_image_file (ip_file, &err)))
-      ok_ip = diffuse_animate_load_ip_adapter (anim, ip, ip_sub, ip_name ? ip_name : "ip-adapter_sd15.safetensors",
-                                               &err);
-    if (!ok_ip) {
-      gchar *what = g_strdup_printf ("Could not use the IP-Adapter \"%s\"", ip);
-      gst_diffuse_post_error (self, err, what, NULL);
-      g_free (what);
-      g_clear_error (&err);
-      diffuse_image_free (ipimg);
-      g_free (ip);
-      g_free (ip_sub);
-      g_free (ip_name);
-      g_free (ip_file);
-      g_free (source);
-      diffuse_animate_unref (anim);
-      gst_diffuse_state_unload (&self->st);
-      return FALSE;
-    }
-    diffuse_image_free (self->st.ip_image);
-    self->st.ip_image = ipimg;
+  if (s.ip_adapter && !gst_diffuse_state_load_ip_adapter (&self->st, &s, animate_load_ip, anim, &err)) {
+    gchar *what = g_strdup_printf ("Could not use the IP-Adapter \"%s\"", s.ip_adapter);
+    gst_diffuse_post_error (self, err, what, NULL);
+    g_free (what);
+    g_clear_error (&err);
+    gst_diffuse_settings_clear (&s);
+    g_free (source);
+    diffuse_animate_unref (anim);
+    gst_diffuse_state_unload (&self->st);
+    return FALSE;
   }
-  g_free (ip);
-  g_free (ip_sub);
-  g_free (ip_name);
-  g_free (ip_file);
+  gst_diffuse_settings_clear (&s);
 
   int max = diffuse_animate_max_frames (anim);
   if (self->clip_frames > max) {

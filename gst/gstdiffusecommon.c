@@ -703,6 +703,32 @@ gst_diffuse_load_image_file (const char *path, GError **error)
   return img;
 }
 
+gboolean
+gst_diffuse_state_load_ip_adapter (GstDiffuseState *st, const GstDiffuseSettings *s, GstDiffuseIpLoadFunc load,
+                                   gpointer target, GError **error)
+{
+  if (!s->ip_adapter_image) {
+    g_set_error (error, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
+                 "ip-adapter is set but ip-adapter-image is not: the image prompt is needed");
+    return FALSE;
+  }
+  DiffuseImage *img = gst_diffuse_load_image_file (s->ip_adapter_image, error);
+  if (!img || !load (target, s->ip_adapter, s->ip_adapter_subfolder,
+                     s->ip_adapter_weight_name ? s->ip_adapter_weight_name : "ip-adapter_sd15.safetensors", error)) {
+    diffuse_image_free (img);
+    return FALSE;
+  }
+  diffuse_image_free (st->ip_image);
+  st->ip_image = img;
+  return TRUE;
+}
+
+static gboolean
+sd_load_ip (gpointer sd, const char *ref, const char *subfolder, const char *weight_name, GError **error)
+{
+  return diffuse_sd_load_ip_adapter (sd, ref, subfolder, weight_name, error);
+}
+
 /* model_index.json names a safety checker (a non-null entry) */
 static gboolean
 model_lists_safety_checker (DiffusePipelineModel *pm)
@@ -832,27 +858,13 @@ gst_diffuse_state_load (GstDiffuseState *st)
     diffuse_pipeline_model_unref (pm);
     goto out;
   }
-  if (sd && s.ip_adapter) {
-    DiffuseImage *ipimg = NULL;
-    gboolean ok_ip = FALSE;
-    if (!s.ip_adapter_image)
-      g_set_error (&err, DIFFUSE_ERROR, DIFFUSE_ERROR_INVALID_ARGUMENT,
-                   "ip-adapter is set but ip-adapter-image is not: the image prompt is needed");
-    else if ((ipimg = gst_diffuse_load_image_file (s.ip_adapter_image, &err)))
-      ok_ip = diffuse_sd_load_ip_adapter (sd, s.ip_adapter, s.ip_adapter_subfolder,
-                                          s.ip_adapter_weight_name ? s.ip_adapter_weight_name
-                                                                   : "ip-adapter_sd15.safetensors", &err);
-    if (!ok_ip) {
-      gchar *what = g_strdup_printf ("Could not use the IP-Adapter \"%s\"", s.ip_adapter);
-      gst_diffuse_post_error (st->element, err, what, dbg);
-      g_free (what);
-      diffuse_image_free (ipimg);
-      diffuse_sd_unref (sd);
-      diffuse_pipeline_model_unref (pm);
-      goto out;
-    }
-    diffuse_image_free (st->ip_image);
-    st->ip_image = ipimg;
+  if (sd && s.ip_adapter && !gst_diffuse_state_load_ip_adapter (st, &s, sd_load_ip, sd, &err)) {
+    gchar *what = g_strdup_printf ("Could not use the IP-Adapter \"%s\"", s.ip_adapter);
+    gst_diffuse_post_error (st->element, err, what, dbg);
+    g_free (what);
+    diffuse_sd_unref (sd);
+    diffuse_pipeline_model_unref (pm);
+    goto out;
   }
   if (sd && s.lora && !diffuse_sd_load_lora_spec (sd, s.lora, &err)) {
     gchar *what = g_strdup_printf ("Could not load the LoRA adapters \"%s\"", s.lora);

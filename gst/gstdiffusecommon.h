@@ -141,6 +141,15 @@ void gst_diffuse_state_finalize (GstDiffuseState *st);
  * through decodebin; NULL with *error set when it cannot be read. */
 DiffuseImage *gst_diffuse_load_image_file (const char *path, GError **error);
 
+/* The ip-adapter* settings s on a pipeline: the image prompt decoded, then
+ * load (the pipeline's load_ip_adapter) called on target; on success
+ * st->ip_image holds the image.  FALSE with *error set (no image given, an
+ * unreadable file, the adapter's error). */
+typedef gboolean (*GstDiffuseIpLoadFunc) (gpointer target, const char *ref, const char *subfolder,
+                                          const char *weight_name, GError **error);
+gboolean gst_diffuse_state_load_ip_adapter (GstDiffuseState *st, const GstDiffuseSettings *s,
+                                            GstDiffuseIpLoadFunc load, gpointer target, GError **error);
+
 void gst_diffuse_install_properties (GObjectClass *klass, gboolean with_strength, gboolean with_safety_checker,
                                      gint64 default_seed_increment);
 /* TRUE when prop_id is one of the shared properties (then handled). */
