@@ -40,7 +40,6 @@ struct _DiffuseAnimate {
   DiffuseClipText *lora_text_encoder;   /* owned, or NULL */
   DiffuseLoraSet lora;
   DiffuseIpAdapter *ip_adapter;           /* NULL: none */
-  DiffuseClipImageProcessor *ip_processor;   /* the pipeline's feature_extractor (borrowed), or NULL */
 };
 
 /* DiffuseLoraApplyFunc: the 2-D UNet (modules outside motion_modules), the
@@ -336,22 +335,15 @@ diffuse_animate_load_ip_adapter (DiffuseAnimate *a, const char *ref, const char 
 {
   g_return_val_if_fail (a != NULL && ref != NULL && weight_name != NULL, FALSE);
   g_mutex_lock (&a->lock);
-  /* the pipeline's own feature extractor when it has one (diffusers uses it) */
-  const gboolean has_fe = diffuse_pipeline_model_get (a->pm, "feature_extractor") != NULL;
-  DiffuseClipImageProcessor *proc = has_fe ? _diffuse_pipeline_feature_extractor (a->pm, error) : NULL;
-  gboolean ok = FALSE;
-  if (proc || !has_fe) {
-    DiffuseIpAdapter *ip = _diffuse_ip_adapter_load (ref, subfolder, weight_name, proc, diffuse_unet_device (a->unet),
-                                                     diffuse_unet_dtype (a->unet), error);
-    if (ip) {
-      g_clear_pointer (&a->ip_adapter, _diffuse_ip_adapter_free);
-      a->ip_adapter = ip;
-      a->ip_processor = proc;
-      ok = TRUE;
-    }
+  DiffuseIpAdapter *ip = _diffuse_ip_adapter_load (a->pm, ref, subfolder, weight_name,
+                                                   diffuse_unet_device (a->unet), diffuse_unet_dtype (a->unet),
+                                                   error);
+  if (ip) {
+    g_clear_pointer (&a->ip_adapter, _diffuse_ip_adapter_free);
+    a->ip_adapter = ip;
   }
   g_mutex_unlock (&a->lock);
-  return ok;
+  return ip != NULL;
 }
 
 void
@@ -368,7 +360,6 @@ diffuse_animate_unload_ip_adapter (DiffuseAnimate *a)
 {
   g_mutex_lock (&a->lock);
   g_clear_pointer (&a->ip_adapter, _diffuse_ip_adapter_free);
-  a->ip_processor = NULL;
   g_mutex_unlock (&a->lock);
 }
 
@@ -634,7 +625,7 @@ diffuse_animate_generate (DiffuseAnimate *a, const DiffuseAnimateParams *params,
   /* IP-Adapter: image tokens [uncond (zero embeds); cond] for the one clip,
    * repeated over the frames inside the motion UNet */
   if (a->ip_adapter) {
-    ip_tokens = _diffuse_ip_adapter_tokens (a->ip_adapter, a->ip_processor, p.ip_adapter_image, 1, cfg, error);
+    ip_tokens = _diffuse_ip_adapter_tokens (a->ip_adapter, p.ip_adapter_image, 1, cfg, error);
     if (!ip_tokens)
       goto out;
     _diffuse_ip_adapter_args (a->ip_adapter, ip_tokens, &uargs);

@@ -22,6 +22,7 @@ struct _DiffuseIpAdapter {
   DiffuseDType dtype;
   DiffuseClipVision *vision;
   DiffuseTensor *vis_proj;                  /* [E, hidden] */
+  DiffuseClipImageProcessor *processor;     /* the pipeline's feature extractor (borrowed), or own_processor */
   DiffuseClipImageProcessor *own_processor; /* when the pipeline has no feature extractor */
   DiffuseTensor *proj_w, *proj_b, *norm_w, *norm_b;
   int n_tokens, cross_dim, n_layers;
@@ -92,13 +93,22 @@ st_get (DiffuseSafetensors *st, const char *key, int ndim, const int64_t *shape,
 }
 
 DiffuseIpAdapter *
-_diffuse_ip_adapter_load (const char *ref, const char *subfolder, const char *weight_name,
-                          DiffuseClipImageProcessor *pipeline_processor, DiffuseDevice *dev, DiffuseDType dtype,
-                          GError **error)
+_diffuse_ip_adapter_load (DiffusePipelineModel *pm, const char *ref, const char *subfolder, const char *weight_name,
+                          DiffuseDevice *dev, DiffuseDType dtype, GError **error)
 {
   GError *local = NULL;
   if (!error)
     error = &local;
+  /* the pipeline's own feature extractor when it has one (diffusers uses it) */
+  DiffuseClipImageProcessor *pipeline_processor = NULL;
+  if (diffuse_pipeline_model_get (pm, "feature_extractor")) {
+    pipeline_processor = _diffuse_pipeline_feature_extractor (pm, error);
+    if (!pipeline_processor) {
+      if (error == &local)
+        g_clear_error (&local);
+      return NULL;
+    }
+  }
   DiffuseHubClient *client = NULL;
   DiffuseIpAdapter *ip = g_new0 (DiffuseIpAdapter, 1);
   ip->dev = dev;
@@ -205,6 +215,7 @@ _diffuse_ip_adapter_load (const char *ref, const char *subfolder, const char *we
     ip->own_processor = pc ? diffuse_clip_image_processor_new (pc, error) : NULL;
     g_clear_pointer (&pc, diffuse_config_unref);
   }
+  ip->processor = pipeline_processor ? pipeline_processor : ip->own_processor;
 
 done:
   if (st)
@@ -241,10 +252,9 @@ _diffuse_ip_adapter_args (DiffuseIpAdapter *ip, DiffuseTensor *tokens, DiffuseUN
 }
 
 DiffuseTensor *
-_diffuse_ip_adapter_tokens (DiffuseIpAdapter *ip, DiffuseClipImageProcessor *pipeline_processor,
-                            const DiffuseImage *image, int n, gboolean cfg, GError **error)
+_diffuse_ip_adapter_tokens (DiffuseIpAdapter *ip, const DiffuseImage *image, int n, gboolean cfg, GError **error)
 {
-  DiffuseClipImageProcessor *proc = pipeline_processor ? pipeline_processor : ip->own_processor;
+  DiffuseClipImageProcessor *proc = ip->processor;
   guint8 *rgb = g_new (guint8, (size_t) image->width * image->height * 3);
   diffuse_image_to_rgb8 (image, rgb, image->width * 3);
   const guint8 *one[1] = { rgb };

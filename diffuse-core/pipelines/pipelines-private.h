@@ -84,15 +84,17 @@ gboolean _diffuse_lora_set_load_spec (DiffuseLoraSet *s, const char *spec, GErro
 typedef struct _DiffuseIpAdapter DiffuseIpAdapter;
 /* ref: a local folder or a Hub repo id; <subfolder>/<weight_name> and
  * <subfolder>/image_encoder/{config.json,model.safetensors}; weights in
- * dtype on dev; pipeline_processor NULL: CLIPImageProcessor (image_size) */
-DiffuseIpAdapter *_diffuse_ip_adapter_load (const char *ref, const char *subfolder, const char *weight_name,
-                                            DiffuseClipImageProcessor *pipeline_processor, DiffuseDevice *dev,
-                                            DiffuseDType dtype, GError **error);
+ * dtype on dev; images preprocessed by pm's feature_extractor when it has
+ * one (borrowed: the adapter must not outlive pm), else a
+ * CLIPImageProcessor (image_size) of its own, as diffusers */
+DiffuseIpAdapter *_diffuse_ip_adapter_load (DiffusePipelineModel *pm, const char *ref, const char *subfolder,
+                                            const char *weight_name, DiffuseDevice *dev, DiffuseDType dtype,
+                                            GError **error);
 void _diffuse_ip_adapter_free (DiffuseIpAdapter *ip);
 void _diffuse_ip_adapter_set_scale (DiffuseIpAdapter *ip, float scale);
 /* image tokens [(cfg ? 2 : 1) * n, T, D]: unconditional (zero embeds) first */
-DiffuseTensor *_diffuse_ip_adapter_tokens (DiffuseIpAdapter *ip, DiffuseClipImageProcessor *pipeline_processor,
-                                           const DiffuseImage *image, int n, gboolean cfg, GError **error);
+DiffuseTensor *_diffuse_ip_adapter_tokens (DiffuseIpAdapter *ip, const DiffuseImage *image, int n, gboolean cfg,
+                                           GError **error);
 void _diffuse_ip_adapter_args (DiffuseIpAdapter *ip, DiffuseTensor *tokens, DiffuseUNetForwardArgs *args);
 
 DiffuseSafetyChecker *_diffuse_pipeline_safety_checker (DiffusePipelineModel *pm, GError **error);

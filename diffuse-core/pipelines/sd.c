@@ -39,7 +39,6 @@ struct _DiffuseSD {
   DiffuseClipText *lora_text_encoder_2;          /* owned, or NULL */
   DiffuseLoraSet lora;
   DiffuseIpAdapter *ip_adapter;                  /* NULL: none */
-  DiffuseClipImageProcessor *ip_processor;       /* the pipeline's feature_extractor (borrowed), or NULL */
   DiffuseClipImageProcessor *feature_extractor;  /* with the checker */
   DiffuseConfig *scheduler_config;
   char *scheduler_class;
@@ -287,22 +286,15 @@ diffuse_sd_load_ip_adapter (DiffuseSD *sd, const char *ref, const char *subfolde
 {
   g_return_val_if_fail (sd != NULL && ref != NULL && weight_name != NULL, FALSE);
   g_mutex_lock (&sd->lock);
-  /* the pipeline's own feature extractor when it has one (diffusers uses it) */
-  const gboolean has_fe = diffuse_pipeline_model_get (sd->pm, "feature_extractor") != NULL;
-  DiffuseClipImageProcessor *proc = has_fe ? _diffuse_pipeline_feature_extractor (sd->pm, error) : NULL;
-  gboolean ok = FALSE;
-  if (proc || !has_fe) {
-    DiffuseIpAdapter *ip = _diffuse_ip_adapter_load (ref, subfolder, weight_name, proc, diffuse_unet_device (sd->unet),
-                                                     diffuse_unet_dtype (sd->unet), error);
-    if (ip) {
-      g_clear_pointer (&sd->ip_adapter, _diffuse_ip_adapter_free);
-      sd->ip_adapter = ip;
-      sd->ip_processor = proc;
-      ok = TRUE;
-    }
+  DiffuseIpAdapter *ip = _diffuse_ip_adapter_load (sd->pm, ref, subfolder, weight_name,
+                                                   diffuse_unet_device (sd->unet), diffuse_unet_dtype (sd->unet),
+                                                   error);
+  if (ip) {
+    g_clear_pointer (&sd->ip_adapter, _diffuse_ip_adapter_free);
+    sd->ip_adapter = ip;
   }
   g_mutex_unlock (&sd->lock);
-  return ok;
+  return ip != NULL;
 }
 
 void
@@ -319,7 +311,6 @@ diffuse_sd_unload_ip_adapter (DiffuseSD *sd)
 {
   g_mutex_lock (&sd->lock);
   g_clear_pointer (&sd->ip_adapter, _diffuse_ip_adapter_free);
-  sd->ip_processor = NULL;
   g_mutex_unlock (&sd->lock);
 }
 
@@ -1336,7 +1327,7 @@ generate (DiffuseSD *sd, const DiffuseSDParams *params, DiffuseSDTimings *tm, Di
   /* IP-Adapter: the image tokens of this generation */
   DiffuseTensor *ip_tokens = NULL;
   if (ok && sd->ip_adapter) {
-    ip_tokens = _diffuse_ip_adapter_tokens (sd->ip_adapter, sd->ip_processor, p.ip_adapter_image, n, cfg, error);
+    ip_tokens = _diffuse_ip_adapter_tokens (sd->ip_adapter, p.ip_adapter_image, n, cfg, error);
     ok = ip_tokens != NULL;
   }
   unet_step_init (&ustep, sd->unet, dembeds2, dtcond, batch, sag);
